@@ -1,0 +1,382 @@
+"""``bsmon run | attach | ls | export | replay | demo``: thin commands over the parts.
+
+Exit codes: ``run`` and ``demo`` exit with the job's code; 2 is a usage error;
+1 is any other failure, always with a one-line message on stderr saying what
+to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from bsmon import fmt, store
+from bsmon.client import Feed, wait_for_session
+from bsmon.model import SessionModel
+
+HEADLESS_INTERVAL_S = 1.0
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"bsmon: {message}", file=sys.stderr)
+    return code
+
+
+# -- the job under `bsmon run` -------------------------------------------------
+class ChildJob:
+    """The wrapped training process; signals to bsmon are forwarded to it."""
+
+    FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.process = process
+        self.pid = process.pid
+        self._previous = {sig: signal.signal(sig, self._forward) for sig in self.FORWARDED}
+
+    def _forward(self, signum: int, frame: Any) -> None:
+        self.send(signum)
+
+    def send(self, signum: int) -> None:
+        if self.process.poll() is None:
+            try:
+                self.process.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+    def interrupt(self) -> None:
+        self.send(signal.SIGINT)
+
+    def returncode(self) -> int | None:
+        return self.process.poll()
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the job to exit; True if it has."""
+        try:
+            self.process.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def restore_signals(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _start_job(command: list[str], env: dict[str, str], output: Any) -> subprocess.Popen:
+    # A new session: the terminal's Ctrl-C reaches bsmon only, which forwards it once.
+    return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL if output else None,
+                            stdout=output, stderr=subprocess.STDOUT if output else None,
+                            start_new_session=True)
+
+
+def record_exit(info: store.SessionInfo, code: int) -> None:
+    """Give the session the job's real exit code (the job itself cannot know it).
+
+    Safe because the job has exited: nobody else writes the file. A torn tail
+    is cut off first so the appended record stays readable.
+    """
+    records, torn = store.read_records(info.records_path)
+    last_bye = next((r for r in reversed(records) if r["k"] == "bye"), None)
+    if last_bye is not None and last_bye.get("code") == code:
+        return
+    from bsmon import wire
+
+    status = "finished" if code == 0 else "failed"
+    bye = {"k": "bye", "t": time.time(), "status": status, "code": code,
+           "error": (last_bye or {}).get("error") or (None if code == 0 else f"exit code {code}")}
+    try:
+        size = info.records_path.stat().st_size
+        with open(info.records_path, "r+b") as handle:
+            handle.truncate(size - torn)
+            handle.seek(0, os.SEEK_END)
+            handle.write(wire.encode(bye))
+    except OSError as exc:
+        print(f"bsmon: could not record the exit code in {info.records_path}: {exc}", file=sys.stderr)
+
+
+def run_job(command: list[str], *, name: str | None, headless: bool, json_lines: bool) -> int:
+    home = store.bsmon_home().resolve()
+    session_id = store.new_session_id()
+    session_dir = store.sessions_dir(home) / session_id
+    env = dict(os.environ, BSMON_HOME=str(home), BSMON_SESSION_ID=session_id, BSMON_COMMAND=json.dumps(command))
+    if name:
+        env["BSMON_NAME"] = name
+    output = None
+    if not headless:
+        try:
+            session_dir.mkdir(parents=True, exist_ok=True)
+            output = open(session_dir / store.OUTPUT_FILE, "ab")
+        except OSError as exc:
+            return _fail(f"cannot create {session_dir}: {exc}. Set BSMON_HOME to a writable directory.")
+    elif json_lines:
+        output = sys.stderr  # keep stdout for the JSON lines
+    try:
+        process = _start_job(command, env, output)
+    except FileNotFoundError:
+        return _fail(f"command not found: {command[0]}", 127)
+    except PermissionError:
+        return _fail(f"permission denied: {command[0]}", 126)
+    except OSError as exc:
+        return _fail(f"cannot start {command[0]}: {exc}", 126)
+    job = ChildJob(process)
+    try:
+        info = wait_for_session(session_id, alive=lambda: process.poll() is None, home=home)
+        if info is None:
+            code = process.wait()
+            hint = f" Its output is in {session_dir / store.OUTPUT_FILE}." if output and output is not sys.stderr else ""
+            return _fail(f"the job exited with code {code} before calling bsmon.watch(); nothing was recorded."
+                         f"{hint} Add `bsmon.watch(model, optimizer)` to the training script.", code or 1)
+        feed = _open_feed(info)
+        if headless:
+            _headless(feed, json_lines, job)
+        else:
+            _tui(feed, "run", info, job)
+        if process.poll() is None and not headless:
+            print(f"bsmon: detached; the job (pid {process.pid}) keeps running and is still recorded. "
+                  f"Re-attach with `bsmon attach {session_id}`; its output goes to {session_dir / store.OUTPUT_FILE}.")
+            return 0
+        code = process.wait()
+        feed.wait(timeout=5.0)
+        feed.stop()
+        record_exit(info, code)
+        if feed.read(lambda m: m.stats().step) == 0:
+            print(f"bsmon: the job exited with code {code} before its first optimizer step.", file=sys.stderr)
+        return code
+    finally:
+        job.restore_signals()
+        if output is not None and output is not sys.stderr:
+            output.close()
+
+
+def _open_feed(info: store.SessionInfo) -> Feed:
+    feed = Feed()
+    if info.status == "running":
+        try:
+            return feed.attach(info.socket, info.directory)
+        except store.SessionError:
+            pass  # it ended between the listing and the connect: show the record instead
+    return feed.replay(store.session_info(info.directory) or info)
+
+
+# -- views ---------------------------------------------------------------------
+def _tui(feed: Feed, mode: str, info: store.SessionInfo, job: ChildJob | None = None) -> None:
+    from bsmon.tui.app import BsmonApp
+
+    def export() -> Path:
+        return _export_session_csv(feed, info)
+
+    BsmonApp(feed, mode=mode, job=job, export=export).run()
+    feed.stop()
+
+
+def _export_session_csv(feed: Feed, info: store.SessionInfo) -> Path:
+    from bsmon.export import export_to_file
+
+    path = Path.cwd() / f"bsmon-{info.name}-{info.id}.csv"
+    feed.read(lambda model: export_to_file(model, path))
+    return path
+
+
+def status_line(model: SessionModel, state: str) -> str:
+    s = model.stats()
+    unit = "tok" if s.unit == "tokens" else "samples"
+    parts = [f"[{fmt.duration(model.elapsed_s):>7}] step {s.step}",
+             f"{fmt.si(s.samples_per_s)} {unit}/s",
+             f"step {fmt.duration(s.step_time_p50_s)} (p95 {fmt.duration(s.step_time_p95_s)})"]
+    if s.batch_size is not None:
+        parts.append(f"B {s.batch_size}" + (f" = {s.micro_batches}x{s.batch_size // s.micro_batches}"
+                                             if s.micro_batches and s.micro_batches > 1 else ""))
+    if s.b_simple is not None:
+        parts.append(f"B_simple {fmt.band(s.b_simple, s.b_simple_low, s.b_simple_high)} ({s.noise_estimator})")
+    elif s.noise_reason:
+        parts.append(f"B_simple N/A: {s.noise_reason}")
+    if "loss" in model.last_scalars:
+        parts.append(f"loss {model.last_scalars['loss']:.4g}")
+    if s.dropped:
+        parts.append(f"DROPPED {s.dropped}")
+    if s.recording_error:
+        parts.append("RECORDING FAILED")
+    parts.append(state)
+    return " | ".join(parts)
+
+
+def stats_json(model: SessionModel, state: str) -> str:
+    current = model.stats()
+    stats = dataclasses.asdict(current)
+    stats["noise_groups"] = {label: dataclasses.asdict(n) for label, n in current.noise_groups}
+    stats.update(state=state, elapsed_s=model.elapsed_s, scalars=model.last_scalars, time=time.time())
+    return json.dumps(stats, default=str)
+
+
+def _headless(feed: Feed, json_lines: bool, job: ChildJob | None = None) -> None:
+    """One status line (or JSON object) a second until the stream ends and the job exits."""
+    def state() -> str:
+        if feed.state in ("live", "connecting"):
+            return "running"
+        return feed.state
+
+    def emit() -> None:
+        line = feed.read(lambda m: stats_json(m, state()) if json_lines else status_line(m, state()))
+        print(line, flush=True)
+
+    while True:
+        stream_over = feed.wait(timeout=HEADLESS_INTERVAL_S)
+        job_over = job is None or job.wait(timeout=HEADLESS_INTERVAL_S if stream_over else 0)
+        emit()
+        if stream_over and job_over:
+            break
+    if feed.message:
+        print(f"bsmon: {feed.message}", file=sys.stderr)
+
+
+# -- commands --------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        return _fail("give the command to run after --, e.g. `bsmon run -- python train.py`", 2)
+    return run_job(command, name=args.name, headless=_headless_wanted(args), json_lines=args.json)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    command = [sys.executable, "-m", "bsmon.demo", "--steps", str(args.steps)]
+    return run_job(command, name="demo", headless=_headless_wanted(args), json_lines=args.json)
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    info = store.resolve_session(args.session, running=args.session is None)
+    if info.status != "running":
+        stale = " Its stale socket was removed." if store.remove_stale_socket(info) else ""
+        return _fail(f"session {info.id} ({info.name}) is {info.status}: there is no job to attach to.{stale} "
+                     f"`bsmon replay {info.id}` shows the record.")
+    feed = Feed().attach(info.socket, info.directory)
+    if _headless_wanted(args):
+        try:
+            _headless(feed, args.json)
+        except KeyboardInterrupt:
+            pass  # detaching never touches the job
+        feed.stop()
+    else:
+        _tui(feed, "attach", info)
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    info = store.resolve_session(args.session)
+    feed = Feed().replay(info)
+    if _headless_wanted(args):
+        _headless(feed, args.json)
+    else:
+        _tui(feed, "replay", info)
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    sessions = store.list_sessions()
+    if args.json:
+        print(json.dumps([s.to_json() for s in sessions], indent=2))
+        return 0
+    if not sessions:
+        print(f"no sessions under {store.bsmon_home()}")
+        return 0
+    rows = [("ID", "NAME", "PID", "STATUS", "STEPS", "STARTED", "COMMAND")]
+    for s in sessions:
+        started = dt.datetime.fromtimestamp(s.started).strftime("%Y-%m-%d %H:%M:%S")
+        status = s.status if s.exit_code in (None, 0) else f"{s.status} ({s.exit_code})"
+        rows.append((s.id, s.name, str(s.pid), status, str(s.steps), started, " ".join(s.command)[:60]))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from bsmon.export import export_to_file, write_csv
+
+    info = store.resolve_session(args.session)
+    model = Feed().replay(info).model
+    if args.output is None:
+        write_csv(model, sys.stdout)
+        return 0
+    path = Path(args.output)
+    try:
+        rows = export_to_file(model, path)
+    except OSError as exc:
+        return _fail(f"cannot write {path}: {exc.strerror or exc}")
+    print(f"bsmon: wrote {rows} steps of session {info.id} ({info.name}) to {path}", file=sys.stderr)
+    return 0
+
+
+def _headless_wanted(args: argparse.Namespace) -> bool:
+    return args.headless or args.json or not sys.stdout.isatty()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bsmon", description="Live batch-size monitor for PyTorch training: throughput, "
+        "gradient noise scale and the optimal batch size.")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def views(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--headless", action="store_true", help="print a status line a second instead of the TUI "
+                       "(the default when stdout is not a terminal)")
+        p.add_argument("--json", action="store_true", help="print JSON lines instead of the TUI")
+
+    p = sub.add_parser("run", help="run a training command under the monitor")
+    p.add_argument("--name", help="session name (default: the script's name)")
+    views(p)
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ...")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("attach", help="attach to a running job (default: the newest)")
+    p.add_argument("session", nargs="?", help="id, unique id prefix or name")
+    views(p)
+    p.set_defaults(func=cmd_attach)
+
+    p = sub.add_parser("ls", help="list recorded sessions")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("export", help="write a session as CSV, one row per optimizer step")
+    p.add_argument("session", nargs="?", help="id, unique id prefix or name (default: the newest)")
+    p.add_argument("-o", "--output", help="CSV file (default: stdout)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("replay", help="open a recorded session in the TUI")
+    p.add_argument("session", help="id, unique id prefix or name")
+    views(p)
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("demo", help="watch a built-in CPU training run (no GPU, no downloads)")
+    p.add_argument("--steps", type=int, default=20000, help="optimizer steps to train (default 20000, about 2 minutes)")
+    views(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except store.SessionError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `bsmon export | head`: the reader left; exit quietly like other Unix tools.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The monitor side of the socket: feed a job's records into a SessionModel.
+
+A :class:`Feed` owns a background thread that reads records (from a live
+job's socket, or from a session file for replay) and ingests them into the
+model under ``lock``. Views never touch the socket: they read the model on
+their own timers, so ingestion rate and redraw rate are independent.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from bsmon import store, wire
+from bsmon.model import SessionModel
+
+RECV_BYTES = 1 << 16
+#: Ingest at most this many records per lock hold, so a large backlog never starves redraws.
+INGEST_BATCH = 2000
+
+
+class Feed:
+    """Records flowing into ``model`` on a background thread.
+
+    ``state`` is one of: connecting, live, ended (the job said bye), lost (the
+    stream stopped without a bye), replay, error (``message`` says why).
+    ``version`` grows with every ingested batch, so a view can skip redraws
+    when nothing changed.
+    """
+
+    def __init__(self, model: SessionModel | None = None) -> None:
+        self.model = model or SessionModel()
+        self.lock = threading.Lock()
+        self.state = "connecting"
+        self.message: str | None = None
+        self.version = 0
+        self.session_dir: Path | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._sock: socket.socket | None = None
+
+    # -- sources --------------------------------------------------------------
+    def replay(self, info: store.SessionInfo) -> "Feed":
+        """Load a recorded session synchronously (GPU samples included)."""
+        self.session_dir = info.directory
+        records, torn = store.read_records(info.records_path)
+        gpu_records, _ = store.read_records(info.directory / store.GPU_FILE)
+        self._ingest(merge_by_time(records, gpu_records))
+        self.state = "replay"
+        if torn:
+            self.message = f"the last {torn} bytes of the record were torn (job killed?) and are skipped"
+        return self
+
+    def attach(self, socket_path: str, session_dir: Path | None = None) -> "Feed":
+        """Connect to a live job and stream on a background thread; raises SessionError."""
+        self.session_dir = session_dir
+        self._sock = connect(socket_path)
+        self._thread = threading.Thread(target=self._read_socket, name="bsmon-feed", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the stream to end; True if it did."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def read(self, fn: Callable[[SessionModel], Any]) -> Any:
+        """Run ``fn(model)`` under the lock (views use this to take a snapshot)."""
+        with self.lock:
+            return fn(self.model)
+
+    # -- internals ------------------------------------------------------------
+    def _ingest(self, records: list[dict[str, Any]]) -> None:
+        for start in range(0, len(records), INGEST_BATCH):
+            with self.lock:
+                self.model.ingest_all(records[start:start + INGEST_BATCH])
+                self.version += 1
+
+    def _read_socket(self) -> None:
+        reader = wire.FrameReader()
+        self.state = "live"
+        try:
+            while not self._stop.is_set():
+                data = self._sock.recv(RECV_BYTES)
+                if not data:
+                    break
+                self._ingest(reader.feed(data))
+        except wire.ProtocolError as exc:
+            self.state = "error"
+            self.message = f"connection dropped: the job sent a bad frame ({exc}); the session file is intact"
+            return
+        except OSError as exc:
+            if self._stop.is_set():
+                return
+            self.message = f"connection lost: {exc}"
+        finally:
+            self._sock.close()
+        if self._stop.is_set():
+            return
+        self.state = "ended" if self.model.bye is not None else "lost"
+        if self.state == "lost" and self.message is None:
+            self.message = "the job stopped streaming without saying goodbye (killed?)"
+
+
+def connect(socket_path: str, client: str = "bsmon") -> socket.socket:
+    """Open a job's socket and send the attach frame; SessionError with advice on failure."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(socket_path)
+        sock.sendall(wire.encode({"k": "attach", "v": wire.PROTOCOL_VERSION, "client": client}))
+    except FileNotFoundError:
+        sock.close()
+        raise store.SessionError(f"the job's socket {socket_path} is gone: the job has ended") from None
+    except ConnectionRefusedError:
+        sock.close()
+        raise store.SessionError(f"nothing listens on {socket_path}: the job is gone (stale socket)") from None
+    except OSError as exc:
+        sock.close()
+        raise store.SessionError(f"cannot connect to {socket_path}: {exc}") from None
+    return sock
+
+
+def merge_by_time(records: list[dict], gpu_records: list[dict]) -> list[dict]:
+    """Interleave NVML snapshots into the job's records by wall time (stable for the job's order)."""
+    if not gpu_records:
+        return records
+    merged: list[dict] = []
+    gpu = iter(sorted(gpu_records, key=lambda r: r["snapshot"].get("time", 0.0)))
+    pending = next(gpu, None)
+    for record in records:
+        t = record.get("t")
+        while pending is not None and t is not None and pending["snapshot"].get("time", 0.0) <= t:
+            merged.append(pending)
+            pending = next(gpu, None)
+        merged.append(record)
+    while pending is not None:
+        merged.append(pending)
+        pending = next(gpu, None)
+    return merged
+
+
+def wait_for_session(session_id: str, alive: Callable[[], bool], timeout: float | None = None,
+                     home: Path | None = None) -> store.SessionInfo | None:
+    """Poll until the job with ``session_id`` is listening; None if ``alive()`` turns false first."""
+    directory = store.sessions_dir(home) / session_id
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while deadline is None or time.monotonic() < deadline:
+        info = store.session_info(directory) if (directory / store.RECORDS_FILE).exists() else None
+        if info is not None and (info.status == "running" or info.status in ("finished", "failed")):
+            return info
+        if not alive():
+            return store.session_info(directory) if (directory / store.RECORDS_FILE).exists() else None
+        time.sleep(0.05)
+    return None

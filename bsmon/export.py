@@ -1,0 +1,77 @@
+"""CSV export: one row per optimizer step, from the same SessionModel the views use.
+
+The columns are documented in docs/csv.md. Missing values (no estimate yet, a
+scalar not logged at that step) are empty cells, never a made-up number.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import math
+from pathlib import Path
+from typing import TextIO
+
+from bsmon.model import SessionModel
+
+BASE_COLUMNS = ["step", "time", "elapsed_s", "batch_size", "micro_batches", "step_time_s", "samples_per_s", "loss"]
+NOISE_COLUMNS = ["b_simple", "b_simple_low", "b_simple_high", "grad_sq", "trace_sigma"]
+
+
+def _cell(value: float | int | None) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "" if value is None or math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, int):
+        return str(value)
+    return repr(float(value))
+
+
+def columns(model: SessionModel) -> list[str]:
+    scalars = [name for name in model.history.scalar_names if name != "loss"]
+    return BASE_COLUMNS + scalars + NOISE_COLUMNS
+
+
+def write_csv(model: SessionModel, out: TextIO) -> int:
+    """Write the session as CSV to ``out``; returns the number of step rows."""
+    history = model.history
+    if history is None:
+        raise ValueError("this SessionModel keeps no history (keep_history=False); nothing to export")
+    names = columns(model)
+    scalar_names = [name for name in history.scalar_names if name != "loss"]
+    t0 = model.hello["t0"] if model.hello else (history.time[0] if len(history) else 0.0)
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(names)
+    for i in range(len(history)):
+        step = history.step[i]
+        t = history.time[i]
+        dt_s = history.step_time_s[i]
+        batch = history.batch_size[i]
+        logged = history.scalars.get(step, {})
+        row = [
+            step,
+            dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="milliseconds"),
+            t - t0,
+            int(batch),
+            history.micro_batches[i],
+            dt_s,
+            batch / dt_s if dt_s > 0 else None,
+            logged.get("loss"),
+            *(logged.get(name) for name in scalar_names),
+            history.b_simple[i], history.b_simple_low[i], history.b_simple_high[i],
+            history.grad_sq[i], history.trace_sigma[i],
+        ]
+        writer.writerow([value if isinstance(value, str) else _cell(value) for value in row])
+    return len(history)
+
+
+def export_to_file(model: SessionModel, path: Path) -> int:
+    """Write the CSV atomically: a failure (full disk) leaves no half-written file behind."""
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        with open(tmp, "w", newline="") as handle:
+            rows = write_csv(model, handle)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return rows

@@ -1,0 +1,42 @@
+"""Number formatting shared by the TUI and headless output."""
+
+from __future__ import annotations
+
+import math
+
+
+def si(value: float | None, digits: int = 3) -> str:
+    """Compact human number: 85213 -> '85.2k', 0.00153 -> '0.00153'; None -> 'N/A'."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "N/A"
+    if math.isinf(value):
+        return "∞" if value > 0 else "-∞"
+    magnitude = abs(value)
+    for threshold, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if magnitude >= threshold:
+            return f"{value / threshold:.{digits}g}{suffix}"
+    return f"{value:.{digits}g}"
+
+
+def duration(seconds: float | None) -> str:
+    """Step times and elapsed times: '850 µs', '12.3 ms', '4.20 s', '1:02:03'."""
+    if seconds is None or math.isnan(seconds):
+        return "N/A"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:.3g} ms"
+    if seconds < 60:
+        return f"{seconds:.3g} s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def band(value: float | None, low: float | None, high: float | None) -> str:
+    """'42 [30, 63]' for an estimate and its interval; 'N/A' without a value."""
+    if value is None:
+        return "N/A"
+    if low is None or high is None:
+        return si(value)
+    return f"{si(value)} [{si(low)}, {si(high)}]"

@@ -1,0 +1,300 @@
+"""The session model: every number bsmon shows, derived from the records.
+
+The live TUI, ``bsmon replay``, ``bsmon export``, headless output and
+``Monitor.stats()`` all feed records into a :class:`SessionModel` and read
+from it, so one record stream always gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from array import array
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bsmon.stats.noise import (
+    DEFAULT_HORIZON_SAMPLES,
+    GradNormPoints,
+    NoiseScale,
+    NoiseScaleTracker,
+    microbatch_points,
+    per_example_points,
+    statistical_efficiency,
+    step_estimate,
+)
+
+#: Step-time percentiles and "now" throughput use this many recent steps.
+RECENT_STEPS = 200
+#: "Now" throughput covers at least this much wall time (or RECENT_STEPS steps).
+THROUGHPUT_WINDOW_S = 2.0
+
+
+@dataclass(frozen=True)
+class Stats:
+    """The latest numbers of a session (``Monitor.stats()``)."""
+
+    step: int = 0
+    samples_seen: int = 0
+    step_time_s: float | None = None
+    step_time_p50_s: float | None = None
+    step_time_p95_s: float | None = None
+    samples_per_s: float | None = None
+    batch_size: int | None = None
+    micro_batches: int | None = None
+    dropped: int = 0
+    unit: str = "samples"
+    noise_estimator: str | None = None
+    noise_reason: str | None = None
+    noise_covered_fraction: float | None = None
+    b_simple: float | None = None
+    b_simple_low: float | None = None
+    b_simple_high: float | None = None
+    grad_sq: float | None = None
+    trace_sigma: float | None = None
+    noise_steps: int = 0
+    noise_weak: bool = False
+    negative_grad_sq_steps: int = 0
+    efficiency: float | None = None
+    noise_groups: tuple[tuple[str, NoiseScale], ...] = ()
+    recording_error: str | None = None
+
+
+@dataclass
+class History:
+    """Per-step columns, appended as steps arrive (compact: 8 bytes a value)."""
+
+    step: array = field(default_factory=lambda: array("q"))
+    time: array = field(default_factory=lambda: array("d"))
+    step_time_s: array = field(default_factory=lambda: array("d"))
+    batch_size: array = field(default_factory=lambda: array("d"))
+    micro_batches: array = field(default_factory=lambda: array("q"))
+    b_simple: array = field(default_factory=lambda: array("d"))
+    b_simple_low: array = field(default_factory=lambda: array("d"))
+    b_simple_high: array = field(default_factory=lambda: array("d"))
+    grad_sq: array = field(default_factory=lambda: array("d"))
+    trace_sigma: array = field(default_factory=lambda: array("d"))
+    #: step -> logged scalars of that step
+    scalars: dict[int, dict[str, float]] = field(default_factory=dict)
+    scalar_names: dict[str, None] = field(default_factory=dict)  # insertion-ordered set
+
+    def __len__(self) -> int:
+        return len(self.step)
+
+    def scalar_series(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        points = [(s, v[name]) for s, v in self.scalars.items() if name in v]
+        if not points:
+            return np.empty(0), np.empty(0)
+        steps, values = zip(*sorted(points))
+        return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
+
+
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
+class SessionModel:
+    """Ingests records in order and keeps the derived state."""
+
+    def __init__(self, *, keep_history: bool = True, horizon_samples: float | None = None) -> None:
+        self.hello: dict[str, Any] | None = None
+        self.bye: dict[str, Any] | None = None
+        self.estimator: dict[str, Any] | None = None
+        self.events: list[dict[str, Any]] = []
+        self.profile: dict[str, Any] | None = None
+        self.profile_points: list[dict[str, Any]] = []
+        self.history: History | None = History() if keep_history else None
+        self._horizon_override = horizon_samples
+        self._horizon = horizon_samples or DEFAULT_HORIZON_SAMPLES
+        self._unit_scale = 1
+        self._noise = NoiseScaleTracker(self._horizon)
+        self._group_noise: list[NoiseScaleTracker] = []
+        self._recent = collections.deque(maxlen=RECENT_STEPS)  # (t, dt, n)
+        self._step = 0
+        self._samples = 0
+        self._last: dict[str, Any] | None = None
+        self._dropped = 0
+        self._recording_error: str | None = None
+        self.last_scalars: dict[str, float] = {}
+
+    # -- ingestion ------------------------------------------------------------
+    def ingest(self, record: dict[str, Any]) -> None:
+        handler = getattr(self, f"_on_{record['k']}", None)
+        if handler is not None:
+            handler(record)
+
+    def ingest_all(self, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            self.ingest(record)
+
+    def _on_hello(self, record: dict[str, Any]) -> None:
+        self.hello = record
+        if record.get("unit") == "tokens":
+            self._unit_scale = int(record.get("tokens_per_sample") or 1)
+        if self._horizon_override is None and record.get("horizon_samples"):
+            self._horizon = float(record["horizon_samples"])
+        self._reset_noise()
+
+    def _on_bye(self, record: dict[str, Any]) -> None:
+        self.bye = record
+
+    def _on_event(self, record: dict[str, Any]) -> None:
+        self.events.append(record)
+        if record["level"] == "error" and "recording" in record["msg"]:
+            self._recording_error = record["msg"]
+
+    def _on_estimator(self, record: dict[str, Any]) -> None:
+        changed = self.estimator is None or self.estimator.get("name") != record.get("name")
+        self.estimator = record
+        if changed:
+            self._reset_noise()
+
+    def _on_profile_point(self, record: dict[str, Any]) -> None:
+        self.profile_points.append(record)
+
+    def _on_profile(self, record: dict[str, Any]) -> None:
+        self.profile = record["profile"]
+
+    def _on_scalars(self, record: dict[str, Any]) -> None:
+        values = {k: float(v) for k, v in record["values"].items()}
+        self.last_scalars.update(values)
+        if self.history is not None:
+            self.history.scalars.setdefault(record["step"], {}).update(values)
+            for name in values:
+                self.history.scalar_names.setdefault(name)
+
+    def _on_step(self, record: dict[str, Any]) -> None:
+        self._step = record["step"]
+        self._samples += record["n"]
+        self._dropped = record["dropped"]
+        self._last = record
+        self._recent.append((record["t"], record["dt"], record["n"]))
+        if "noise" in record:
+            self._update_noise(record["noise"], record["n"])
+        if self.history is not None:
+            self._append_history(record)
+
+    def _reset_noise(self) -> None:
+        self._noise = NoiseScaleTracker(self._horizon)
+        groups = (self.estimator or {}).get("groups") or []
+        self._group_noise = [NoiseScaleTracker(self._horizon) for _ in groups]
+
+    def _update_noise(self, noise: dict[str, Any], samples: int) -> None:
+        per_group = noise_points(noise)
+        if not per_group:
+            return
+        scale = self._unit_scale
+        total, groups = per_group[0], per_group[1:]
+        if total is not None:
+            self._noise.update(step_estimate(_scaled(total, scale)), samples * scale)
+        for tracker, points in zip(self._group_noise, groups):
+            if points is not None:
+                tracker.update(step_estimate(_scaled(points, scale)), samples * scale)
+
+    def _append_history(self, record: dict[str, Any]) -> None:
+        h = self.history
+        noise = self._noise.result()
+        h.step.append(record["step"])
+        h.time.append(record["t"])
+        h.step_time_s.append(record["dt"])
+        h.batch_size.append(record["n"] * self._unit_scale)
+        h.micro_batches.append(record["mb"])
+        h.b_simple.append(_nan(noise.b_simple))
+        h.b_simple_low.append(_nan(noise.b_simple_low))
+        h.b_simple_high.append(_nan(noise.b_simple_high))
+        h.grad_sq.append(_nan(noise.grad_sq))
+        h.trace_sigma.append(_nan(noise.trace_sigma))
+
+    # -- reading --------------------------------------------------------------
+    @property
+    def unit(self) -> str:
+        return (self.hello or {}).get("unit", "samples")
+
+    @property
+    def elapsed_s(self) -> float:
+        if self.hello is None or self._last is None:
+            return 0.0
+        end = self.bye["t"] if self.bye else self._last["t"]
+        return max(0.0, end - self.hello["t0"])
+
+    def throughput_now(self) -> float | None:
+        """Samples (or tokens) per second over the recent window."""
+        if not self._recent:
+            return None
+        end = self._recent[-1][0]
+        total_n = total_dt = 0.0
+        for t, dt, n in reversed(self._recent):
+            total_n += n
+            total_dt += dt
+            if end - t >= THROUGHPUT_WINDOW_S:
+                break
+        if total_dt <= 0 or total_n <= 0:
+            return None
+        return total_n * self._unit_scale / total_dt
+
+    def noise(self) -> NoiseScale:
+        return self._noise.result()
+
+    def stats(self) -> Stats:
+        last = self._last
+        noise = self._noise.result()
+        estimator = self.estimator or {}
+        batch = last["n"] * self._unit_scale if last else None
+        dts = np.fromiter((dt for _, dt, _ in self._recent), dtype=float) if self._recent else None
+        efficiency = (statistical_efficiency(batch, noise.b_simple)
+                      if batch and noise.b_simple and noise.b_simple > 0 else None)
+        labels = estimator.get("groups") or []
+        return Stats(
+            step=self._step,
+            samples_seen=self._samples * self._unit_scale,
+            step_time_s=last["dt"] if last else None,
+            step_time_p50_s=float(np.percentile(dts, 50)) if dts is not None else None,
+            step_time_p95_s=float(np.percentile(dts, 95)) if dts is not None else None,
+            samples_per_s=self.throughput_now(),
+            batch_size=batch,
+            micro_batches=last["mb"] if last else None,
+            dropped=self._dropped,
+            unit=self.unit,
+            noise_estimator=estimator.get("name"),
+            noise_reason=estimator.get("reason") if estimator.get("name") is None else noise.reason,
+            noise_covered_fraction=estimator.get("covered_fraction"),
+            b_simple=noise.b_simple,
+            b_simple_low=noise.b_simple_low,
+            b_simple_high=noise.b_simple_high,
+            grad_sq=noise.grad_sq,
+            trace_sigma=noise.trace_sigma,
+            noise_steps=noise.steps,
+            noise_weak=noise.weak,
+            negative_grad_sq_steps=noise.negative_grad_sq_steps,
+            efficiency=efficiency,
+            noise_groups=tuple((label, t.result()) for label, t in zip(labels, self._group_noise))
+            if len(labels) > 1 else (),
+            recording_error=self._recording_error,
+        )
+
+
+def _scaled(points: GradNormPoints, scale: int) -> GradNormPoints:
+    if scale == 1:
+        return points
+    return GradNormPoints(tuple(b * scale for b in points.batch_sizes), points.sq_norms)
+
+
+def noise_points(noise: dict[str, Any]) -> list[GradNormPoints | None]:
+    """The step's points for the whole model, then for each parameter group."""
+    if noise.get("est") == "microbatch":
+        acc, micro, n_groups = noise["acc"], noise["micro"], noise["g"]
+        passes = len(acc) // n_groups if n_groups else 0
+        if passes < 2 or len(micro) != passes:
+            return []  # a forward without its backward (or the reverse) in this step
+        rows = [acc[i * n_groups:(i + 1) * n_groups] for i in range(passes)]
+        totals = microbatch_points(micro, [sum(row) for row in rows])
+        groups = [microbatch_points(micro, [row[g] for row in rows]) for g in range(n_groups)]
+        return [totals, *groups]
+    if noise.get("est") == "per_example":
+        pe, big, batch = noise["pe"], noise["big"], noise["batch"]
+        totals = per_example_points(batch, sum(pe), sum(big))
+        groups = [per_example_points(batch, p, b) for p, b in zip(pe, big)]
+        return [totals, *groups]
+    return []

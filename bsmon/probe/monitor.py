@@ -1,0 +1,344 @@
+"""The in-job probe: hooks that time steps and count samples, and the Monitor handle.
+
+Hot path, per training step, on the training thread:
+
+* a forward pre-hook on the model reads the first dimension of the first
+  tensor argument (samples of this micro-batch);
+* a forward hook puts a gradient hook on the output, which queues one
+  callback on the autograd engine: that callback marks the end of each
+  backward pass and takes the gradient norms the noise estimator needs;
+* an optimizer step post-hook closes the step and queues one record.
+
+Nothing here waits for the monitor, the disk or the device.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import getpass
+import json
+import numbers
+import os
+import socket
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bsmon import store, wire
+from bsmon.model import SessionModel, Stats
+from bsmon.probe.deferred import Deferred
+from bsmon.probe.noise import NoiseProbe
+from bsmon.probe.publisher import Publisher
+
+UNITS = ("samples", "tokens")
+
+_active_lock = threading.Lock()
+_active: "Monitor | None" = None
+
+
+class BsmonWarning(UserWarning):
+    """Something bsmon could not do; training is unaffected."""
+
+
+def active_monitor() -> "Monitor | None":
+    """The Monitor of this process, if ``bsmon.watch()`` is active."""
+    return _active
+
+
+def first_batch_dim(args: tuple, kwargs: dict) -> int | None:
+    """Samples in a forward call: the first dimension of the first tensor argument."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return int(value.shape[0]) if value.dim() > 0 else None
+    return None
+
+
+def _output_tensors(output: Any) -> list[torch.Tensor]:
+    """Tensors in a forward's output that will receive a gradient."""
+    if isinstance(output, torch.Tensor):
+        return [output] if output.requires_grad else []
+    if isinstance(output, dict):
+        items = output.values()
+    elif isinstance(output, (list, tuple)):
+        items = output
+    elif dataclasses.is_dataclass(output):
+        items = [getattr(output, f.name) for f in dataclasses.fields(output)]
+    else:
+        return []
+    return [t for item in items for t in _output_tensors(item)]
+
+
+def _device_info(model: nn.Module) -> list[dict[str, Any]]:
+    """The CUDA devices holding the model's parameters (no CUDA initialisation otherwise)."""
+    indices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    devices = []
+    for index in indices:
+        props = torch.cuda.get_device_properties(index)
+        uuid = str(getattr(props, "uuid", "") or "")
+        if uuid and not uuid.startswith(("GPU-", "MIG-")):
+            uuid = f"GPU-{uuid}"
+        devices.append({"index": index, "uuid": uuid or None, "name": props.name,
+                        "total_memory": props.total_memory})
+    return devices
+
+
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+
+
+class Monitor:
+    """Handle returned by :func:`bsmon.watch`. Use ``close()`` or a ``with`` block."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int | None,
+                 unit: str, tokens_per_sample: int | None, name: str | None, noise: str | None,
+                 layers: str | tuple[type, ...], horizon_samples: float | None) -> None:
+        self._model = model
+        self._optimizer = optimizer
+        self._fixed_batch = batch_size
+        self._step = 0
+        self._micro_sizes: list[int] = []
+        self._step_started: float | None = None
+        self._last_step_end: float | None = None
+        self._backward_queued = False
+        self._mid_iteration = False
+        self._rejected_names: set[str] = set()
+        self._closed = False
+        self._model_state = SessionModel(keep_history=False, horizon_samples=horizon_samples)
+        self._latest = Stats()
+
+        home = store.bsmon_home()
+        self.session_id = os.environ.get("BSMON_SESSION_ID") or store.new_session_id()
+        self.name = name or os.environ.get("BSMON_NAME") or Path(sys.argv[0] or "python").stem or "job"
+        writer = self._open_record(home)
+        socket_path = self._socket_path(home)
+        world_size, rank = _world()
+        command = json.loads(os.environ["BSMON_COMMAND"]) if os.environ.get("BSMON_COMMAND") else list(sys.orig_argv)
+        hello = {
+            "k": "hello", "v": wire.PROTOCOL_VERSION, "session": self.session_id, "name": self.name,
+            "pid": os.getpid(), "t0": time.time(), "command": command, "host": socket.gethostname(),
+            "user": getpass.getuser(), "python": sys.version.split()[0], "torch": torch.__version__,
+            "devices": _device_info(model), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "world_size": world_size, "rank": rank, "unit": unit, "tokens_per_sample": tokens_per_sample,
+            "batch_size": batch_size, "noise_mode": noise, "horizon_samples": horizon_samples,
+            "socket": socket_path,
+        }
+        self._model_state.ingest(hello)
+        self._publisher = Publisher(hello, writer, socket_path, self._on_published)
+        if writer is not None and writer.error is not None:
+            self._warn(f"cannot record the session in {writer.path.parent}: {writer.error}. "
+                       "Training continues; attach a monitor to watch it live.")
+        self._noise = NoiseProbe(model, optimizer, noise, layers, self._publisher.submit)
+        self._handles = [
+            model.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True),
+            model.register_forward_hook(self._on_forward),
+            optimizer.register_step_post_hook(self._on_step),
+        ]
+        self._previous_excepthook = sys.excepthook
+        self._failure: str | None = None
+        sys.excepthook = self._excepthook
+        atexit.register(self._atexit)
+
+    # -- set-up helpers -------------------------------------------------------
+    def _open_record(self, home: Path) -> store.RecordWriter | None:
+        directory = store.sessions_dir(home) / self.session_id
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            self._warn(f"cannot record the session under {home}: {exc}. "
+                       "Training continues; set BSMON_HOME to a writable directory to record it.")
+            return None
+        path = directory / store.RECORDS_FILE
+        if path.exists() and path.stat().st_size:
+            # Another process already records under this id (e.g. a second rank); keep both.
+            self.session_id = f"{self.session_id}-{os.getpid()}"
+            return self._open_record(home)
+        return store.RecordWriter(path)
+
+    def _socket_path(self, home: Path) -> str | None:
+        try:
+            return str(store.socket_dir(home) / f"{self.session_id}.sock")
+        except OSError as exc:
+            self._warn(f"cannot create the socket directory: {exc}. Monitors cannot attach live.")
+            return None
+
+    def _warn(self, message: str) -> None:
+        warnings.warn(f"bsmon: {message}", BsmonWarning, stacklevel=4)
+
+    # -- hooks (training thread) ----------------------------------------------
+    def _on_forward_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        if self._step_started is None:
+            self._step_started = time.perf_counter()
+        self._mid_iteration = True
+        size = first_batch_dim(args, kwargs)
+        if size is not None:
+            self._micro_sizes.append(size)
+
+    def _on_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        for tensor in _output_tensors(output):
+            tensor.register_hook(self._on_output_grad)
+
+    def _on_output_grad(self, grad: torch.Tensor) -> None:
+        if not self._backward_queued:
+            self._backward_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+
+    def _on_backward_end(self) -> None:
+        self._backward_queued = False
+        self._noise.after_backward()
+
+    def _on_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        now = time.perf_counter()
+        start = self._last_step_end or self._step_started or now
+        self._last_step_end = now
+        self._step += 1
+        micro = self._micro_sizes
+        self._micro_sizes = []
+        self._mid_iteration = False
+        samples = self._fixed_batch if self._fixed_batch is not None else sum(micro)
+        record = {"k": "step", "step": self._step, "t": time.time(), "dt": now - start,
+                  "n": samples, "mb": max(1, len(micro)), "dropped": self._publisher.dropped}
+        noise = self._noise.end_step(micro)
+        if noise is not None:
+            record["noise"] = noise
+        self._publisher.submit(record)
+
+    # -- background thread ----------------------------------------------------
+    def _on_published(self, records: list[dict]) -> None:
+        self._model_state.ingest_all(records)
+        self._latest = self._model_state.stats()
+
+    # -- public API -----------------------------------------------------------
+    def log(self, **scalars: Any) -> None:
+        """Record scalars (loss, lr, ...) for the current step.
+
+        Python numbers and one-element tensors are accepted. Tensors on an
+        accelerator are copied to the host asynchronously, so logging a CUDA
+        loss every step adds no synchronisation. A value that is not a number
+        is refused with a warning (once per name) and training goes on.
+        """
+        step = self._step + 1 if self._mid_iteration else self._step
+        values: dict[str, float] | Deferred = {}
+        device_names: list[str] = []
+        device_values: list[torch.Tensor] = []
+        for key, value in scalars.items():
+            if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+                if value.device.type == "cpu":
+                    values[key] = float(value.detach())
+                else:
+                    device_names.append(key)
+                    device_values.append(value.detach().reshape(()).float())
+            elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+                values[key] = float(value)
+            else:
+                self._reject(key, value)
+        if device_values:
+            values = Deferred(torch.stack(device_values), names=device_names, known=values)
+        self._publisher.submit({"k": "scalars", "step": step, "values": values})
+
+    def _reject(self, key: str, value: Any) -> None:
+        shape = f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else ""
+        message = (f"log({key}=...) ignored: a {type(value).__name__}{shape} is not a number. "
+                   "Pass a Python number or a one-element tensor.")
+        self._publisher.submit({"k": "event", "t": time.time(), "level": "warning", "msg": message})
+        if key not in self._rejected_names:
+            self._rejected_names.add(key)
+            warnings.warn(f"bsmon: {message}", BsmonWarning, stacklevel=3)
+
+    def stats(self) -> Stats:
+        """The latest numbers, as of the last background flush (at most ~0.1 s old)."""
+        return self._latest
+
+    @property
+    def dropped(self) -> int:
+        return self._publisher.dropped
+
+    def close(self, *, status: str = "finished", error: str | None = None, code: int | None = None) -> None:
+        """Remove every hook, flush, write the session's last record. Idempotent."""
+        global _active
+        if self._closed:
+            return
+        self._closed = True
+        for handle in self._handles:
+            handle.remove()
+        self._noise.close()
+        if sys.excepthook is self._excepthook:
+            sys.excepthook = self._previous_excepthook
+        atexit.unregister(self._atexit)
+        bye = {"k": "bye", "t": time.time(), "status": status, "code": code, "error": error}
+        self._publisher.close(bye)
+        with _active_lock:
+            if _active is self:
+                _active = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> "Monitor":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            self.close()
+        else:
+            self.close(status="failed", error=f"{exc_type.__name__}: {exc}")
+
+    def _excepthook(self, exc_type, exc, tb) -> None:
+        self._failure = f"{exc_type.__name__}: {exc}"
+        self._previous_excepthook(exc_type, exc, tb)
+
+    def _atexit(self) -> None:
+        if self._failure is not None:
+            self.close(status="failed", error=self._failure, code=1)
+        else:
+            self.close()
+
+
+def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int | None = None,
+          unit: str = "samples", tokens_per_sample: int | None = None, name: str | None = None,
+          noise: str | None = "auto", layers: str | tuple[type, ...] = "all",
+          horizon_samples: float | None = None) -> Monitor:
+    """Instrument a training loop; returns the :class:`Monitor`.
+
+    ``batch_size`` fixes the samples per optimizer step (otherwise inferred from
+    the model's forward inputs, summed over micro-batches). ``unit="tokens"``
+    with ``tokens_per_sample`` reports tokens. ``noise`` picks the noise-scale
+    estimator ("auto", "microbatch", "per_example" or None); ``layers`` limits
+    the per-example estimator ("all" or "norm_embed"); ``horizon_samples`` sets
+    the averaging horizon of the noise scale.
+    """
+    global _active
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"bsmon.watch(model, ...) needs a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"bsmon.watch(..., optimizer) needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if unit not in UNITS:
+        raise ValueError(f"unit={unit!r}: use 'samples' or 'tokens'")
+    if unit == "tokens" and not (isinstance(tokens_per_sample, int) and tokens_per_sample > 0):
+        raise ValueError("unit='tokens' needs tokens_per_sample=<positive int> (tokens in one sample)")
+    if batch_size is not None and not (isinstance(batch_size, int) and batch_size > 0):
+        raise ValueError(f"batch_size={batch_size!r}: give a positive int (samples per optimizer step) or None")
+    if horizon_samples is not None and not horizon_samples > 0:
+        raise ValueError(f"horizon_samples={horizon_samples!r} must be positive")
+    with _active_lock:
+        if _active is not None and not _active.closed:
+            raise RuntimeError(
+                f"bsmon.watch() is already active in this process (session {_active.session_id}); "
+                "call close() on that monitor before watching again")
+        _active = Monitor(model, optimizer, batch_size=batch_size, unit=unit,
+                          tokens_per_sample=tokens_per_sample, name=name, noise=noise, layers=layers,
+                          horizon_samples=horizon_samples)
+        return _active

@@ -1,0 +1,161 @@
+"""Raw gradient-norm measurements for the noise-scale estimators (training side).
+
+This module only *measures*; every estimate is computed from the recorded
+numbers by :mod:`bsmon.stats.noise`, the same code for live view, replay,
+export and ``Monitor.stats()``.
+
+Per optimizer step it produces one ``noise`` payload for the step record:
+
+* ``microbatch`` (m >= 2 backward passes): the squared norm of the
+  accumulated ``.grad`` after each pass, per parameter group — one fused norm
+  per pass, no gradient copies.
+* ``per_example`` (m == 1): the per-example squared norms summed inside
+  backward by :class:`~bsmon.probe.per_example.PerExampleNorms`, plus the
+  squared norm of ``.grad`` over the same parameters.
+
+All values stay on the device until :class:`~bsmon.probe.deferred.Deferred`
+hands them to the background thread.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from bsmon.probe.deferred import Deferred
+
+MODES = ("auto", "microbatch", "per_example", None)
+
+REASON_OFF = "noise estimation is off (noise=None)"
+REASON_NEEDS_ACCUMULATION = (
+    "one backward pass per step: the micro-batch estimator needs >= 2. "
+    "Accumulate >= 2 micro-batches per step, or use noise='per_example'")
+REASON_NEEDS_SINGLE_PASS = (
+    "{m} backward passes per step: per-example norms need exactly one. "
+    "Use noise='microbatch' (or 'auto') with gradient accumulation")
+REASON_NO_COVERAGE = (
+    "no supported layer (Linear, Conv1d/2d, LayerNorm, Embedding) holds trainable "
+    "parameters: accumulate >= 2 micro-batches per step and use noise='microbatch'")
+REASON_UNEQUAL_MICROBATCHES = "micro-batches of unequal size in this step; it is left out"
+
+
+def grad_sq_norms(groups: Sequence[Sequence[nn.Parameter]]) -> torch.Tensor:
+    """Squared L2 norm of ``.grad`` per group, as one float32 device tensor (no sync)."""
+    sums = []
+    device = None
+    for params in groups:
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            sums.append(None)
+            continue
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+        total = torch.stack([n.to(norms[0].device) for n in norms]).square().sum()
+        device = device or total.device
+        sums.append(total)
+    if device is None:
+        return torch.zeros(len(groups))
+    return torch.stack([torch.zeros((), device=device) if s is None else s.to(device) for s in sums])
+
+
+def group_label(index: int, group: dict[str, Any]) -> str:
+    lr = group.get("lr")
+    size = sum(p.numel() for p in group["params"])
+    lr_text = f", lr={float(lr):.3g}" if isinstance(lr, (int, float, torch.Tensor)) else ""
+    return f"group {index} ({size:,} params{lr_text})"
+
+
+class NoiseProbe:
+    """Chooses the estimator and collects its raw norms, one payload per step."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, mode: str | None,
+                 layers: str | tuple[type, ...], announce: Callable[[dict], None]) -> None:
+        if mode not in MODES:
+            raise ValueError(f"noise={mode!r} is not one of {MODES}")
+        self.mode = mode
+        self._model = model
+        self._layers = layers
+        self._announce = announce
+        self._group_params = [[p for p in g["params"] if p.requires_grad] for g in optimizer.param_groups]
+        self._group_labels = [group_label(i, g) for i, g in enumerate(optimizer.param_groups)]
+        self._measured = self._group_params
+        self._per_example = None
+        self._passes: list[torch.Tensor] = []
+        self._current: tuple[str | None, str | None] | None = None
+        if mode is None:
+            self._set_estimator(None, REASON_OFF)
+        elif mode == "per_example":
+            self._install_per_example()
+
+    # -- training-thread hooks -------------------------------------------------
+    def after_backward(self) -> None:
+        """Called once at the end of every backward pass."""
+        if self.mode is not None:
+            self._passes.append(grad_sq_norms(self._measured))
+
+    def end_step(self, micro_sizes: Sequence[int]) -> dict | None:
+        """The step's noise payload (values still on the device), or None."""
+        passes, self._passes = self._passes, []
+        if self.mode is None:
+            return None
+        m = len(passes)
+        per_example = self._per_example.pop() if self._per_example is not None else None
+        if m >= 2 and self.mode in ("auto", "microbatch"):
+            if self._measured is not self._group_params and self.mode == "auto":
+                self._remove_per_example()  # the job switched to accumulation
+            self._set_estimator("microbatch", None)
+            return {"est": "microbatch", "micro": list(micro_sizes), "g": len(self._measured),
+                    "acc": Deferred(torch.stack(passes))}
+        if m == 1 and self.mode in ("auto", "per_example"):
+            if self._per_example is None:
+                self._install_per_example()  # auto: first single-pass step; data from the next one
+                return None
+            if not self._per_example.covered_params:
+                return None
+            if per_example is None:
+                return None
+            batch, pe_groups = per_example
+            return {"est": "per_example", "batch": int(batch),
+                    "pe": Deferred(pe_groups), "big": Deferred(passes[0])}
+        if m == 1:
+            self._set_estimator(None, REASON_NEEDS_ACCUMULATION)
+        elif m >= 2:
+            self._set_estimator(None, REASON_NEEDS_SINGLE_PASS.format(m=m))
+        return None
+
+    def close(self) -> None:
+        self._remove_per_example()
+
+    # -- estimator switching --------------------------------------------------
+    def _install_per_example(self) -> None:
+        from bsmon.probe.per_example import PerExampleNorms
+
+        norms = PerExampleNorms(self._model, layers=self._layers, param_groups=self._group_params)
+        covered = {id(p) for p in norms.covered_params}
+        self._per_example = norms
+        self._measured = [[p for p in group if id(p) in covered] for group in self._group_params]
+        if not norms.covered_params:
+            self._set_estimator(None, REASON_NO_COVERAGE, uncovered=norms.uncovered)
+        else:
+            self._set_estimator("per_example", None, covered_fraction=norms.covered_fraction,
+                                uncovered=norms.uncovered, layers=self._layers_name())
+
+    def _remove_per_example(self) -> None:
+        if self._per_example is not None:
+            self._per_example.remove()
+            self._per_example = None
+        self._measured = self._group_params
+
+    def _layers_name(self) -> str:
+        return self._layers if isinstance(self._layers, str) else ",".join(t.__name__ for t in self._layers)
+
+    def _set_estimator(self, name: str | None, reason: str | None, **details: Any) -> None:
+        if self._current == (name, reason):
+            return
+        self._current = (name, reason)
+        record = {"k": "estimator", "name": name, "reason": reason, "groups": self._group_labels}
+        record.update(details)
+        if name == "microbatch":
+            record["covered_fraction"] = 1.0
+        self._announce(record)

@@ -1,0 +1,233 @@
+"""Sessions on disk: where they live, appending, listing, resolving, reading.
+
+Layout under ``$BSMON_HOME`` (default ``$XDG_DATA_HOME/bsmon``, else
+``~/.local/share/bsmon``)::
+
+    sessions/<id>/records.bsr   framed records written by the job (hello first, bye last)
+    sessions/<id>/gpu.bsr       NVML snapshots written by an attached monitor
+    sessions/<id>/output.log    the job's stdout/stderr when started by ``bsmon run`` with the TUI
+    run/<id>.sock               the live job's socket (directory 0700, socket 0600)
+
+Files are append-only; a reader tolerates a torn last record (``kill -9``,
+power loss) because every frame carries its length and CRC.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import secrets
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bsmon import wire
+
+RECORDS_FILE = "records.bsr"
+GPU_FILE = "gpu.bsr"
+OUTPUT_FILE = "output.log"
+
+#: sockaddr_un.sun_path holds 108 bytes on Linux, 104 on macOS; stay under both.
+_MAX_SOCKET_PATH = 100
+
+
+class SessionError(Exception):
+    """A session that cannot be found or used; the message says what to do."""
+
+
+def bsmon_home() -> Path:
+    if os.environ.get("BSMON_HOME"):
+        return Path(os.environ["BSMON_HOME"]).expanduser()
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "bsmon"
+
+
+def sessions_dir(home: Path | None = None) -> Path:
+    return (home or bsmon_home()) / "sessions"
+
+
+def socket_dir(home: Path | None = None) -> Path:
+    """The per-user socket directory, created with mode 0700.
+
+    A deep ``$BSMON_HOME`` would overflow the socket path limit; then the
+    sockets go to a short per-user directory in the temp dir, keyed by a hash of
+    the home so two homes never share one.
+    """
+    home = home or bsmon_home()
+    directory = home / "run"
+    if len(str(directory)) + len("/0123456789abcdef.sock") > _MAX_SOCKET_PATH:
+        digest = hashlib.sha1(str(home.resolve()).encode()).hexdigest()[:10]
+        directory = Path(tempfile.gettempdir()) / f"bsmon-{os.getuid()}-{digest}"
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    return directory
+
+
+def new_session_id() -> str:
+    return secrets.token_hex(4)
+
+
+class RecordWriter:
+    """Appends frames to a file and never raises.
+
+    A write failure (full disk, read-only mount, quota) is kept in ``error``
+    and later appends are refused, so the training job goes on and the caller
+    reports the failure once. ``durable_bytes`` counts only whole frames
+    written, so a live stream never sends half a frame.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.error: OSError | None = None
+        self.durable_bytes = 0
+        try:
+            self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        except OSError as exc:
+            self._fd = None
+            self.error = exc
+
+    def append(self, frames: bytes) -> bool:
+        if self._fd is None or self.error is not None:
+            return False
+        view = memoryview(frames)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError as exc:
+            self.error = exc
+            return False
+        self.durable_bytes += len(frames)
+        return True
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def read_records(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """All valid records of a file and the number of trailing bytes that were not (a torn tail)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return [], 0
+    records, end = [], 0
+    for end, record in wire.iter_frames(data):
+        records.append(record)
+    return records, len(data) - end
+
+
+def socket_alive(path: str | None) -> bool:
+    """True when a job is listening on ``path`` (a stale socket file is not)."""
+    if not path or not os.path.exists(path):
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    id: str
+    name: str
+    pid: int
+    host: str
+    status: str  # running | finished | failed | lost
+    steps: int
+    started: float
+    directory: Path
+    socket: str | None
+    command: tuple[str, ...]
+    exit_code: int | None
+    torn_bytes: int
+
+    @property
+    def records_path(self) -> Path:
+        return self.directory / RECORDS_FILE
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "pid": self.pid, "host": self.host,
+                "status": self.status, "steps": self.steps, "started": self.started,
+                "command": list(self.command), "exit_code": self.exit_code,
+                "path": str(self.directory)}
+
+
+def session_info(directory: Path) -> SessionInfo | None:
+    """Summarise one session directory; None when it holds no hello record yet."""
+    records, torn = read_records(directory / RECORDS_FILE)
+    if not records or records[0]["k"] != "hello":
+        return None
+    hello = records[0]
+    steps = 0
+    bye = None
+    for record in records:
+        if record["k"] == "step":
+            steps = record["step"]
+        elif record["k"] == "bye":
+            bye = record
+    if bye is not None:
+        status = "finished" if bye["status"] == "finished" else "failed"
+    elif socket_alive(hello.get("socket")):
+        status = "running"
+    else:
+        status = "lost"
+    return SessionInfo(
+        id=hello["session"], name=hello["name"], pid=hello["pid"], host=hello["host"],
+        status=status, steps=steps, started=hello["t0"], directory=directory,
+        socket=hello.get("socket"), command=tuple(hello["command"]),
+        exit_code=None if bye is None else bye["code"], torn_bytes=torn)
+
+
+def list_sessions(home: Path | None = None) -> list[SessionInfo]:
+    """Every recorded session, oldest first."""
+    root = sessions_dir(home)
+    if not root.is_dir():
+        return []
+    infos = [info for d in root.iterdir() if d.is_dir() and (info := session_info(d)) is not None]
+    return sorted(infos, key=lambda info: info.started)
+
+
+def resolve_session(query: str | None, home: Path | None = None, *, running: bool = False) -> SessionInfo:
+    """Find a session by id, unique id prefix or name; the newest (running) one when query is None."""
+    sessions = list_sessions(home)
+    if running:
+        candidates = [s for s in sessions if s.status == "running"]
+    else:
+        candidates = sessions
+    if query is None:
+        if not candidates:
+            what = "running job" if running else "recorded session"
+            hint = (" Start one with `bsmon run -- python train.py`, or call bsmon.watch() in your script."
+                    if running else "")
+            raise SessionError(f"no {what} under {home or bsmon_home()}.{hint}")
+        return candidates[-1]
+    exact = [s for s in sessions if s.id == query]
+    matches = exact or [s for s in sessions if s.id.startswith(query)] or [s for s in sessions if s.name == query]
+    if not matches:
+        raise SessionError(f"no session matches {query!r}; `bsmon ls` lists them.")
+    if len(matches) > 1:
+        listing = ", ".join(f"{s.id} ({s.name})" for s in matches)
+        raise SessionError(f"{query!r} is ambiguous: it matches {listing}. Give more of the id.")
+    return matches[0]
+
+
+def remove_stale_socket(info: SessionInfo) -> bool:
+    """Delete the socket file of a job that is gone; True if one was removed."""
+    if info.socket and os.path.exists(info.socket) and not socket_alive(info.socket):
+        try:
+            os.unlink(info.socket)
+            return True
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+    return False

@@ -1,0 +1,164 @@
+"""The bsmon protocol: record kinds, framing and validation.
+
+One format serves the socket and the session file, so replay reads exactly the
+bytes a live monitor saw. A frame is::
+
+    uint32 big-endian payload length | uint32 big-endian CRC32 of payload | payload
+
+and the payload is a UTF-8 JSON object whose ``"k"`` names the record kind.
+The CRC lets a reader tell a torn or corrupted tail from a real record, and a
+length cap keeps a hostile peer from making us allocate without bound.
+Everything received is validated; a bad frame raises :class:`ProtocolError`,
+which ends that one connection and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import zlib
+from typing import Any, Iterator
+
+PROTOCOL_VERSION = 1
+MAX_FRAME_BYTES = 1 << 20
+HEADER = struct.Struct(">II")
+
+_NUM = (int, float)
+_OPT_NUM = (int, float, type(None))
+_OPT_STR = (str, type(None))
+
+#: Required fields and their types for each record kind. Extra fields are allowed
+#: (forward compatibility); missing or mistyped required ones are not.
+SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
+    # First record of every session and of every stream.
+    "hello": {"v": (int,), "session": (str,), "name": (str,), "pid": (int,), "t0": _NUM,
+              "command": (list,), "host": (str,), "user": (str,), "unit": (str,)},
+    # A monitor's first (and only) frame to the probe.
+    "attach": {"v": (int,), "client": (str,)},
+    # One optimizer step. Optional "noise" holds the raw norms (see bsmon.probe.noise).
+    "step": {"step": (int,), "t": _NUM, "dt": _NUM, "n": (int,), "mb": (int,), "dropped": (int,)},
+    # Values from Monitor.log(), tagged with the step they belong to.
+    "scalars": {"step": (int,), "values": (dict,)},
+    # Which noise estimator is active, what it covers, or why none applies.
+    "estimator": {"name": _OPT_STR, "reason": _OPT_STR},
+    # Something a person should see: a recording failure, a rejected log value.
+    "event": {"t": _NUM, "level": (str,), "msg": (str,)},
+    # One measured point of a throughput profile, and a finished profile.
+    "profile_point": {"batch_size": (int,), "step_time_s": _NUM, "samples_per_s": _NUM},
+    "profile": {"profile": (dict,)},
+    # One NVML snapshot (written by the monitor into the session's gpu file).
+    "gpu": {"snapshot": (dict,)},
+    # Last record: how the job ended.
+    "bye": {"t": _NUM, "status": (str,), "code": (int, type(None))},
+}
+
+KINDS = frozenset(SCHEMA)
+
+
+class ProtocolError(ValueError):
+    """A frame that is not a valid bsmon record."""
+
+
+def encode(record: dict[str, Any]) -> bytes:
+    """One record as a frame. Non-finite floats are written as JSON NaN/Infinity."""
+    payload = json.dumps(record, separators=(",", ":")).encode()
+    if len(payload) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"record of {len(payload)} bytes exceeds the {MAX_FRAME_BYTES}-byte frame limit")
+    return HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def validate(record: Any) -> dict[str, Any]:
+    """Return ``record`` if it is a well-formed record, else raise ProtocolError."""
+    if not isinstance(record, dict):
+        raise ProtocolError("record is not a JSON object")
+    kind = record.get("k")
+    if kind not in SCHEMA:
+        raise ProtocolError(f"unknown record kind {kind!r}")
+    for field, types in SCHEMA[kind].items():
+        value = record.get(field, _MISSING)
+        if value is _MISSING:
+            raise ProtocolError(f"{kind} record lacks field {field!r}")
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ProtocolError(f"{kind}.{field} has type {type(value).__name__}")
+    if kind in ("hello", "attach") and record["v"] != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {record['v']} is not {PROTOCOL_VERSION}: "
+            "the job and the monitor run different bsmon releases")
+    if kind == "scalars":
+        for name, value in record["values"].items():
+            if not isinstance(value, _NUM) or isinstance(value, bool):
+                raise ProtocolError(f"scalar {name!r} is not a number")
+    return record
+
+
+_MISSING = object()
+
+
+def decode_payload(payload: bytes) -> dict[str, Any]:
+    try:
+        record = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"payload is not JSON: {exc}") from None
+    return validate(record)
+
+
+class FrameReader:
+    """Incremental decoder for a byte stream of frames (socket or file)."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        """Add bytes and return every complete record; raise ProtocolError on a bad frame."""
+        self._buf += data
+        records = []
+        while len(self._buf) >= HEADER.size:
+            length, crc = HEADER.unpack_from(self._buf)
+            if length > MAX_FRAME_BYTES:
+                raise ProtocolError(f"frame of {length} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
+            end = HEADER.size + length
+            if len(self._buf) < end:
+                break
+            payload = bytes(self._buf[HEADER.size:end])
+            if zlib.crc32(payload) != crc:
+                raise ProtocolError("frame checksum mismatch")
+            del self._buf[:end]
+            records.append(decode_payload(payload))
+        return records
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame still waiting for the rest."""
+        return len(self._buf)
+
+
+def iter_frames(data: bytes) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (end offset, record) for each valid frame from the start of ``data``.
+
+    Stops silently at the first incomplete or invalid frame: in a file that is
+    the torn tail a crash leaves, and the caller learns where it begins from the
+    last end offset.
+    """
+    pos = 0
+    while pos + HEADER.size <= len(data):
+        length, crc = HEADER.unpack_from(data, pos)
+        end = pos + HEADER.size + length
+        if length > MAX_FRAME_BYTES or end > len(data):
+            return
+        payload = data[pos + HEADER.size:end]
+        if zlib.crc32(payload) != crc:
+            return
+        try:
+            record = decode_payload(payload)
+        except ProtocolError:
+            return
+        yield end, record
+        pos = end
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """JSON-friendly number: None for missing or non-finite."""
+    if value is None or not math.isfinite(value):
+        return None
+    return float(value)
