@@ -71,6 +71,11 @@ class ChildJob:
             signal.signal(sig, handler)
 
 
+def shell_exit_code(returncode: int) -> int:
+    """A child killed by signal N (Popen gives -N) exits with 128+N, as in a shell."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
 def _start_job(command: list[str], env: dict[str, str], output: Any) -> subprocess.Popen:
     # A new session: the terminal's Ctrl-C reaches bsmon only, which forwards it once.
     return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL if output else None,
@@ -131,7 +136,7 @@ def run_job(command: list[str], *, name: str | None, headless: bool, json_lines:
     try:
         info = wait_for_session(session_id, alive=lambda: process.poll() is None, home=home)
         if info is None:
-            code = process.wait()
+            code = shell_exit_code(process.wait())
             hint = f" Its output is in {session_dir / store.OUTPUT_FILE}." if output and output is not sys.stderr else ""
             return _fail(f"the job exited with code {code} before calling bsmon.watch(); nothing was recorded."
                          f"{hint} Add `bsmon.watch(model, optimizer)` to the training script.", code or 1)
@@ -144,7 +149,7 @@ def run_job(command: list[str], *, name: str | None, headless: bool, json_lines:
             print(f"bsmon: detached; the job (pid {process.pid}) keeps running and is still recorded. "
                   f"Re-attach with `bsmon attach {session_id}`; its output goes to {session_dir / store.OUTPUT_FILE}.")
             return 0
-        code = process.wait()
+        code = shell_exit_code(process.wait())
         feed.wait(timeout=5.0)
         feed.stop()
         record_exit(info, code)
@@ -222,7 +227,9 @@ def _headless(feed: Feed, json_lines: bool, job: ChildJob | None = None) -> None
     def state() -> str:
         if feed.state in ("live", "connecting"):
             return "running"
-        return feed.state
+        if feed.state == "error":
+            return "error"
+        return "ended" if feed.model.bye is not None else "lost"
 
     def emit() -> None:
         line = feed.read(lambda m: stats_json(m, state()) if json_lines else status_line(m, state()))

@@ -94,12 +94,15 @@ class Feed:
     def _read_socket(self) -> None:
         reader = wire.FrameReader()
         self.state = "live"
+        ingested = 0
         try:
             while not self._stop.is_set():
                 data = self._sock.recv(RECV_BYTES)
                 if not data:
                     break
-                self._ingest(reader.feed(data))
+                records = reader.feed(data)
+                ingested += len(records)
+                self._ingest(records)
         except wire.ProtocolError as exc:
             self.state = "error"
             self.message = f"connection dropped: the job sent a bad frame ({exc}); the session file is intact"
@@ -112,9 +115,21 @@ class Feed:
             self._sock.close()
         if self._stop.is_set():
             return
+        if self.model.bye is None:
+            self._catch_up_from_file(ingested)
         self.state = "ended" if self.model.bye is not None else "lost"
         if self.state == "lost" and self.message is None:
             self.message = "the job stopped streaming without saying goodbye (killed?)"
+
+    def _catch_up_from_file(self, ingested: int) -> None:
+        """The stream broke off early: the session file holds the same records, take the rest from it."""
+        if self.session_dir is None:
+            return
+        records, _ = store.read_records(self.session_dir / store.RECORDS_FILE)
+        if len(records) > ingested:
+            self._ingest(records[ingested:])
+            if self.model.bye is not None:
+                self.message = None
 
 
 def connect(socket_path: str, client: str = "bsmon") -> socket.socket:

@@ -77,8 +77,9 @@ class Publisher:
         self._flush()
         if self._server is not None:
             path = self._server.getsockname()
-            self._server.close()
             self._accept_thread.join()
+            self._accept_pending()  # monitors still in the listen queue get the whole run too
+            self._server.close()
             try:
                 os.unlink(path)
             except OSError:
@@ -172,11 +173,24 @@ class Publisher:
                 continue
             except OSError:
                 return
-            with self._lock:
-                backlog_end = self._writer.durable_bytes if self._writer is not None else 0
-                client = _Client(conn, self, backlog_end, list(self._spill))
-                self._clients.append(client)
-            client.start()
+            self._serve(conn)
+
+    def _accept_pending(self) -> None:
+        self._server.setblocking(False)
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            conn.setblocking(True)
+            self._serve(conn)
+
+    def _serve(self, conn: socket.socket) -> None:
+        with self._lock:
+            backlog_end = self._writer.durable_bytes if self._writer is not None else 0
+            client = _Client(conn, self, backlog_end, list(self._spill))
+            self._clients.append(client)
+        client.start()
 
     def _forget(self, client: "_Client") -> None:
         with self._lock:

@@ -1,0 +1,147 @@
+"""End to end: the real `bsmon` command line around real training subprocesses."""
+
+import csv
+import io
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bsmon import store
+from conftest import bsmon_cli, start_job, train_command
+
+
+def _wait_for(path, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_run_headless_passes_the_exit_code_and_records_it():
+    ok = bsmon_cli("run", "--headless", "--name", "ok-job", "--", *train_command("--steps", "20"))
+    assert ok.returncode == 0, ok.stderr
+    assert "step 20" in ok.stdout and "ended" in ok.stdout
+    assert "trained 20 steps" in ok.stdout  # the job's own output passes through in headless mode
+    bad = bsmon_cli("run", "--headless", "--", *train_command("--steps", "5", "--exit-code", "3"))
+    assert bad.returncode == 3
+    sessions = {s.name: s for s in store.list_sessions()}
+    assert sessions["ok-job"].status == "finished" and sessions["ok-job"].steps == 20
+    failed = sessions["train_small"]
+    assert failed.status == "failed" and failed.exit_code == 3 and failed.steps == 5
+    listing = bsmon_cli("ls")
+    assert "ok-job" in listing.stdout and "failed (3)" in listing.stdout
+    as_json = json.loads(bsmon_cli("ls", "--json").stdout)
+    assert {s["name"] for s in as_json} == {"ok-job", "train_small"}
+
+
+def test_json_lines_keep_stdout_machine_readable():
+    result = bsmon_cli("run", "--json", "--", *train_command("--steps", "10"))
+    assert result.returncode == 0
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert lines[-1]["step"] == 10 and lines[-1]["state"] == "ended"
+    assert lines[-1]["batch_size"] == 32 and lines[-1]["noise_estimator"] == "microbatch"
+    assert "trained 10 steps" in result.stderr  # the job's output went to stderr
+
+
+def test_attach_to_a_plain_job_then_export_csv(tmp_path):
+    ready = tmp_path / "ready"
+    job = start_job("--steps", "60", "--sleep", "0.03", "--ready-file", str(ready))
+    _wait_for(ready)
+    attached = bsmon_cli("attach", "--headless")
+    assert job.wait(timeout=60) == 0
+    assert attached.returncode == 0, attached.stderr
+    assert "step 60" in attached.stdout.splitlines()[-1]
+    out = tmp_path / "run.csv"
+    exported = bsmon_cli("export", "-o", str(out))
+    assert exported.returncode == 0 and "wrote 60 steps" in exported.stderr
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    header = out.read_text().splitlines()[0].split(",")
+    assert header[:8] == ["step", "time", "elapsed_s", "batch_size", "micro_batches", "step_time_s",
+                          "samples_per_s", "loss"]
+    assert "lr" in header and header[-5:] == ["b_simple", "b_simple_low", "b_simple_high", "grad_sq", "trace_sigma"]
+    assert [int(r["step"]) for r in rows] == list(range(1, 61))
+    for r in rows:
+        assert int(r["batch_size"]) == 32 and int(r["micro_batches"]) == 2
+        assert float(r["samples_per_s"]) == pytest.approx(32 / float(r["step_time_s"]))
+        assert float(r["loss"]) >= 0 and float(r["lr"]) == 0.05
+    assert rows[-1]["b_simple"] != ""  # the micro-batch estimator has a value by the end
+    assert float(rows[-1]["elapsed_s"]) > float(rows[0]["elapsed_s"])
+    assert bsmon_cli("export").stdout == out.read_text()  # stdout export is the same CSV
+
+
+def test_job_that_exits_before_its_first_step():
+    code = ("import torch, bsmon; m = torch.nn.Linear(2, 1); "
+            "bsmon.watch(m, torch.optim.SGD(m.parameters(), lr=0.1)); raise SystemExit(0)")
+    result = bsmon_cli("run", "--headless", "--", sys.executable, "-c", code)
+    assert result.returncode == 0
+    assert "before its first optimizer step" in result.stderr
+    (info,) = store.list_sessions()
+    assert info.steps == 0 and info.status == "finished"
+
+
+def test_job_without_watch_and_missing_commands():
+    result = bsmon_cli("run", "--headless", "--", sys.executable, "-c", "print('no bsmon here')")
+    assert result.returncode == 1 and "before calling bsmon.watch()" in result.stderr
+    missing = bsmon_cli("run", "--headless", "--", "no-such-command-xyz")
+    assert missing.returncode == 127 and "command not found: no-such-command-xyz" in missing.stderr
+    empty = bsmon_cli("run", "--headless")
+    assert empty.returncode == 2 and "after --" in empty.stderr
+
+
+@pytest.mark.parametrize("args", [("attach", "nope"), ("export", "nope"), ("replay", "nope"), ("attach",)])
+def test_unknown_sessions_get_a_clear_message(args):
+    result = bsmon_cli(*args)
+    assert result.returncode == 1
+    assert result.stderr.startswith("bsmon: no ") and "Traceback" not in result.stderr
+
+
+def test_killed_job_shows_as_lost_and_its_stale_socket_is_cleaned(tmp_path):
+    ready = tmp_path / "ready"
+    job = start_job("--steps", "100000", "--sleep", "0.01", "--ready-file", str(ready))
+    _wait_for(ready)
+    time.sleep(0.3)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    (info,) = store.list_sessions()
+    assert info.status == "lost" and info.steps >= 1 and os.path.exists(info.socket)
+    result = bsmon_cli("attach", info.id)
+    assert result.returncode == 1
+    assert "is lost" in result.stderr and "stale socket was removed" in result.stderr
+    assert not os.path.exists(info.socket)
+    assert bsmon_cli("export", info.id).returncode == 0  # what was recorded is still there
+
+
+def test_sigint_is_forwarded_to_the_job(tmp_path):
+    ready = tmp_path / "ready"
+    wrapper = subprocess.Popen([sys.executable, "-m", "bsmon.cli", "run", "--headless", "--",
+                                *train_command("--steps", "100000", "--sleep", "0.01", "--ready-file", str(ready))],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(ready)
+    wrapper.send_signal(signal.SIGINT)
+    out, err = wrapper.communicate(timeout=60)
+    assert wrapper.returncode == 130, err  # Python re-raises SIGINT on an uncaught KeyboardInterrupt: 128 + 2
+    assert "KeyboardInterrupt" in err
+    (info,) = store.list_sessions()
+    assert info.status == "failed" and "KeyboardInterrupt" in json.dumps(
+        [r for r in store.read_records(info.records_path)[0] if r["k"] == "bye"])
+
+
+def test_full_disk_while_recording_keeps_training(tmp_path):
+    """The kernel refuses writes past RLIMIT_FSIZE, as on a full disk: training goes on and says so."""
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    job = subprocess.run(train_command("--steps", "300"), capture_output=True, text=True,
+                         preexec_fn=limit_file_size, timeout=120)
+    assert job.returncode == 0 and "trained 300 steps" in job.stdout
+    assert "recording to" in job.stderr and "failed" in job.stderr and "Training continues" in job.stderr
+    (info,) = store.list_sessions()
+    assert 0 < info.steps < 300  # what fitted is readable
+    assert info.records_path.stat().st_size <= 20_000
