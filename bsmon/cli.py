@@ -166,10 +166,25 @@ def _open_feed(info: store.SessionInfo) -> Feed:
     feed = Feed()
     if info.status == "running":
         try:
-            return feed.attach(info.socket, info.directory)
+            return _attach_with_gpu(feed, info)
         except store.SessionError:
             pass  # it ended between the listing and the connect: show the record instead
     return feed.replay(store.session_info(info.directory) or info)
+
+
+def _attach_with_gpu(feed: Feed, info: store.SessionInfo) -> Feed:
+    """Stream a live job, with NVML readings of the GPUs it uses sampled and recorded beside it."""
+    from bsmon.gpu import GpuSampler
+
+    feed.attach(info.socket, info.directory)
+    hello = info.hello
+    sampler = GpuSampler(job_pid=hello["pid"],
+                         device_uuids=[d["uuid"] for d in hello.get("devices") or [] if d.get("uuid")],
+                         visible_devices=hello.get("cuda_visible_devices"))
+    sampler.start()
+    feed.record_gpu(sampler)
+    feed.on_stop(sampler.stop)
+    return feed
 
 
 # -- views ---------------------------------------------------------------------
@@ -266,7 +281,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
         stale = " Its stale socket was removed." if store.remove_stale_socket(info) else ""
         return _fail(f"session {info.id} ({info.name}) is {info.status}: there is no job to attach to.{stale} "
                      f"`bsmon replay {info.id}` shows the record.")
-    feed = Feed().attach(info.socket, info.directory)
+    feed = _attach_with_gpu(Feed(), info)
     if _headless_wanted(args):
         try:
             _headless(feed, args.json)

@@ -8,16 +8,23 @@ their own timers, so ingestion rate and redraw rate are independent.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from bsmon import store, wire
 from bsmon.model import SessionModel
 
+if TYPE_CHECKING:
+    from bsmon.gpu import GpuSampler
+
 RECV_BYTES = 1 << 16
+#: How often an attached monitor records the latest NVML snapshot into the session.
+GPU_RECORD_INTERVAL_S = 1.0
 #: Ingest at most this many records per lock hold, so a large backlog never starves redraws.
 INGEST_BATCH = 2000
 
@@ -41,6 +48,8 @@ class Feed:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
+        self._gpu_thread: threading.Thread | None = None
+        self._on_stop: list[Callable[[], None]] = []
 
     # -- sources --------------------------------------------------------------
     def replay(self, info: store.SessionInfo) -> "Feed":
@@ -62,15 +71,75 @@ class Feed:
         self._thread.start()
         return self
 
+    def record_gpu(self, sampler: "GpuSampler") -> None:
+        """Ingest the sampler's snapshots, and append them to the session's gpu file.
+
+        Only one monitor records (an exclusive lock on the file decides); the
+        others still show the readings. Recording stops when the job ends.
+        """
+        self._gpu_thread = threading.Thread(target=self._record_gpu, args=(sampler,), name="bsmon-gpu", daemon=True)
+        self._gpu_thread.start()
+
+    def _record_gpu(self, sampler: "GpuSampler") -> None:
+        from bsmon import wire
+
+        fd = self._open_gpu_file()
+        placeholder = sampler.latest().time  # the empty snapshot from before the first reading
+        last_time = None
+        try:
+            while not self._stop.wait(GPU_RECORD_INTERVAL_S if last_time is not None else 0.1):
+                snapshot = sampler.latest()
+                if snapshot.time in (last_time, placeholder):
+                    continue
+                first = last_time is None
+                last_time = snapshot.time
+                record = {"k": "gpu", "snapshot": snapshot.to_record()}
+                with self.lock:
+                    self.model.ingest(record)
+                    self.version += 1
+                    job_ended = self.model.bye is not None
+                if fd is not None and not job_ended and (snapshot.gpus or first):
+                    try:
+                        os.write(fd, wire.encode(record))
+                    except OSError as exc:
+                        self.message = f"recording GPU samples failed: {exc}"
+                        os.close(fd)
+                        fd = None
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _open_gpu_file(self) -> int | None:
+        if self.session_dir is None:
+            return None
+        try:
+            fd = os.open(self.session_dir / store.GPU_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)  # another monitor records this session
+            return None
+        return fd
+
+    def on_stop(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` when the feed stops (e.g. stop the GPU sampler)."""
+        self._on_stop.append(callback)
+
     def stop(self) -> None:
         self._stop.set()
+        for callback in self._on_stop:
+            callback()
+        self._on_stop.clear()
         if self._sock is not None:
             try:
                 self._sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        if self._thread is not None:
-            self._thread.join(timeout=2.0)
+        for thread in (self._thread, self._gpu_thread):
+            if thread is not None:
+                thread.join(timeout=2.0)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the stream to end; True if it did."""

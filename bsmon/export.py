@@ -12,10 +12,16 @@ import math
 from pathlib import Path
 from typing import TextIO
 
+import numpy as np
+
+from bsmon.gpu import CSV_COLUMNS
 from bsmon.model import SessionModel
 
 BASE_COLUMNS = ["step", "time", "elapsed_s", "batch_size", "micro_batches", "step_time_s", "samples_per_s", "loss"]
 NOISE_COLUMNS = ["b_simple", "b_simple_low", "b_simple_high", "grad_sq", "trace_sigma"]
+GPU_COLUMNS = list(CSV_COLUMNS)
+#: A step takes the GPU sample nearest in time, if one lies this close; else the GPU cells stay empty.
+GPU_MAX_GAP_S = 5.0
 
 
 def _cell(value: float | int | None) -> str:
@@ -28,7 +34,7 @@ def _cell(value: float | int | None) -> str:
 
 def columns(model: SessionModel) -> list[str]:
     scalars = [name for name in model.history.scalar_names if name != "loss"]
-    return BASE_COLUMNS + scalars + NOISE_COLUMNS
+    return BASE_COLUMNS + scalars + NOISE_COLUMNS + GPU_COLUMNS
 
 
 def write_csv(model: SessionModel, out: TextIO) -> int:
@@ -41,6 +47,8 @@ def write_csv(model: SessionModel, out: TextIO) -> int:
     t0 = model.hello["t0"] if model.hello else (history.time[0] if len(history) else 0.0)
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(names)
+    step_times = np.frombuffer(history.time, dtype=float) if len(history) else np.empty(0)
+    gpu_index = history.nearest_gpu_sample(step_times, GPU_MAX_GAP_S)
     for i in range(len(history)):
         step = history.step[i]
         t = history.time[i]
@@ -59,6 +67,8 @@ def write_csv(model: SessionModel, out: TextIO) -> int:
             *(logged.get(name) for name in scalar_names),
             history.b_simple[i], history.b_simple_low[i], history.b_simple_high[i],
             history.grad_sq[i], history.trace_sigma[i],
+            *(history.gpu_fields[name][gpu_index[i]] if gpu_index[i] >= 0 and name in history.gpu_fields
+              else None for name in GPU_COLUMNS),
         ]
         writer.writerow([value if isinstance(value, str) else _cell(value) for value in row])
     return len(history)

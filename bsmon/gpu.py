@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-__all__ = ["GpuReading", "GpuSampler", "GpuSnapshot"]
+__all__ = ["CSV_COLUMNS", "GpuReading", "GpuSampler", "GpuSnapshot"]
 
 _MIB = 1024 * 1024
 _SLOW_REFRESH_S = 30.0  # power limit: changes only when an administrator sets it
@@ -101,7 +101,7 @@ _NUMBER_FIELDS = tuple(f.name for f in dataclasses.fields(GpuReading)
                        if f.name not in (*_TEXT_FIELDS, "index", "throttle_reasons"))
 
 # csv column -> (reading field, how several GPUs combine)
-_CSV_COLUMNS: dict[str, tuple[str, Callable[[list[float]], float]]] = {
+CSV_COLUMNS: dict[str, tuple[str, Callable[[list[float]], float]]] = {
     "gpu_util_pct": ("util_pct", statistics.fmean),
     "gpu_mem_used_mib": ("mem_used_mib", math.fsum),
     "gpu_mem_total_mib": ("mem_total_mib", math.fsum),
@@ -159,7 +159,7 @@ class GpuSnapshot:
         only some of the GPUs.
         """
         fields: dict[str, float | None] = {}
-        for column, (name, combine) in _CSV_COLUMNS.items():
+        for column, (name, combine) in CSV_COLUMNS.items():
             values = [getattr(reading, name) for reading in self.gpus]
             fields[column] = None if not values or None in values else float(combine(values))
         return fields

@@ -80,8 +80,22 @@ class History:
     scalars: dict[int, dict[str, float]] = field(default_factory=dict)
     scalar_names: dict[str, None] = field(default_factory=dict)  # insertion-ordered set
 
+    #: NVML samples: wall time, and one column per CSV field (NaN = N/A)
+    gpu_time: array = field(default_factory=lambda: array("d"))
+    gpu_fields: dict[str, array] = field(default_factory=dict)
+
     def __len__(self) -> int:
         return len(self.step)
+
+    def nearest_gpu_sample(self, times: np.ndarray, max_gap_s: float) -> np.ndarray:
+        """Index of the GPU sample nearest in time to each of ``times`` (-1 if none within ``max_gap_s``)."""
+        if not len(self.gpu_time):
+            return np.full(len(times), -1)
+        sample_times = np.frombuffer(self.gpu_time, dtype=float)
+        right = np.clip(np.searchsorted(sample_times, times), 0, len(sample_times) - 1)
+        left = np.clip(right - 1, 0, len(sample_times) - 1)
+        nearest = np.where(np.abs(sample_times[left] - times) <= np.abs(sample_times[right] - times), left, right)
+        return np.where(np.abs(sample_times[nearest] - times) <= max_gap_s, nearest, -1)
 
     def scalar_series(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         points = [(s, v[name]) for s, v in self.scalars.items() if name in v]
@@ -118,6 +132,7 @@ class SessionModel:
         self._dropped = 0
         self._recording_error: str | None = None
         self.last_scalars: dict[str, float] = {}
+        self.gpu = None  # the latest bsmon.gpu.GpuSnapshot
 
     # -- ingestion ------------------------------------------------------------
     def ingest(self, record: dict[str, Any]) -> None:
@@ -156,6 +171,19 @@ class SessionModel:
 
     def _on_profile(self, record: dict[str, Any]) -> None:
         self.profile = record["profile"]
+
+    def _on_gpu(self, record: dict[str, Any]) -> None:
+        from bsmon.gpu import GpuSnapshot  # monitor side only: the job never receives gpu records
+
+        self.gpu = GpuSnapshot.from_record(record["snapshot"])
+        if self.history is not None and self.gpu.gpus:
+            h = self.history
+            if len(h.gpu_time) and self.gpu.time <= h.gpu_time[-1]:
+                return  # two monitors recorded the same moment; keep one
+            h.gpu_time.append(self.gpu.time)
+            for name, value in self.gpu.csv_fields().items():
+                column = h.gpu_fields.setdefault(name, array("d", [math.nan] * (len(h.gpu_time) - 1)))
+                column.append(_nan(value))
 
     def _on_scalars(self, record: dict[str, Any]) -> None:
         values = {k: float(v) for k, v in record["values"].items()}

@@ -150,6 +150,7 @@ class SessionInfo:
     command: tuple[str, ...]
     exit_code: int | None
     torn_bytes: int
+    hello: dict[str, Any]
 
     @property
     def records_path(self) -> Path:
@@ -185,7 +186,7 @@ def session_info(directory: Path) -> SessionInfo | None:
         id=hello["session"], name=hello["name"], pid=hello["pid"], host=hello["host"],
         status=status, steps=steps, started=hello["t0"], directory=directory,
         socket=hello.get("socket"), command=tuple(hello["command"]),
-        exit_code=None if bye is None else bye["code"], torn_bytes=torn)
+        exit_code=None if bye is None else bye["code"], torn_bytes=torn, hello=hello)
 
 
 def list_sessions(home: Path | None = None) -> list[SessionInfo]:
