@@ -108,13 +108,16 @@ def record_exit(info: store.SessionInfo, code: int) -> None:
         print(f"bsmon: could not record the exit code in {info.records_path}: {exc}", file=sys.stderr)
 
 
-def run_job(command: list[str], *, name: str | None, headless: bool, json_lines: bool) -> int:
+def run_job(command: list[str], *, name: str | None, headless: bool, json_lines: bool,
+            profile: str | None = None) -> int:
     home = store.bsmon_home().resolve()
     session_id = store.new_session_id()
     session_dir = store.sessions_dir(home) / session_id
     env = dict(os.environ, BSMON_HOME=str(home), BSMON_SESSION_ID=session_id, BSMON_COMMAND=json.dumps(command))
     if name:
         env["BSMON_NAME"] = name
+    if profile:
+        env["BSMON_PROFILE"] = profile
     output = None
     if not headless:
         try:
@@ -267,7 +270,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         command = command[1:]
     if not command:
         return _fail("give the command to run after --, e.g. `bsmon run -- python train.py`", 2)
-    return run_job(command, name=args.name, headless=_headless_wanted(args), json_lines=args.json)
+    profile = None
+    if args.profile:
+        profile = json.dumps(store.load_profile(args.profile))
+    return run_job(command, name=args.name, headless=_headless_wanted(args), json_lines=args.json,
+                   profile=profile)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if len(command) < 2 or not Path(command[0]).name.startswith("python") or not command[1].endswith(".py"):
+        return _fail("bsmon sweep profiles a Python script's step_fn: `bsmon sweep -- python script.py [args]`", 2)
+    options = [f"--{name.replace('_', '-')}={value}" for name, value in
+               (("sizes", args.sizes), ("max_batch", args.max_batch), ("steps", args.steps), ("name", args.name))
+               if value is not None]
+    try:
+        return subprocess.call([command[0], "-m", "bsmon.sweep", *options, command[1], *command[2:]])
+    except FileNotFoundError:
+        return _fail(f"command not found: {command[0]}", 127)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -356,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a training command under the monitor")
     p.add_argument("--name", help="session name (default: the script's name)")
+    p.add_argument("--profile", help="a throughput profile saved by `bsmon sweep` (id, name prefix or path)")
     views(p)
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ...")
     p.set_defaults(func=cmd_run)
@@ -378,6 +401,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("session", help="id, unique id prefix or name")
     views(p)
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("sweep", help="measure throughput against batch size with a script's step_fn")
+    p.add_argument("--sizes", help="comma-separated batch sizes (default: double until out of memory or plateau)")
+    p.add_argument("--max-batch", type=int)
+    p.add_argument("--steps", type=int, help="timed steps per size (default 5)")
+    p.add_argument("--name", help="profile name (default: the script's name)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- python script.py [args]")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("demo", help="watch a built-in CPU training run (no GPU, no downloads)")
     p.add_argument("--steps", type=int, default=20000, help="optimizer steps to train (default 20000, about 2 minutes)")

@@ -19,6 +19,7 @@ from bsmon.model import SessionModel
 
 BASE_COLUMNS = ["step", "time", "elapsed_s", "batch_size", "micro_batches", "step_time_s", "samples_per_s", "loss"]
 NOISE_COLUMNS = ["b_simple", "b_simple_low", "b_simple_high", "grad_sq", "trace_sigma"]
+OPTIMAL_COLUMNS = ["b_opt", "b_opt_speedup"]
 GPU_COLUMNS = list(CSV_COLUMNS)
 #: A step takes the GPU sample nearest in time, if one lies this close; else the GPU cells stay empty.
 GPU_MAX_GAP_S = 5.0
@@ -32,9 +33,13 @@ def _cell(value: float | int | None) -> str:
     return repr(float(value))
 
 
+def _integral(value: float) -> int | None:
+    return None if math.isnan(value) else int(value)
+
+
 def columns(model: SessionModel) -> list[str]:
     scalars = [name for name in model.history.scalar_names if name != "loss"]
-    return BASE_COLUMNS + scalars + NOISE_COLUMNS + GPU_COLUMNS
+    return BASE_COLUMNS + scalars + NOISE_COLUMNS + OPTIMAL_COLUMNS + GPU_COLUMNS
 
 
 def write_csv(model: SessionModel, out: TextIO) -> int:
@@ -67,6 +72,7 @@ def write_csv(model: SessionModel, out: TextIO) -> int:
             *(logged.get(name) for name in scalar_names),
             history.b_simple[i], history.b_simple_low[i], history.b_simple_high[i],
             history.grad_sq[i], history.trace_sigma[i],
+            _integral(history.b_opt[i]), history.b_opt_speedup[i],
             *(history.gpu_fields[name][gpu_index[i]] if gpu_index[i] >= 0 and name in history.gpu_fields
               else None for name in GPU_COLUMNS),
         ]

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from bsmon.stats.optimal import Recommendation, StableRecommendation, optimal_batch_size
+from bsmon.stats.throughput import ThroughputPoint
 from bsmon.stats.noise import (
     DEFAULT_HORIZON_SAMPLES,
     GradNormPoints,
@@ -30,6 +32,14 @@ from bsmon.stats.noise import (
 RECENT_STEPS = 200
 #: "Now" throughput covers at least this much wall time (or RECENT_STEPS steps).
 THROUGHPUT_WINDOW_S = 2.0
+#: Live throughput points: steps skipped after a micro-batch size change (warm-up), and the
+#: steady steps a size needs before it counts as a point.
+LIVE_WARMUP_STEPS = 5
+LIVE_MIN_STEPS = 10
+#: The optimal batch size is re-evaluated every this many steps (and when the points change).
+RECOMMEND_EVERY = 10
+NO_PROFILE_REASON = ("no throughput profile yet: call bsmon.profile(step_fn) in the job, run "
+                     "`bsmon sweep -- python script.py` and pass --profile, or change the batch size during the run")
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,14 @@ class Stats:
     efficiency: float | None = None
     noise_groups: tuple[tuple[str, NoiseScale], ...] = ()
     recording_error: str | None = None
+    b_opt: int | None = None
+    b_opt_speedup: float | None = None
+    b_opt_speedup_low: float | None = None
+    b_opt_speedup_high: float | None = None
+    b_opt_reason: str | None = None
+    lr_advice: str | None = None
+    b_opt_micro_batch: int | None = None
+    b_opt_accumulation: int | None = None
 
 
 @dataclass
@@ -76,6 +94,8 @@ class History:
     b_simple_high: array = field(default_factory=lambda: array("d"))
     grad_sq: array = field(default_factory=lambda: array("d"))
     trace_sigma: array = field(default_factory=lambda: array("d"))
+    b_opt: array = field(default_factory=lambda: array("d"))
+    b_opt_speedup: array = field(default_factory=lambda: array("d"))
     #: step -> logged scalars of that step
     scalars: dict[int, dict[str, float]] = field(default_factory=dict)
     scalar_names: dict[str, None] = field(default_factory=dict)  # insertion-ordered set
@@ -133,6 +153,14 @@ class SessionModel:
         self._recording_error: str | None = None
         self.last_scalars: dict[str, float] = {}
         self.gpu = None  # the latest bsmon.gpu.GpuSnapshot
+        self._live_times: dict[int, collections.deque] = {}  # micro-batch size -> step time per micro-batch
+        self._micro_size: int | None = None
+        self._steps_at_size = 0
+        self._points_version = 0
+        self._recommended_version = -1
+        self._stable = StableRecommendation()
+        self.recommendation: Recommendation | None = None
+        self._recommend_reason: str | None = NO_PROFILE_REASON
 
     # -- ingestion ------------------------------------------------------------
     def ingest(self, record: dict[str, Any]) -> None:
@@ -168,9 +196,13 @@ class SessionModel:
 
     def _on_profile_point(self, record: dict[str, Any]) -> None:
         self.profile_points.append(record)
+        self._points_version += 1
 
     def _on_profile(self, record: dict[str, Any]) -> None:
-        self.profile = record["profile"]
+        from bsmon.profiling import Profile
+
+        self.profile = Profile.from_dict(record["profile"])
+        self._points_version += 1
 
     def _on_gpu(self, record: dict[str, Any]) -> None:
         from bsmon.gpu import GpuSnapshot  # monitor side only: the job never receives gpu records
@@ -201,8 +233,69 @@ class SessionModel:
         self._recent.append((record["t"], record["dt"], record["n"]))
         if "noise" in record:
             self._update_noise(record["noise"], record["n"])
+        self._track_live_throughput(record)
+        if record["step"] % RECOMMEND_EVERY == 0 or self._points_version != self._recommended_version:
+            self._recommend()
         if self.history is not None:
             self._append_history(record)
+
+    def _track_live_throughput(self, record: dict[str, Any]) -> None:
+        """Steady-state step time per micro-batch size, after a warm-up at each new size."""
+        micro_batches = max(1, record["mb"])
+        size = record["n"] // micro_batches
+        if size <= 0 or record["dt"] <= 0:
+            return
+        if size != self._micro_size:
+            self._micro_size, self._steps_at_size = size, 0
+        self._steps_at_size += 1
+        if self._steps_at_size <= LIVE_WARMUP_STEPS:
+            return
+        times = self._live_times.setdefault(size, collections.deque(maxlen=RECENT_STEPS))
+        times.append(record["dt"] / micro_batches)
+        if len(times) == LIVE_MIN_STEPS:
+            self._points_version += 1  # a new size became a point
+
+    def throughput_points(self) -> list[ThroughputPoint]:
+        """The profile's points, then live steady-state points (in the session's unit)."""
+        scale = self._unit_scale
+        points = []
+        if self.profile is not None:
+            points = list(self.profile.points)
+        else:
+            points = [ThroughputPoint(int(p["batch_size"]), float(p["step_time_s"]),
+                                      p["batch_size"] / p["step_time_s"]) for p in self.profile_points]
+        for size, times in sorted(self._live_times.items()):
+            if len(times) >= LIVE_MIN_STEPS:
+                step_time = float(np.median(times))
+                points.append(ThroughputPoint(size * scale, step_time, size * scale / step_time, source="live"))
+        return points
+
+    def _recommend(self) -> None:
+        self._recommended_version = self._points_version
+        noise = self._noise.result()
+        points = self.throughput_points()
+        current = self._last["n"] * self._unit_scale if self._last else None
+        if len({p.batch_size for p in points}) < 2:
+            self._recommend_reason = NO_PROFILE_REASON
+            return
+        if noise.b_simple is None or noise.b_simple <= 0:
+            self._recommend_reason = f"needs the noise scale, which is not available yet: {noise.reason}"
+            return
+        low, high = noise.b_simple_low, noise.b_simple_high
+        if low is not None and high is not None:
+            # A band reaching 0 (noise swamps |G|^2 at the low end) is kept as a tiny positive
+            # B_noise: goodput ratios stay finite there.
+            low = max(low, noise.b_simple * 1e-6)
+        else:
+            low = high = None
+        try:
+            rec = optimal_batch_size(points, noise.b_simple, current_batch=current,
+                                     b_noise_low=low, b_noise_high=high)
+        except ValueError as exc:
+            self._recommend_reason = f"cannot recommend: {exc}"
+            return
+        self.recommendation = self._stable.update(rec)
+        self._recommend_reason = None
 
     def _reset_noise(self) -> None:
         self._noise = NoiseScaleTracker(self._horizon)
@@ -234,6 +327,9 @@ class SessionModel:
         h.b_simple_high.append(_nan(noise.b_simple_high))
         h.grad_sq.append(_nan(noise.grad_sq))
         h.trace_sigma.append(_nan(noise.trace_sigma))
+        rec = self.recommendation if self._recommend_reason is None else None
+        h.b_opt.append(_nan(rec.batch_size if rec else None))
+        h.b_opt_speedup.append(_nan(rec.speedup if rec else None))
 
     # -- reading --------------------------------------------------------------
     @property
@@ -300,7 +396,16 @@ class SessionModel:
             noise_groups=tuple((label, t.result()) for label, t in zip(labels, self._group_noise))
             if len(labels) > 1 else (),
             recording_error=self._recording_error,
+            **self._recommendation_fields(),
         )
+
+    def _recommendation_fields(self) -> dict[str, Any]:
+        rec = self.recommendation
+        if rec is None or self._recommend_reason is not None:
+            return {"b_opt_reason": self._recommend_reason}
+        return {"b_opt": rec.batch_size, "b_opt_speedup": rec.speedup, "b_opt_speedup_low": rec.speedup_low,
+                "b_opt_speedup_high": rec.speedup_high, "b_opt_reason": rec.reason, "lr_advice": rec.lr_advice,
+                "b_opt_micro_batch": rec.micro_batch, "b_opt_accumulation": rec.accumulation}
 
 
 def _scaled(points: GradNormPoints, scale: int) -> GradNormPoints:

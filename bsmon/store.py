@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import secrets
 import socket
@@ -64,6 +65,35 @@ def socket_dir(home: Path | None = None) -> Path:
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     return directory
+
+
+def profiles_dir(home: Path | None = None) -> Path:
+    return (home or bsmon_home()) / "profiles"
+
+
+def save_profile(profile: dict[str, Any], name: str, home: Path | None = None) -> Path:
+    """Save a throughput profile (Profile.to_dict()) as <name>-<id>.json; returns its path."""
+    directory = profiles_dir(home)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}-{new_session_id()}.json"
+    path.write_text(json.dumps(profile, indent=1))
+    return path
+
+
+def load_profile(query: str, home: Path | None = None) -> dict[str, Any]:
+    """A saved profile by path, file name, or unique prefix of its name; SessionError if none."""
+    path = Path(query)
+    if not path.is_file():
+        candidates = sorted(profiles_dir(home).glob(f"{query}*.json")) if profiles_dir(home).is_dir() else []
+        if len(candidates) != 1:
+            found = ", ".join(c.stem for c in candidates) or "none"
+            raise SessionError(f"profile {query!r} matches {len(candidates)} saved profiles ({found}); "
+                               "give a path or a unique name. `bsmon sweep` saves them.")
+        path = candidates[0]
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SessionError(f"cannot read the profile {path}: {exc}") from None
 
 
 def new_session_id() -> str:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -145,3 +146,31 @@ def test_full_disk_while_recording_keeps_training(tmp_path):
     (info,) = store.list_sessions()
     assert 0 < info.steps < 300  # what fitted is readable
     assert info.records_path.stat().st_size <= 20_000
+
+
+SWEEP_SMALL = str(Path(__file__).resolve().parent / "jobs" / "sweep_small.py")
+
+
+def test_sweep_saves_a_profile_that_run_records_and_uses():
+    sweep = bsmon_cli("sweep", "--sizes", "8,16,32,64", "--steps", "3", "--", sys.executable, SWEEP_SMALL)
+    assert sweep.returncode == 0, sweep.stderr
+    assert "measured batch 64" in sweep.stdout and "stopped: all_sizes" in sweep.stdout
+    profile_id = sweep.stdout.split("--profile ")[1].split()[0]
+    run = bsmon_cli("run", "--headless", "--profile", profile_id, "--", sys.executable, SWEEP_SMALL, "60")
+    assert run.returncode == 0, run.stderr
+    (info,) = store.list_sessions()
+    records, _ = store.read_records(info.records_path)
+    profile = next(r["profile"] for r in records if r["k"] == "profile")
+    assert [p["batch_size"] for p in profile["points"]] == [8, 16, 32, 64]
+    rows = list(csv.DictReader(io.StringIO(bsmon_cli("export").stdout)))
+    assert rows[-1]["b_opt"] and int(rows[-1]["b_opt"]) >= 1 and float(rows[-1]["b_opt_speedup"]) > 0
+
+
+def test_sweep_refuses_scripts_without_the_convention(tmp_path):
+    script = tmp_path / "no_step.py"
+    script.write_text("if __name__ == '__main__':\n    print('training')\n")
+    result = bsmon_cli("sweep", "--", sys.executable, str(script))
+    assert result.returncode == 1 and "defines no step_fn(batch_size)" in result.stderr
+    assert bsmon_cli("sweep", "--", "torchrun", "x.py").returncode == 2
+    missing = bsmon_cli("run", "--headless", "--profile", "nope", "--", sys.executable, SWEEP_SMALL)
+    assert missing.returncode == 1 and "profile 'nope' matches 0 saved profiles" in missing.stderr

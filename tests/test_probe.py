@@ -228,3 +228,24 @@ def test_unwritable_home_keeps_training(tmp_path, monkeypatch):
     with monitor:
         _train(model, optimizer, monitor, steps=3)
     assert monitor.stats().step == 3
+
+
+def test_profile_inside_a_watched_job_is_streamed_and_drives_the_recommendation():
+    model, optimizer = _setup()
+
+    def step_fn(batch_size):
+        model(torch.randn(batch_size, 6)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    with bsmon.watch(model, optimizer) as monitor:
+        result = bsmon.profile(step_fn, [4, 8, 16, 32], steps=3, warmup=1)
+        _train(model, optimizer, monitor, steps=40, accumulate=2, micro=8)
+        time.sleep(0.2)
+        recommended = monitor.recommended_batch_size()
+        stats = monitor.stats()
+    records = _records(monitor)
+    assert [r["batch_size"] for r in records if r["k"] == "profile_point"] == [4, 8, 16, 32]
+    assert next(r for r in records if r["k"] == "profile")["profile"] == result.to_dict()
+    assert stats.b_simple is not None
+    assert recommended == stats.b_opt and isinstance(recommended, int) and recommended >= 1

@@ -100,7 +100,8 @@ class Monitor:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int | None,
                  unit: str, tokens_per_sample: int | None, name: str | None, noise: str | None,
-                 layers: str | tuple[type, ...], horizon_samples: float | None) -> None:
+                 layers: str | tuple[type, ...], horizon_samples: float | None,
+                 profile: dict[str, Any] | None) -> None:
         self._model = model
         self._optimizer = optimizer
         self._fixed_batch = batch_size
@@ -137,6 +138,8 @@ class Monitor:
             self._warn(f"cannot record the session in {writer.path.parent}: {writer.error}. "
                        "Training continues; attach a monitor to watch it live.")
         self._noise = NoiseProbe(model, optimizer, noise, layers, self._publisher.submit)
+        if profile is not None:
+            self.record_profile(profile)
         self._handles = [
             model.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True),
             model.register_forward_hook(self._on_forward),
@@ -261,6 +264,22 @@ class Monitor:
         """The latest numbers, as of the last background flush (at most ~0.1 s old)."""
         return self._latest
 
+    def recommended_batch_size(self) -> int | None:
+        """The batch size that maximises goodput now (with 5% hysteresis), or None while unknown.
+
+        For jobs that adapt their batch size as they train. ``stats().b_opt_reason``
+        says why there is none (no throughput profile yet, no noise estimate yet).
+        """
+        return self._latest.b_opt
+
+    def record_profile_point(self, point: dict[str, Any]) -> None:
+        """Stream one throughput-profile point (bsmon.profile calls this)."""
+        self._publisher.submit({"k": "profile_point", **point})
+
+    def record_profile(self, profile: dict[str, Any]) -> None:
+        """Store a finished throughput profile in the session."""
+        self._publisher.submit({"k": "profile", "profile": profile})
+
     @property
     def dropped(self) -> int:
         return self._publisher.dropped
@@ -310,7 +329,7 @@ class Monitor:
 def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int | None = None,
           unit: str = "samples", tokens_per_sample: int | None = None, name: str | None = None,
           noise: str | None = "auto", layers: str | tuple[type, ...] = "all",
-          horizon_samples: float | None = None) -> Monitor:
+          horizon_samples: float | None = None, profile: Any = None) -> Monitor:
     """Instrument a training loop; returns the :class:`Monitor`.
 
     ``batch_size`` fixes the samples per optimizer step (otherwise inferred from
@@ -318,7 +337,9 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int
     with ``tokens_per_sample`` reports tokens. ``noise`` picks the noise-scale
     estimator ("auto", "microbatch", "per_example" or None); ``layers`` limits
     the per-example estimator ("all" or "norm_embed"); ``horizon_samples`` sets
-    the averaging horizon of the noise scale.
+    the averaging horizon of the noise scale. ``profile`` is a throughput profile
+    (a ``bsmon.Profile``, or the id/path of one saved by ``bsmon sweep``; default:
+    ``$BSMON_PROFILE``) that the optimal batch size uses from the first step.
     """
     global _active
     if not isinstance(model, nn.Module):
@@ -333,6 +354,7 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int
         raise ValueError(f"batch_size={batch_size!r}: give a positive int (samples per optimizer step) or None")
     if horizon_samples is not None and not horizon_samples > 0:
         raise ValueError(f"horizon_samples={horizon_samples!r} must be positive")
+    profile_dict = _profile_dict(profile)
     with _active_lock:
         if _active is not None and not _active.closed:
             raise RuntimeError(
@@ -340,5 +362,17 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int
                 "call close() on that monitor before watching again")
         _active = Monitor(model, optimizer, batch_size=batch_size, unit=unit,
                           tokens_per_sample=tokens_per_sample, name=name, noise=noise, layers=layers,
-                          horizon_samples=horizon_samples)
+                          horizon_samples=horizon_samples, profile=profile_dict)
         return _active
+
+
+def _profile_dict(profile: Any) -> dict[str, Any] | None:
+    """A profile argument (Profile, saved id/path, or $BSMON_PROFILE JSON) as a Profile dict."""
+    if profile is None:
+        env = os.environ.get("BSMON_PROFILE")
+        return json.loads(env) if env else None
+    if hasattr(profile, "to_dict"):
+        return profile.to_dict()
+    if isinstance(profile, (str, os.PathLike)):
+        return store.load_profile(str(profile))
+    raise TypeError(f"profile= takes a bsmon.Profile or the id/path of a saved profile, got {type(profile).__name__}")

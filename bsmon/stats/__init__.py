@@ -1,0 +1,17 @@
+"""Pure statistics shared by the probe and the monitor (numpy and the standard library only)."""
+
+from bsmon.stats.noise import (
+    DEFAULT_HORIZON_SAMPLES,
+    WEAK_RATIO,
+    GradNormPoints,
+    NoiseScale,
+    NoiseScaleTracker,
+    NoiseStepEstimate,
+    microbatch_points,
+    per_example_points,
+    statistical_efficiency,
+    step_estimate,
+    student_t_quantile,
+)
+from bsmon.stats.optimal import Recommendation, StableRecommendation, goodput, optimal_batch_size
+from bsmon.stats.throughput import ThroughputFit, ThroughputPoint, fit_step_time, mean_step_times
