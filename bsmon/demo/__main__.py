@@ -2,9 +2,14 @@
 
 A fixed random "teacher" network labels Gaussian inputs (with 10% label
 noise); a student MLP learns them with SGD + momentum and gradient
-accumulation (4 micro-batches of 32), so bsmon has the micro-batch noise
-statistics from the first step. As the loss falls the gradient noise scale
-grows, as McCandlish et al. describe.
+accumulation (2 micro-batches per step), so bsmon has the micro-batch noise
+statistics from the first step.
+
+The run first spends a few seconds at several micro-batch sizes: each becomes
+a live throughput point, which is all bsmon needs to recommend a batch size.
+It then follows ``monitor.recommended_batch_size()``. As the loss falls the
+gradient noise scale grows (McCandlish et al.), and the recommended batch
+grows with it.
 """
 
 from __future__ import annotations
@@ -16,8 +21,12 @@ import torch
 from torch import nn
 
 import bsmon
+from bsmon.model import LIVE_MIN_STEPS, LIVE_WARMUP_STEPS
 
-INPUTS, CLASSES, HIDDEN = 128, 10, 384
+INPUTS, CLASSES, HIDDEN = 128, 10, 256
+SWEEP_SIZES = (8, 16, 32, 64, 128)
+ACCUMULATE = 2
+MAX_MICRO_BATCH = 1024
 
 
 def teacher_data(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,31 +41,41 @@ def teacher_data(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torc
     return x, y
 
 
+def micro_batch_schedule(steps: int, monitor: bsmon.Monitor):
+    """Sweep the sizes (enough steady steps each to become a live point), then follow the advice."""
+    per_size = LIVE_WARMUP_STEPS + LIVE_MIN_STEPS + 5
+    for size in SWEEP_SIZES:
+        for _ in range(per_size):
+            yield size
+    micro = SWEEP_SIZES[len(SWEEP_SIZES) // 2]
+    for _ in range(steps - per_size * len(SWEEP_SIZES)):
+        recommended = monitor.recommended_batch_size()
+        if recommended is not None:
+            micro = max(1, min(MAX_MICRO_BATCH, recommended // ACCUMULATE))
+        yield micro
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--micro-batch", type=int, default=32)
-    parser.add_argument("--accumulate", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=20000)
     parser.add_argument("--lr", type=float, default=0.05)
     args = parser.parse_args()
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(0)
-    x, y = teacher_data(50_000, generator)
+    x, y = teacher_data(100_000, generator)
     model = nn.Sequential(nn.Linear(INPUTS, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(),
                           nn.Linear(HIDDEN, CLASSES))
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.steps)
     loss_fn = nn.CrossEntropyLoss()
     with bsmon.watch(model, optimizer, name="demo") as monitor:
-        for _ in range(args.steps):
-            for _ in range(args.accumulate):
-                idx = torch.randint(0, len(x), (args.micro_batch,), generator=generator)
-                loss = loss_fn(model(x[idx]), y[idx]) / args.accumulate
+        for micro in micro_batch_schedule(args.steps, monitor):
+            for _ in range(ACCUMULATE):
+                idx = torch.randint(0, len(x), (micro,), generator=generator)
+                loss = loss_fn(model(x[idx]), y[idx]) / ACCUMULATE
                 loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-            schedule.step()
-            monitor.log(loss=loss.detach() * args.accumulate, lr=schedule.get_last_lr()[0])
+            monitor.log(loss=loss.detach() * ACCUMULATE, lr=args.lr)
 
 
 if __name__ == "__main__":
