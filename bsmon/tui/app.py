@@ -1,0 +1,427 @@
+"""The bsmon Textual app: one session model, redrawn on a timer.
+
+A :class:`~bsmon.client.Feed` ingests records on its own thread. The app never
+waits for it: every tick it takes one snapshot of the numbers under the feed's
+lock, and (at most as often, less when plotting is expensive) copies the new
+rows of the history for the charts. Both are skipped when ``feed.version`` (and
+the GPU snapshot) did not change. Formatting and plotting happen after the lock
+is released, and panels repaint only when their text changed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
+from textual.widgets import Footer
+
+from bsmon import store
+from bsmon.client import Feed
+from bsmon.gpu import GpuSnapshot
+from bsmon.model import SessionModel, Stats
+from bsmon.stats.optimal import Recommendation
+from bsmon.stats.throughput import ThroughputPoint
+from bsmon.tui.screens import HelpScreen
+from bsmon.tui.widgets import (
+    BatchPanel, Chart, EventsLog, GpuChart, GpuPanel, JobHeader, LossChart, NoiseChart, NoiseLossChart,
+    BatchSizeChart, OptimalPanel, ScalarsPanel, ThroughputChart, ThroughputPanel, exit_text, job_status, short_command,
+)
+
+MODES = ("run", "attach", "replay")
+#: One redraw tick for numbers and charts, so a change costs one screen update, not two. 4 Hz reads
+#: as live; at 10 Hz compositing the screen alone took ~12% of a core while a job streamed.
+REDRAW_INTERVAL_S = 0.25
+#: Charts redraw at most every tick, and less often when plotting is expensive (a big terminal):
+#: they get at most this share of a core.
+CHARTS_CPU_SHARE = 0.05
+#: Charts keep at most this many points per series; older points merge pairwise as a run grows.
+CHART_BINS = 160
+#: The events line shows the newest of these warning/error events (the last EVENTS_SCANNED records).
+EVENTS_KEPT = 8
+EVENTS_SCANNED = 256
+
+
+class JobControl(Protocol):
+    """The job started by ``bsmon run`` (only in that mode)."""
+
+    pid: int
+
+    def returncode(self) -> int | None:
+        """The exit code, or None while the job runs."""
+
+    def interrupt(self) -> None:
+        """Forward SIGINT to the job."""
+
+
+@dataclass(frozen=True)
+class Numbers:
+    """Everything one numbers redraw shows, copied from the model under the feed's lock."""
+
+    stats: Stats
+    hello: Mapping[str, Any] | None
+    bye: Mapping[str, Any] | None
+    elapsed_s: float
+    scalars: dict[str, float]
+    events: tuple[Mapping[str, Any], ...]
+    gpu: GpuSnapshot | None
+    recommendation: Recommendation | None
+    points: tuple[ThroughputPoint, ...]
+
+    @classmethod
+    def capture(cls, model: SessionModel) -> Numbers:
+        recent = model.events[-EVENTS_SCANNED:]
+        stats = model.stats()
+        return cls(stats=stats, hello=model.hello, bye=model.bye, elapsed_s=model.elapsed_s,
+                   scalars=dict(model.last_scalars),
+                   events=tuple(e for e in recent if e["level"] in ("warning", "error"))[-EVENTS_KEPT:],
+                   gpu=model.gpu, recommendation=model.recommendation if stats.b_opt is not None else None,
+                   points=tuple(model.throughput_points()))
+
+
+class Binned:
+    """An append-only series kept in at most ``max_bins`` bins whose width doubles as it grows.
+
+    Columns in ``sums`` add up within a bin (divide by ``count`` for a mean); the others keep the
+    bin's last value. Appending costs O(1) amortised and memory stays O(max_bins), so an hours-long
+    run charts as cheaply as a short one.
+    """
+
+    def __init__(self, columns: Sequence[str], sums: Iterable[str] = (), max_bins: int = CHART_BINS) -> None:
+        if max_bins < 2 or max_bins % 2:
+            raise ValueError(f"max_bins must be an even number >= 2, got {max_bins}")
+        self.columns = tuple(columns)
+        self._adds = tuple(name in set(sums) for name in self.columns) + (True,)  # count always adds
+        self._bins: list[list[float]] = []
+        self._width = 1
+        self._max_bins = max_bins
+
+    def __len__(self) -> int:
+        return len(self._bins)
+
+    def extend(self, rows: Iterable[Sequence[float]]) -> None:
+        for row in rows:
+            last = self._bins[-1] if self._bins else None
+            if last is not None and last[-1] < self._width:
+                self._bins[-1] = self._merge(last, [*row, 1])
+            else:
+                self._bins.append([*row, 1])
+                if len(self._bins) > self._max_bins:
+                    pairs = [self._merge(a, b) for a, b in zip(self._bins[0::2], self._bins[1::2])]
+                    self._bins = pairs + self._bins[len(pairs) * 2:]
+                    self._width *= 2
+
+    def _merge(self, a: list[float], b: list[float]) -> list[float]:
+        return [x + y if add else y for add, x, y in zip(self._adds, a, b)]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Each column (and ``count``) as a float array, one value per bin."""
+        table = np.array(self._bins, dtype=float).reshape(-1, len(self.columns) + 1)
+        return {name: table[:, i] for i, name in enumerate((*self.columns, "count"))}
+
+
+class RunSeries:
+    """The charts' view of the history: new rows are read under the lock, binned outside it."""
+
+    STEP_COLUMNS = ("step", "time", "samples", "dt", "batch", "b_simple", "low", "high")
+
+    def __init__(self) -> None:
+        self.steps = Binned(self.STEP_COLUMNS, sums=("samples", "dt"))
+        self.loss = Binned(("step", "loss"), sums=("loss",))
+        self.t0: float | None = None
+        self._rows = 0
+        self._scalar_step: int | None = None  # the last step whose scalars were read
+
+    def read_tail(self, model: SessionModel, final: bool) -> tuple[list, list]:
+        """Under the lock: copies of what the history gained since the last call, O(new rows).
+
+        The newest step's scalars are left for the next call while the job runs, because
+        several ``log()`` calls of one step may arrive in different batches.
+        """
+        history = model.history
+        self.t0 = model.hello["t0"] if model.hello else self.t0
+        start, end = self._rows, len(history)
+        self._rows = end
+        columns = [history.step, history.time, history.batch_size, history.step_time_s, history.batch_size,
+                   history.b_simple, history.b_simple_low, history.b_simple_high]
+        newest = next(reversed(history.scalars), None)  # steps are logged in increasing order
+        losses = []
+        if newest is not None:
+            last = newest if final else newest - 1
+            first = min(history.scalars) if self._scalar_step is None else self._scalar_step + 1
+            for step in range(first, last + 1):
+                values = history.scalars.get(step)
+                if values is not None and "loss" in values:
+                    losses.append((step, values["loss"]))
+            self._scalar_step = max(first - 1, last)
+        return [column[start:end] for column in columns], losses
+
+    def add(self, tail: tuple[list, list]) -> None:
+        columns, losses = tail
+        self.steps.extend(zip(*columns))
+        self.loss.extend(losses)
+
+
+def gpu_series(model: SessionModel, t0: float, max_points: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(seconds since t0, utilisation %, memory used %) of the recorded GPU samples, averaged into
+    at most ``max_points`` bins (the aggregate over the job's GPUs, as in the CSV)."""
+    history = model.history
+    times = np.frombuffer(history.gpu_time, dtype=float).copy()
+    if not times.size:
+        return times, times, times
+    nan = np.full(times.size, np.nan)
+    util = np.frombuffer(history.gpu_fields["gpu_util_pct"], dtype=float) if "gpu_util_pct" in history.gpu_fields else nan
+    used = history.gpu_fields.get("gpu_mem_used_mib")
+    total = history.gpu_fields.get("gpu_mem_total_mib")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mem = 100 * np.frombuffer(used, dtype=float) / np.frombuffer(total, dtype=float) if used and total else nan
+    bins = max(1, -(-times.size // max_points))
+    usable = times.size - times.size % bins if times.size >= bins else times.size
+
+    def binned(values: np.ndarray) -> np.ndarray:
+        head = values[:usable].reshape(-1, bins).mean(axis=1) if usable else values[:0]
+        return np.concatenate([head, [values[usable:].mean()]]) if usable < values.size else head
+
+    return binned(times) - t0, binned(np.array(util)), binned(np.array(mem))
+
+
+class BsmonApp(App):
+    """The live (or replayed) view of one training session.
+
+    ``feed``: where the records arrive (the app only reads its model under ``feed.lock``).
+    ``mode``: "run" (the app's job is ``job``; q detaches, ctrl+c interrupts the job),
+    "attach" or "replay" (q and ctrl+c quit). GPU readings come from the model (an attached
+    monitor records NVML samples into it; replay reads them back). ``export``: writes the CSV and returns its
+    path (called on a worker thread; an OSError is shown to the user).
+    """
+
+    CSS_PATH = Path(__file__).with_name("bsmon.tcss")  # absolute: subclasses elsewhere still find it
+    TITLE = "bsmon"
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (150, "-wide")]
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (36, "-tall"), (56, "-taller")]
+    ENABLE_COMMAND_PALETTE = False
+    BINDINGS = [
+        Binding("q", "detach", "Detach"),
+        Binding("q", "leave", "Quit"),
+        Binding("e", "export", "Export CSV"),
+        Binding("p", "pause", "Pause"),
+        Binding("p", "resume", "Resume"),
+        Binding("question_mark", "help", "Help", key_display="?"),
+        Binding("ctrl+c", "interrupt_job", "Interrupt job", priority=True),
+        Binding("ctrl+c", "leave", "Quit", show=False, priority=True),
+    ]
+
+    def __init__(self, feed: Feed, *, mode: str, job: JobControl | None = None,
+                 export: Callable[[], Path] | None = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}: use one of {', '.join(MODES)}")
+        if job is not None and mode != "run":
+            raise ValueError(f"a job to control is only meaningful in mode='run', not mode={mode!r}")
+        if feed.model.history is None:
+            raise ValueError("the feed's SessionModel keeps no history (keep_history=False); "
+                             "the TUI needs it for its charts: use SessionModel()")
+        super().__init__()
+        self.feed = feed
+        self.mode = mode
+        self.job = job
+        self.export_csv = export
+        self.paused = False
+        self.series = RunSeries()  # the history as the charts see it
+        self._numbers_key: tuple | None = None
+        self._charts_key: tuple | None = None
+        self._charts_due = 0.0  # time.monotonic() before which the charts are not redrawn
+
+    def compose(self) -> ComposeResult:
+        yield JobHeader(id="header")
+        with VerticalScroll(id="panels"):
+            with Horizontal(id="columns"):
+                with Vertical(id="col-a", classes="column"):
+                    yield ThroughputPanel(id="throughput-panel", classes="panel")
+                    yield BatchPanel(id="batch-panel", classes="panel")
+                with Vertical(id="col-b", classes="column"):
+                    yield OptimalPanel(id="optimal-panel", classes="panel")
+                    yield GpuPanel(id="gpu-panel", classes="panel")
+                    yield ScalarsPanel(id="scalars-panel", classes="panel")
+        with Grid(id="charts"):
+            yield ThroughputChart(id="throughput-chart", classes="chart primary")
+            yield NoiseChart(id="noise-chart", classes="chart primary")
+            yield BatchSizeChart(id="batch-size-chart", classes="chart secondary")
+            yield NoiseLossChart(id="noise-loss-chart", classes="chart")
+            yield LossChart(id="loss-chart", classes="chart")
+            yield GpuChart(id="gpu-chart", classes="chart")
+        yield EventsLog(id="events")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self._redraw()
+        self.set_interval(REDRAW_INTERVAL_S, self._redraw)
+
+    def on_resize(self) -> None:
+        """The layout class (-short/-tall) decides what a panel shows: draw again at the new size."""
+        self.call_after_refresh(self.refresh_numbers, force=True)
+
+    # -- redraws -----------------------------------------------------------------------------------
+    def _redraw(self) -> None:
+        with self.batch_update():
+            self.refresh_numbers()
+            self.refresh_charts()
+
+    def _live(self, returncode: int | None, bye: Mapping[str, Any] | None) -> bool:
+        return self.feed.state in ("connecting", "live") and returncode is None and bye is None
+
+    def refresh_numbers(self, *, force: bool = False) -> bool:
+        """Redraw the panels if anything they show changed; True if it redrew."""
+        if self.paused and not force:
+            return False
+        feed = self.feed
+        returncode = self.job.returncode() if self.job is not None else None
+        clock = int(time.time()) if self._live(returncode, feed.model.bye) else None  # elapsed ticks while live
+        key = (feed.version, feed.state, feed.message, returncode, clock, self.paused)
+        if key == self._numbers_key and not force:
+            return False
+        self._numbers_key = key
+        numbers = feed.read(Numbers.capture)
+        self._draw_numbers(numbers, returncode)
+        return True
+
+    def _draw_numbers(self, numbers: Numbers, returncode: int | None) -> None:
+        hello = numbers.hello or {}
+        status, status_kind = job_status(self.mode, self.feed.state, numbers.bye, returncode)
+        if not hello:
+            elapsed = None
+        elif self._live(returncode, numbers.bye):
+            elapsed = time.time() - hello["t0"]  # ticks between steps while the job runs
+        else:
+            elapsed = numbers.elapsed_s
+        error = (numbers.bye or {}).get("error")
+        messages = [self.feed.message, f"job error: {error.rstrip(': ')}" if error else None]
+        self.query_one(JobHeader).show(
+            name=hello.get("name", "waiting for the job"), status=status, status_kind=status_kind,
+            pid=hello.get("pid", self.job.pid if self.job else None), elapsed_s=elapsed,
+            step=numbers.stats.step, world_size=hello.get("world_size"), paused=self.paused,
+            command=short_command(hello.get("command", ())),
+            message=" | ".join(m for m in messages if m) or None)
+        self.query_one(ThroughputPanel).show(numbers.stats)
+        self.query_one(BatchPanel).show(numbers.stats)
+        self.query_one(OptimalPanel).show(numbers.recommendation, numbers.stats.b_opt_reason)
+        self.query_one(BatchSizeChart).show(numbers.recommendation, numbers.stats.b_simple, numbers.points)
+        self.query_one(GpuPanel).show(numbers.gpu, live=self._live(returncode, numbers.bye))
+        self.query_one(ScalarsPanel).show(numbers.scalars)
+        self.query_one(EventsLog).show(numbers.events, hello.get("t0", 0.0))
+
+    def refresh_charts(self, *, force: bool = False) -> bool:
+        """Add the new history rows to the charts and redraw those whose data changed.
+
+        After a redraw the next one waits until plotting has cost at most CHARTS_CPU_SHARE of
+        the time: the cost is what the visible charts took to render last time.
+        """
+        now = time.monotonic()
+        if (self.paused or now < self._charts_due) and not force:
+            return False
+        feed = self.feed
+        final = feed.state not in ("connecting", "live")
+        key = (feed.version, final)
+        redrew = False
+        if key != self._charts_key or force:
+            self._charts_key = key
+            self.series.add(feed.read(lambda model: self.series.read_tail(model, final)))
+            t0 = self.series.t0 or 0.0
+            self.query_one(GpuChart).show(*feed.read(lambda model: gpu_series(model, t0, CHART_BINS)))
+            self._draw_run_charts()
+            redrew = True
+        if redrew:
+            cost = sum(chart.render_cost_s for chart in self.query(Chart) if chart.display)
+            self._charts_due = now + cost / CHARTS_CPU_SHARE
+        return redrew
+
+    def _draw_run_charts(self) -> None:
+        steps = self.series.steps.arrays()
+        loss = self.series.loss.arrays()
+        mean_loss = loss["loss"] / loss["count"]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rate = steps["samples"] / steps["dt"]
+        elapsed = steps["time"] - (self.series.t0 or 0.0)
+        b_at_loss = (np.interp(loss["step"], steps["step"], steps["b_simple"], left=np.nan)
+                     if len(self.series.steps) else np.full_like(mean_loss, np.nan))
+        unit = self.feed.model.unit
+        self.query_one(ThroughputChart).show(elapsed, rate, unit)
+        self.query_one(NoiseChart).show(steps["step"], steps["b_simple"], steps["low"], steps["high"],
+                                        steps["batch"])
+        self.query_one(NoiseLossChart).show(mean_loss, b_at_loss)
+        self.query_one(LossChart).show(loss["step"], mean_loss)
+        self.query_one(ThroughputPanel).show_history(rate)
+        self.query_one(BatchPanel).show_history(steps["b_simple"])
+
+    # -- actions -----------------------------------------------------------------------------------
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "detach":
+            return self.mode == "run"
+        if action == "interrupt_job":
+            return self.job is not None
+        if action == "leave":
+            return self.mode != "run"
+        if action == "pause":
+            return not self.paused
+        if action == "resume":
+            return self.paused
+        if action == "export":
+            return self.export_csv is not None
+        return True
+
+    def action_detach(self) -> None:
+        """Leave the job running; the CLI says where its output goes."""
+        self.exit()
+
+    def action_leave(self) -> None:
+        self.exit()
+
+    def action_pause(self) -> None:
+        self._set_paused(True)
+
+    def action_resume(self) -> None:
+        self._set_paused(False)
+
+    def _set_paused(self, paused: bool) -> None:
+        self.paused = paused
+        self.refresh_bindings()
+        self.refresh_numbers(force=True)
+        if not paused:
+            self.refresh_charts(force=True)
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen(self.mode, self.output_log))
+
+    @property
+    def output_log(self) -> Path | None:
+        """Where ``bsmon run`` sends the job's output while the TUI is open."""
+        return self.feed.session_dir / store.OUTPUT_FILE if self.feed.session_dir else None
+
+    def action_interrupt_job(self) -> None:
+        code = self.job.returncode()
+        if code is not None:
+            self.notify(f"the job has already ended ({exit_text(code)}); press q to quit")
+            return
+        self.job.interrupt()
+        self.notify(f"sent SIGINT to the job (pid {self.job.pid}); this view stays open to show how it ends",
+                    title="Interrupt")
+
+    def action_export(self) -> None:
+        self.run_worker(self._export, thread=True, exclusive=True, group="export")
+
+    def _export(self) -> None:
+        """Worker thread: writing the CSV takes the feed's lock and must not stall the screen."""
+        try:
+            path = self.export_csv()
+        except OSError as exc:
+            self.call_from_thread(self.notify, f"could not write the CSV: {exc}", title="Export failed",
+                                  severity="error", timeout=10, markup=False)
+            return
+        self.call_from_thread(self.notify, f"CSV written to {path}", title="Export", timeout=10, markup=False)

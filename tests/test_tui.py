@@ -1,0 +1,502 @@
+"""The Textual app under Pilot, fed by records of a real (tiny) training run.
+
+Snapshot baselines live in tests/__snapshots__/test_tui/ (pytest-textual-snapshot's layout);
+regenerate them with `pytest tests/test_tui.py --snapshot-update` and look at them before
+committing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import math
+import signal
+import subprocess
+
+import numpy as np
+import pynvml
+import pytest
+import torch
+from textual.widgets import Static
+
+from bsmon import fmt, store
+from bsmon.cli import ChildJob
+from bsmon.client import Feed
+from bsmon.export import export_to_file
+from bsmon.gpu import GpuSampler
+from bsmon.model import NO_PROFILE_REASON, SessionModel
+from bsmon.probe.monitor import watch
+from bsmon.stats.optimal import optimal_batch_size
+from bsmon.tui import BsmonApp
+from bsmon.tui.app import Binned
+from bsmon.tui.screens import HelpScreen
+from bsmon.tui.widgets import (
+    BatchPanel, BatchSizeChart, GpuPanel, JobHeader, LossChart, OptimalPanel, ScalarsPanel, ThroughputPanel,
+    regime,
+)
+from fake_nvml import FakeDriver, FakeGpu
+
+SIZE = (100, 40)
+
+
+def pilot_test(test):
+    """Run an async Pilot test with asyncio.run (the venv has no pytest-asyncio)."""
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        return asyncio.run(test(*args, **kwargs))
+    return run
+
+
+# -- records -------------------------------------------------------------------------------------
+
+def train(home, *, steps, accumulate, noise="auto"):
+    """A tiny real training run under bsmon.watch; returns its session."""
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+    optimizer = torch.optim.SGD([{"params": model[0].parameters()},  # two groups: a per-group breakdown
+                                 {"params": model[2].parameters(), "lr": 0.02}], lr=0.05)
+    x = torch.randn(512, 8)
+    y = x @ torch.randn(8, 1) + 0.3 * torch.randn(512, 1)
+    with watch(model, optimizer, name="tiny", noise=noise) as monitor:
+        for _ in range(steps):
+            for _ in range(accumulate):
+                idx = torch.randint(0, 512, (16,))
+                loss = torch.nn.functional.mse_loss(model(x[idx]), y[idx]) / accumulate
+                loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            monitor.log(loss=loss.detach() * accumulate, lr=0.05)
+    return store.resolve_session(monitor.session_id, home)
+
+
+@pytest.fixture(scope="module")
+def sessions(tmp_path_factory):
+    """Two real sessions: one with gradient accumulation (a noise scale), one without."""
+    home = tmp_path_factory.mktemp("bsmon-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BSMON_HOME", str(home))
+        return {"noise": train(home, steps=60, accumulate=4),
+                "no_noise": train(home, steps=20, accumulate=1, noise="microbatch")}
+
+
+def replay(info):
+    return Feed().replay(info)
+
+
+def partial_feed(info, steps):
+    """A feed that has seen the session up to ``steps`` steps, and the records still to come."""
+    records, _ = store.read_records(info.records_path)
+    cut = next(i for i, r in enumerate(records) if r["k"] == "step" and r["step"] == steps) + 1
+    feed = Feed()
+    feed.state = "live"
+    ingest(feed, records[:cut])
+    return feed, records[cut:]
+
+
+def ingest(feed, records):
+    with feed.lock:
+        feed.model.ingest_all(records)
+        feed.version += 1
+
+
+def synthetic_records(steps=400):
+    """A deterministic finished session: |G|^2 falls over training, so B_simple rises."""
+    rng = np.random.default_rng(0)
+    t0 = 1_700_000_000.0
+    records = [
+        {"k": "hello", "v": 1, "session": "5eed0001", "name": "cifar_resnet18", "pid": 4242, "t0": t0,
+         "command": ["/opt/venv/bin/python", "train.py", "--lr", "0.1", "--accumulate", "4"],
+         "host": "node7", "user": "ml", "unit": "samples", "world_size": 1},
+        {"k": "estimator", "name": "microbatch", "reason": None,
+         "groups": ["group 0 (11,173,962 params, lr=0.1)"], "covered_fraction": 1.0},
+    ]
+    micro, passes, trace_sigma = 64, 4, 400.0
+    t = t0 + 4.0
+    for step in range(1, steps + 1):
+        progress = step / steps
+        grad_sq = 2.0 * math.exp(-2.5 * progress)
+        acc = [(j / passes) ** 2 * (grad_sq + trace_sigma / (j * micro)) * float(rng.gamma(50.0, 1 / 50.0))
+               for j in range(1, passes + 1)]
+        dt = 0.118 + 0.01 * float(rng.random())
+        t += dt
+        records.append({"k": "step", "step": step, "t": t, "dt": dt, "n": micro * passes, "mb": passes,
+                        "dropped": 0, "noise": {"est": "microbatch", "micro": [micro] * passes, "g": 1,
+                                                "acc": acc}})
+        loss = 2.3 * math.exp(-1.3 * progress) + 0.05 * float(rng.random())
+        records.append({"k": "scalars", "step": step, "values": {"loss": loss, "lr": 0.1}})
+        if step == steps // 2:
+            records.append({"k": "event", "t": t, "level": "warning",
+                            "msg": "log(acc=...) ignored: a Tensor of shape (64,) is not a number. "
+                                   "Pass a Python number or a one-element tensor."})
+    records.append({"k": "bye", "t": t + 0.5, "status": "finished", "code": 0, "error": None})
+    return records
+
+
+def synthetic_feed():
+    model = SessionModel()
+    model.ingest_all(synthetic_records())
+    feed = Feed(model)
+    feed.state = "replay"
+    return feed
+
+
+def shown(app, panel, line):
+    """The plain text of one line of a panel ('' when the panel leaves it out)."""
+    return app.query_one(panel).line(line)
+
+
+def toasts(app):
+    return [(toast.render().plain, toast.has_class("-error")) for toast in app.screen.query("Toast")]
+
+
+# -- numbers -------------------------------------------------------------------------------------
+
+@pilot_test
+async def test_panels_show_the_numbers_of_the_model(sessions):
+    feed = replay(sessions["noise"])
+    stats = feed.model.stats()
+    assert stats.step == 60 and stats.b_simple is not None
+    async with BsmonApp(feed, mode="replay").run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        app = pilot.app
+        assert "step 60" in shown(app, JobHeader, "title")
+        assert "replay: finished" in shown(app, JobHeader, "title")
+        assert shown(app, ThroughputPanel, "rate") == f"{fmt.si(stats.samples_per_s)} samples/s now"
+        assert shown(app, ThroughputPanel, "dropped") == ""
+        band = fmt.band(stats.b_simple, stats.b_simple_low, stats.b_simple_high)
+        assert shown(app, BatchPanel, "b_simple") == f"B_simple {band}"
+        assert shown(app, BatchPanel, "batch") == "batch 64 samples = 4 x 16"
+        assert shown(app, BatchPanel, "source").startswith("microbatch estimator, 100% of parameters, 60 steps")
+        efficiency = 1 / (1 + 64 / stats.b_simple)
+        assert shown(app, BatchPanel, "efficiency").startswith(f"efficiency {efficiency:.0%} per sample at B=64")
+        assert shown(app, BatchPanel, "regime") == regime(64, stats.b_simple)
+        assert len(stats.noise_groups) == 2
+        assert shown(app, BatchPanel, "groups").splitlines() == [
+            f"{label}: {fmt.band(noise.b_simple, noise.b_simple_low, noise.b_simple_high)}"
+            for label, noise in stats.noise_groups]
+        assert shown(app, BatchPanel, "groups").startswith("group 0 (288 params, lr=0.05): ")
+        assert shown(app, OptimalPanel, "optimal") == NO_PROFILE_REASON
+        assert shown(app, ScalarsPanel, "scalars") == f"loss {feed.model.last_scalars['loss']:.4g}  lr 0.05"
+        on_screen = str(app.query_one(BatchPanel).query_one(Static).visual)
+        assert f"B_simple {band}" in on_screen.splitlines()
+
+
+@pilot_test
+async def test_a_torn_record_is_reported_in_the_header(sessions, tmp_path):
+    info = sessions["noise"]
+    copy = tmp_path / info.directory.name
+    copy.mkdir()
+    data = info.records_path.read_bytes()
+    (copy / store.RECORDS_FILE).write_bytes(data + data[:10])  # a crash in the middle of a frame
+    feed = replay(store.session_info(copy))
+    async with BsmonApp(feed, mode="replay").run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert shown(pilot.app, JobHeader, "message") == feed.message
+        assert "torn" in feed.message
+
+
+@pilot_test
+async def test_the_optimal_panel_and_chart_show_the_models_recommendation():
+    """Live throughput points at six sizes and an exact noise scale: the model recommends, the view shows it."""
+    import test_model
+
+    model = SessionModel()
+    model.ingest(test_model._hello())
+    step, t = 1, 0.0
+    for b in (8, 16, 32, 64, 128, 256):
+        t = test_model._steps(model, step, 15, b, 2, t)
+        step += 15
+    model.ingest({"k": "bye", "t": t, "status": "finished", "code": 0})
+    stats = model.stats()
+    rec = model.recommendation
+    feed = Feed(model)
+    feed.state = "replay"
+    async with BsmonApp(feed, mode="replay").run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        app = pilot.app
+        assert shown(app, OptimalPanel, "optimal") == f"B* {stats.b_opt} (now {rec.current_batch})"
+        assert shown(app, OptimalPanel, "speedup") == (
+            f"predicted speedup {rec.speedup:.2f}x [{rec.speedup_low:.2f}, {rec.speedup_high:.2f}] over the B_simple band")
+        assert shown(app, OptimalPanel, "lr") == f"lr: SGD x{rec.lr_factor_sgd:.3g}, Adam x{rec.lr_factor_adam:.3g}"
+        assert shown(app, OptimalPanel, "why") == rec.reason
+        chart = app.query_one(BatchSizeChart)
+        sizes, throughput, efficiency, goodput, measured, _, current, optimal = chart._data
+        # The curve peaks at the closed form sqrt(B_half * B_noise); the marker is the (hysteresis-held) advice.
+        exact = math.sqrt(test_model.ALPHA / test_model.BETA * stats.b_simple)
+        assert sizes[np.argmax(goodput)] == pytest.approx(exact, rel=0.06)
+        assert (current, optimal) == (rec.current_batch, stats.b_opt)
+        assert efficiency == pytest.approx(1 / (1 + sizes / stats.b_simple))
+        assert sorted(measured) == [8, 16, 32, 64, 128, 256]
+    async with BsmonApp(feed, mode="replay").run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        assert shown(pilot.app, OptimalPanel, "why") == ""  # no room at 80x24; the numbers stay
+
+
+@pilot_test
+async def test_without_noise_data_the_reason_is_shown_and_never_a_number(sessions):
+    feed = replay(sessions["no_noise"])
+    reason = feed.model.stats().noise_reason
+    assert reason.startswith("one backward pass per step")
+    async with BsmonApp(feed, mode="replay").run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        app = pilot.app
+        assert shown(app, BatchPanel, "b_simple") == "B_simple: no estimate"
+        assert shown(app, BatchPanel, "reason") == reason
+        assert shown(app, BatchPanel, "efficiency") == shown(app, BatchPanel, "regime") == ""
+        assert not any(ch.isdigit() for ch in shown(app, BatchPanel, "b_simple"))
+
+
+def test_regime_wording_covers_below_near_and_above_the_noise_scale():
+    assert regime(100, 1000) == "batch is 0.1x the noise scale: larger batches are nearly free statistically"
+    assert "near the critical batch" in regime(1000, 1000)
+    assert "most extra samples are wasted" in regime(5000, 1000)
+
+
+@pilot_test
+async def test_dropped_records_are_highlighted(sessions):
+    feed, rest = partial_feed(sessions["noise"], 30)
+    step = next(r for r in rest if r["k"] == "step")
+    ingest(feed, [dict(step, dropped=7)])
+    async with BsmonApp(feed, mode="attach").run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert shown(pilot.app, ThroughputPanel, "dropped").startswith("7 records dropped")
+
+
+@pilot_test
+async def test_pause_freezes_the_numbers_while_records_keep_arriving(sessions):
+    feed, rest = partial_feed(sessions["noise"], 30)
+    async with BsmonApp(feed, mode="attach").run_test(size=SIZE) as pilot:
+        app = pilot.app
+        await pilot.pause()
+        assert "step 30" in shown(app, JobHeader, "title")
+        await pilot.press("p")
+        assert "PAUSED" in shown(app, JobHeader, "title")
+        ingest(feed, rest)
+        await pilot.pause(0.3)  # at least one redraw tick
+        assert "step 30" in shown(app, JobHeader, "title")
+        assert app.refresh_numbers() is False and app.refresh_charts() is False
+        await pilot.press("p")
+        await pilot.pause()
+        assert "step 60" in shown(app, JobHeader, "title") and "PAUSED" not in shown(app, JobHeader, "title")
+
+
+@pilot_test
+async def test_help_screen_opens_and_closes():
+    async with BsmonApp(synthetic_feed(), mode="replay").run_test(size=SIZE) as pilot:
+        await pilot.press("question_mark")
+        assert isinstance(pilot.app.screen, HelpScreen)
+        text = str(pilot.app.screen.query_one("#help-numbers", Static).visual)
+        assert "1/(1+B/B_simple)" in text and "well-conditioned Hessian" in text
+        await pilot.press("escape")
+        assert not isinstance(pilot.app.screen, HelpScreen)
+
+
+# -- export ----------------------------------------------------------------------------------------
+
+def csv_export(feed, path):
+    """The export callable `bsmon run` hands the app: write the CSV under the feed's lock."""
+    def export():
+        feed.read(lambda model: export_to_file(model, path))
+        return path
+    return export
+
+
+@pilot_test
+async def test_export_writes_the_csv_and_says_where(sessions, tmp_path):
+    feed = replay(sessions["noise"])
+    path = tmp_path / "run.csv"
+    app = BsmonApp(feed, mode="replay", export=csv_export(feed, path))
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        await pilot.press("e")
+        await pilot.app.workers.wait_for_complete()
+        await pilot.pause()
+        assert toasts(pilot.app) == [(f"Export\nCSV written to {path}", False)]
+    assert len(path.read_text().splitlines()) == 61
+
+
+@pilot_test
+async def test_an_export_that_fails_shows_the_error(sessions, tmp_path):
+    feed = replay(sessions["noise"])
+    path = tmp_path / "no such directory" / "run.csv"
+    app = BsmonApp(feed, mode="replay", export=csv_export(feed, path))
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        await pilot.press("e")
+        await pilot.app.workers.wait_for_complete()
+        await pilot.pause()
+        [(text, is_error)] = toasts(pilot.app)
+        assert is_error and text.startswith("Export failed\ncould not write the CSV: [Errno 2]")
+        assert str(path.parent) in text
+
+
+# -- the job ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def sleeping_job():
+    job = ChildJob(subprocess.Popen(["sleep", "30"]))
+    yield job
+    job.restore_signals()
+    job.process.kill()
+    job.process.wait()
+
+
+@pilot_test
+async def test_ctrl_c_in_run_mode_interrupts_the_job_and_stays_open(sessions, sleeping_job):
+    async with BsmonApp(replay(sessions["noise"]), mode="run", job=sleeping_job).run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+c")
+        assert sleeping_job.process.wait(timeout=5) == -signal.SIGINT
+        await pilot.pause(0.2)
+        assert pilot.app.is_running
+        assert "failed (SIGINT)" in shown(pilot.app, JobHeader, "title")
+
+
+@pilot_test
+async def test_q_in_run_mode_detaches_and_leaves_the_job_running(sessions, sleeping_job):
+    app = BsmonApp(replay(sessions["noise"]), mode="run", job=sleeping_job)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("q")
+    assert not app.is_running
+    assert sleeping_job.returncode() is None
+
+
+@pilot_test
+async def test_ctrl_c_quits_a_replay():
+    app = BsmonApp(synthetic_feed(), mode="replay")
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+c")
+    assert not app.is_running
+
+
+def test_bad_arguments_are_refused_with_a_sentence(sleeping_job):
+    with pytest.raises(ValueError, match="mode='live'"):
+        BsmonApp(Feed(), mode="live")
+    with pytest.raises(ValueError, match="only meaningful in mode='run'"):
+        BsmonApp(Feed(), mode="attach", job=sleeping_job)
+    with pytest.raises(ValueError, match="keeps no history"):
+        BsmonApp(Feed(SessionModel(keep_history=False)), mode="replay")
+
+
+# -- GPUs (NVML is the one fake) ------------------------------------------------------------------
+
+@pilot_test
+async def test_gpu_fields_the_driver_does_not_give_show_na():
+    refused = ("nvmlDeviceGetPowerUsage", "nvmlDeviceGetTemperatureV", "nvmlDeviceGetUtilizationRates")
+    driver = FakeDriver([FakeGpu("GPU-3eb79704-1571-707c-aee8-f43ce747313d",
+                                 errors=dict.fromkeys(refused, pynvml.NVML_ERROR_NOT_SUPPORTED))])
+    sampler = GpuSampler(None, nvml=driver.nvml)
+    feed = synthetic_feed()
+    feed.model.ingest({"k": "gpu", "snapshot": sampler.sample_once().to_record()})
+    sampler.stop()
+    async with BsmonApp(feed, mode="replay").run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        text = shown(pilot.app, GpuPanel, "gpus")
+    assert text == ("0 NVIDIA H100 80GB HBM3  util N/A (job N/A)  mem 29.3/79.6 GiB (job N/A GiB)  N/A/700 W  N/A  "
+                    "SM 1755 MHz")
+
+
+@pilot_test
+async def test_no_gpu_shows_the_banner():
+    sampler = GpuSampler(None, nvml=FakeDriver(library_present=False).nvml)
+    snapshot = sampler.sample_once()
+    sampler.stop()
+    feed = synthetic_feed()
+    feed.model.ingest({"k": "gpu", "snapshot": snapshot.to_record()})
+    async with BsmonApp(feed, mode="replay").run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert shown(pilot.app, GpuPanel, "banner") == snapshot.banner
+        assert snapshot.banner.startswith("No NVIDIA driver found")
+        assert shown(pilot.app, GpuPanel, "gpus") == ""
+
+
+@pilot_test
+async def test_a_session_without_gpu_readings_says_so():
+    async with BsmonApp(synthetic_feed(), mode="replay").run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert shown(pilot.app, GpuPanel, "banner").startswith("no GPU readings were recorded")
+
+
+# -- charts ----------------------------------------------------------------------------------------
+
+def test_binned_keeps_sums_and_last_values_exactly():
+    rows = [(float(i), float(i * i)) for i in range(1, 1001)]
+    binned = Binned(("last", "sum"), sums=("sum",), max_bins=8)
+    binned.extend(rows[:500])
+    binned.extend(rows[500:])
+    arrays = binned.arrays()
+    assert len(binned) <= 8 and arrays["count"].sum() == 1000
+    ends = np.cumsum(arrays["count"]).astype(int)
+    starts = np.concatenate(([0], ends[:-1]))
+    assert arrays["last"].tolist() == [rows[end - 1][0] for end in ends]
+    assert arrays["sum"].tolist() == [sum(r[1] for r in rows[s:e]) for s, e in zip(starts, ends)]
+    assert len(set(arrays["count"][:-1])) == 1  # equal widths, the open bin last
+
+
+@pilot_test
+async def test_charts_get_the_whole_history(sessions):
+    feed = replay(sessions["noise"])
+    app = BsmonApp(feed, mode="replay")
+    async with app.run_test(size=(200, 60)) as pilot:
+        await pilot.pause()
+        steps = app.series.steps.arrays()
+        history = feed.model.history
+        assert steps["count"].sum() == len(history) == 60
+        assert steps["step"][-1] == 60 and steps["b_simple"][-1] == history.b_simple[-1]
+        assert math.isclose(steps["samples"].sum() / steps["dt"].sum(),
+                            sum(history.batch_size) / sum(history.step_time_s))
+        assert app.series.loss.arrays()["count"].sum() == 60
+
+
+@pilot_test
+async def test_live_charts_read_each_row_once_and_wait_for_the_newest_steps_scalars(sessions):
+    feed, rest = partial_feed(sessions["noise"], 10)
+    app = BsmonApp(feed, mode="attach")
+    async with app.run_test(size=(200, 60)):
+        for start in range(0, len(rest), 7):  # records arrive in uneven batches between redraws
+            ingest(feed, rest[start:start + 7])
+            app.refresh_charts(force=True)
+        loss = app.series.loss.arrays()
+        assert app.series.steps.arrays()["count"].sum() == 60
+        assert loss["count"].sum() == 59  # step 60's scalars may still grow while the job runs
+        feed.state = "ended"
+        app.refresh_charts(force=True)
+        loss = app.series.loss.arrays()
+        _, losses = feed.model.history.scalar_series("loss")
+        assert loss["count"].sum() == 60 and loss["step"][-1] == 60
+        assert math.isclose(loss["loss"].sum(), losses.sum())
+
+
+@pilot_test
+async def test_a_log_scale_chart_survives_being_rendered_again():
+    """plotext rescales data in place; a re-render (here after a resize) must not take the log twice."""
+    app = BsmonApp(synthetic_feed(), mode="replay")
+    async with app.run_test(size=(200, 60)) as pilot:
+        chart = app.query_one(LossChart)
+        chart.show(np.arange(1.0, 101.0), np.geomspace(10.0, 0.01, 100))
+        await pilot.pause()
+        ticks = y_ticks(chart.render().plain)
+        assert ticks[0] == 10.0 and ticks[-1] < 0.02  # a log axis over the data's range
+        await pilot.resize_terminal(190, 60)
+        await pilot.pause()
+        assert y_ticks(chart.render().plain) == ticks
+
+
+def y_ticks(plot):
+    """The y-axis tick values of a rendered plotext chart, top to bottom."""
+    return [float(line.split("┤")[0]) for line in plot.splitlines() if "┤" in line]
+
+
+# -- how it looks ----------------------------------------------------------------------------------
+
+def snapshot_app(tmp_path):
+    feed = synthetic_feed()
+    return BsmonApp(feed, mode="replay", export=csv_export(feed, tmp_path / "run.csv"))
+
+
+def test_snapshot_80x24(snap_compare, tmp_path):
+    """The minimum size: header, both number columns, the events line and the footer."""
+    assert snap_compare(snapshot_app(tmp_path), terminal_size=(80, 24))
+
+
+def test_snapshot_200x60(snap_compare, tmp_path):
+    """A large terminal: all panels in one row and a grid of charts."""
+    assert snap_compare(snapshot_app(tmp_path), terminal_size=(200, 60))
