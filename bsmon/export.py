@@ -20,7 +20,11 @@ from bsmon.model import SessionModel
 BASE_COLUMNS = ["step", "time", "elapsed_s", "batch_size", "micro_batches", "step_time_s", "samples_per_s", "loss"]
 NOISE_COLUMNS = ["b_simple", "b_simple_low", "b_simple_high", "grad_sq", "trace_sigma"]
 OPTIMAL_COLUMNS = ["b_opt", "b_opt_speedup"]
+RANK_COLUMNS = ["world_size", "slowest_rank_step_time_s"]
 GPU_COLUMNS = list(CSV_COLUMNS)
+#: A step takes the ``ranks`` record nearest in time, if one lies this close (a big job writes
+#: one every world_size/64 seconds); else slowest_rank_step_time_s stays empty.
+RANKS_MAX_GAP_S = 30.0
 #: A step takes the GPU sample nearest in time, if one lies this close; else the GPU cells stay empty.
 GPU_MAX_GAP_S = 5.0
 
@@ -39,7 +43,7 @@ def _integral(value: float) -> int | None:
 
 def columns(model: SessionModel) -> list[str]:
     scalars = [name for name in model.history.scalar_names if name != "loss"]
-    return BASE_COLUMNS + scalars + NOISE_COLUMNS + OPTIMAL_COLUMNS + GPU_COLUMNS
+    return BASE_COLUMNS + scalars + NOISE_COLUMNS + OPTIMAL_COLUMNS + RANK_COLUMNS + GPU_COLUMNS
 
 
 def write_csv(model: SessionModel, out: TextIO) -> int:
@@ -54,6 +58,8 @@ def write_csv(model: SessionModel, out: TextIO) -> int:
     writer.writerow(names)
     step_times = np.frombuffer(history.time, dtype=float) if len(history) else np.empty(0)
     gpu_index = history.nearest_gpu_sample(step_times, GPU_MAX_GAP_S)
+    ranks_index = history.nearest_ranks_record(step_times, RANKS_MAX_GAP_S)
+    world_size = int((model.hello or {}).get("world_size") or 1)
     for i in range(len(history)):
         step = history.step[i]
         t = history.time[i]
@@ -73,6 +79,8 @@ def write_csv(model: SessionModel, out: TextIO) -> int:
             history.b_simple[i], history.b_simple_low[i], history.b_simple_high[i],
             history.grad_sq[i], history.trace_sigma[i],
             _integral(history.b_opt[i]), history.b_opt_speedup[i],
+            history.rank_world_size[ranks_index[i]] if ranks_index[i] >= 0 else world_size,
+            history.slowest_rank_step_time_s[ranks_index[i]] if ranks_index[i] >= 0 else None,
             *(history.gpu_fields[name][gpu_index[i]] if gpu_index[i] >= 0 and name in history.gpu_fields
               else None for name in GPU_COLUMNS),
         ]

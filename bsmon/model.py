@@ -22,6 +22,7 @@ from bsmon.stats.noise import (
     GradNormPoints,
     NoiseScale,
     NoiseScaleTracker,
+    ddp_points,
     microbatch_points,
     per_example_points,
     statistical_efficiency,
@@ -32,12 +33,16 @@ from bsmon.stats.noise import (
 RECENT_STEPS = 200
 #: "Now" throughput covers at least this much wall time (or RECENT_STEPS steps).
 THROUGHPUT_WINDOW_S = 2.0
-#: Live throughput points: steps skipped after a micro-batch size change (warm-up), and the
+#: Live throughput points: steps skipped after a batch size change (warm-up), and the
 #: steady steps a size needs before it counts as a point.
 LIVE_WARMUP_STEPS = 5
 LIVE_MIN_STEPS = 10
 #: The optimal batch size is re-evaluated every this many steps (and when the points change).
 RECOMMEND_EVERY = 10
+#: A rank is stalled when its step has not advanced, and lost when it has not reported at all,
+#: for this long, or for this many of the ranks' median step time if that is longer.
+RANK_SILENCE_S = 30.0
+RANK_SILENCE_STEPS = 20
 NO_PROFILE_REASON = ("no throughput profile yet: call bsmon.profile(step_fn) in the job, run "
                      "`bsmon sweep -- python script.py` and pass --profile, or change the batch size during the run")
 
@@ -78,6 +83,89 @@ class Stats:
     lr_advice: str | None = None
     b_opt_micro_batch: int | None = None
     b_opt_accumulation: int | None = None
+    # Multi-process jobs. batch_size, samples_per_s and samples_seen above are global: rank 0's
+    # local figures times the data-parallel size (equal shards assumed; uneven_rank_batches
+    # says when the ranks' last local batches differ).
+    world_size: int = 1
+    local_batch_size: int | None = None
+    rank_step_time_s: tuple[float | None, ...] = ()  # median step time of each rank, by rank
+    rank_busy_s: tuple[float | None, ...] = ()  # median time until each rank's gradients were ready
+    slowest_rank: int | None = None
+    slowest_rank_step_time_s: float | None = None
+    slowest_rank_lag_steps: int | None = None
+    rank_skew: float | None = None  # slowest rank's busy (else step) time over the fastest's
+    ranks_stalled: tuple[int, ...] = ()  # reporting, but no new step for RANK_SILENCE_*
+    ranks_lost: tuple[int, ...] = ()  # no report at all for RANK_SILENCE_*
+    uneven_rank_batches: bool = False
+
+
+@dataclass(frozen=True)
+class RankSummary:
+    """What one ``ranks`` record says about the job's ranks (see :func:`summarise_ranks`)."""
+
+    world_size: int
+    step_time_s: tuple[float | None, ...]
+    busy_s: tuple[float | None, ...]
+    slowest: int | None
+    slowest_step_time_s: float | None
+    slowest_lag_steps: int | None
+    skew: float | None
+    stalled: tuple[int, ...]
+    lost: tuple[int, ...]
+    uneven_batches: bool
+
+
+def _column(values: list) -> np.ndarray:
+    return np.array([math.nan if v is None else v for v in values], dtype=float)
+
+
+def summarise_ranks(record: dict[str, Any]) -> RankSummary:
+    """The straggler, the silent ranks and the skew, from one ``ranks`` record.
+
+    DDP ranks step in lockstep (each waits in the all-reduce for the last), so their step
+    times agree; the straggler shows in ``busy``, the time until a rank's gradients were
+    ready. The slowest rank is the one with the longest busy time (step time where a rank
+    has none), among ranks not lost; skew is its time over the fastest rank's.
+    """
+    dt, busy, step = _column(record["dt"]), _column(record["busy"]), _column(record["step"])
+    since_step, since_report = _column(record["since_step"]), _column(record["since_report"])
+    median_dt = float(np.median(dt[np.isfinite(dt)])) if np.isfinite(dt).any() else 0.0
+    silence = max(RANK_SILENCE_S, RANK_SILENCE_STEPS * median_dt)
+    lost = since_report > silence
+    stalled = ~lost & (since_step > silence)
+    alive = ~lost
+    metric = busy if np.isfinite(busy[alive]).all() and alive.any() else dt
+    candidates = np.where(alive & np.isfinite(metric))[0]
+    slowest = fastest = None
+    if len(candidates):
+        slowest = int(candidates[np.argmax(metric[candidates])])
+        fastest = float(metric[candidates].min())
+    steps = step[np.isfinite(step)]
+    batches = {n for n in record["n"] if n is not None}
+    return RankSummary(
+        world_size=record["world_size"],
+        step_time_s=tuple(record["dt"]),
+        busy_s=tuple(record["busy"]),
+        slowest=slowest,
+        slowest_step_time_s=None if slowest is None else record["dt"][slowest],
+        slowest_lag_steps=(int(steps.max() - step[slowest]) if slowest is not None and np.isfinite(step[slowest])
+                           else None),
+        skew=float(metric[slowest] / fastest) if slowest is not None and fastest > 0 else None,
+        stalled=tuple(int(r) for r in np.where(stalled)[0]),
+        lost=tuple(int(r) for r in np.where(lost)[0]),
+        uneven_batches=len(batches) > 1,
+    )
+
+
+def nearest_sample(sample_times: array, times: np.ndarray, max_gap_s: float) -> np.ndarray:
+    """Index of the sample (in time order) nearest to each of ``times``; -1 if none within ``max_gap_s``."""
+    if not len(sample_times):
+        return np.full(len(times), -1)
+    samples = np.frombuffer(sample_times, dtype=float)
+    right = np.clip(np.searchsorted(samples, times), 0, len(samples) - 1)
+    left = np.clip(right - 1, 0, len(samples) - 1)
+    nearest = np.where(np.abs(samples[left] - times) <= np.abs(samples[right] - times), left, right)
+    return np.where(np.abs(samples[nearest] - times) <= max_gap_s, nearest, -1)
 
 
 @dataclass
@@ -104,18 +192,24 @@ class History:
     gpu_time: array = field(default_factory=lambda: array("d"))
     gpu_fields: dict[str, array] = field(default_factory=dict)
 
+    #: ``ranks`` records (multi-process jobs): rank 0's wall time, and the straggler over time (NaN = none)
+    rank_time: array = field(default_factory=lambda: array("d"))
+    rank_world_size: array = field(default_factory=lambda: array("q"))
+    slowest_rank: array = field(default_factory=lambda: array("d"))
+    slowest_rank_step_time_s: array = field(default_factory=lambda: array("d"))
+    slowest_rank_lag_steps: array = field(default_factory=lambda: array("d"))
+    rank_skew: array = field(default_factory=lambda: array("d"))
+
     def __len__(self) -> int:
         return len(self.step)
 
     def nearest_gpu_sample(self, times: np.ndarray, max_gap_s: float) -> np.ndarray:
         """Index of the GPU sample nearest in time to each of ``times`` (-1 if none within ``max_gap_s``)."""
-        if not len(self.gpu_time):
-            return np.full(len(times), -1)
-        sample_times = np.frombuffer(self.gpu_time, dtype=float)
-        right = np.clip(np.searchsorted(sample_times, times), 0, len(sample_times) - 1)
-        left = np.clip(right - 1, 0, len(sample_times) - 1)
-        nearest = np.where(np.abs(sample_times[left] - times) <= np.abs(sample_times[right] - times), left, right)
-        return np.where(np.abs(sample_times[nearest] - times) <= max_gap_s, nearest, -1)
+        return nearest_sample(self.gpu_time, times, max_gap_s)
+
+    def nearest_ranks_record(self, times: np.ndarray, max_gap_s: float) -> np.ndarray:
+        """Index of the ``ranks`` record nearest in time to each of ``times`` (-1 if none within ``max_gap_s``)."""
+        return nearest_sample(self.rank_time, times, max_gap_s)
 
     def scalar_series(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         points = [(s, v[name]) for s, v in self.scalars.items() if name in v]
@@ -148,13 +242,17 @@ class SessionModel:
         self._recent = collections.deque(maxlen=RECENT_STEPS)  # (t, dt, n)
         self._step = 0
         self._samples = 0
+        self._unmeasured_samples = 0
         self._last: dict[str, Any] | None = None
         self._dropped = 0
         self._recording_error: str | None = None
         self.last_scalars: dict[str, float] = {}
         self.gpu = None  # the latest bsmon.gpu.GpuSnapshot
-        self._live_times: dict[int, collections.deque] = {}  # micro-batch size -> step time per micro-batch
-        self._micro_size: int | None = None
+        self.ranks: RankSummary | None = None  # from the latest ranks record
+        self._world_size = 1
+        self._data_parallel = 1
+        self._live_times: dict[int, collections.deque] = {}  # batch size -> recent steady step times
+        self._batch_size: int | None = None
         self._steps_at_size = 0
         self._points_version = 0
         self._recommended_version = -1
@@ -178,6 +276,8 @@ class SessionModel:
             self._unit_scale = int(record.get("tokens_per_sample") or 1)
         if self._horizon_override is None and record.get("horizon_samples"):
             self._horizon = float(record["horizon_samples"])
+        self._world_size = int(record.get("world_size") or 1)
+        self._data_parallel = int(record.get("data_parallel") or 1)
         self._reset_noise()
 
     def _on_bye(self, record: dict[str, Any]) -> None:
@@ -217,6 +317,17 @@ class SessionModel:
                 column = h.gpu_fields.setdefault(name, array("d", [math.nan] * (len(h.gpu_time) - 1)))
                 column.append(_nan(value))
 
+    def _on_ranks(self, record: dict[str, Any]) -> None:
+        self.ranks = summary = summarise_ranks(record)
+        if self.history is not None:
+            h = self.history
+            h.rank_time.append(record["t"])
+            h.rank_world_size.append(summary.world_size)
+            h.slowest_rank.append(_nan(summary.slowest))
+            h.slowest_rank_step_time_s.append(_nan(summary.slowest_step_time_s))
+            h.slowest_rank_lag_steps.append(_nan(summary.slowest_lag_steps))
+            h.rank_skew.append(_nan(summary.skew))
+
     def _on_scalars(self, record: dict[str, Any]) -> None:
         values = {k: float(v) for k, v in record["values"].items()}
         self.last_scalars.update(values)
@@ -226,13 +337,19 @@ class SessionModel:
                 self.history.scalar_names.setdefault(name)
 
     def _on_step(self, record: dict[str, Any]) -> None:
+        samples = record["n"] * self._data_parallel  # rank 0's share times the shards
         self._step = record["step"]
-        self._samples += record["n"]
+        self._samples += samples
         self._dropped = record["dropped"]
         self._last = record
-        self._recent.append((record["t"], record["dt"], record["n"]))
+        self._recent.append((record["t"], record["dt"], samples))
         if "noise" in record:
-            self._update_noise(record["noise"], record["n"])
+            self._update_noise(record["noise"], samples + self._unmeasured_samples)
+            self._unmeasured_samples = 0
+        else:
+            # The probe measures only some steps (its cost budget): the averaging horizon is in
+            # samples trained, so the next measured step carries the samples of these.
+            self._unmeasured_samples += samples
         self._track_live_throughput(record)
         if record["step"] % RECOMMEND_EVERY == 0 or self._points_version != self._recommended_version:
             self._recommend()
@@ -240,18 +357,18 @@ class SessionModel:
             self._append_history(record)
 
     def _track_live_throughput(self, record: dict[str, Any]) -> None:
-        """Steady-state step time per micro-batch size, after a warm-up at each new size."""
-        micro_batches = max(1, record["mb"])
-        size = record["n"] // micro_batches
+        """Steady-state step time per batch size (samples per optimizer step), after a warm-up
+        at each new size. This is the job's own r(B), in its configuration (accumulation included)."""
+        size = record["n"]
         if size <= 0 or record["dt"] <= 0:
             return
-        if size != self._micro_size:
-            self._micro_size, self._steps_at_size = size, 0
+        if size != self._batch_size:
+            self._batch_size, self._steps_at_size = size, 0
         self._steps_at_size += 1
         if self._steps_at_size <= LIVE_WARMUP_STEPS:
             return
         times = self._live_times.setdefault(size, collections.deque(maxlen=RECENT_STEPS))
-        times.append(record["dt"] / micro_batches)
+        times.append(record["dt"])
         if len(times) == LIVE_MIN_STEPS:
             self._points_version += 1  # a new size became a point
 
@@ -300,10 +417,11 @@ class SessionModel:
     def _reset_noise(self) -> None:
         self._noise = NoiseScaleTracker(self._horizon)
         groups = (self.estimator or {}).get("groups") or []
-        self._group_noise = [NoiseScaleTracker(self._horizon) for _ in groups]
+        # One group is the whole model: its breakdown would repeat the total.
+        self._group_noise = [NoiseScaleTracker(self._horizon) for _ in groups] if len(groups) > 1 else []
 
     def _update_noise(self, noise: dict[str, Any], samples: int) -> None:
-        per_group = noise_points(noise)
+        per_group = noise_points(noise, groups=bool(self._group_noise))
         if not per_group:
             return
         scale = self._unit_scale
@@ -320,7 +438,7 @@ class SessionModel:
         h.step.append(record["step"])
         h.time.append(record["t"])
         h.step_time_s.append(record["dt"])
-        h.batch_size.append(record["n"] * self._unit_scale)
+        h.batch_size.append(record["n"] * self._data_parallel * self._unit_scale)
         h.micro_batches.append(record["mb"])
         h.b_simple.append(_nan(noise.b_simple))
         h.b_simple_low.append(_nan(noise.b_simple_low))
@@ -365,7 +483,8 @@ class SessionModel:
         last = self._last
         noise = self._noise.result()
         estimator = self.estimator or {}
-        batch = last["n"] * self._unit_scale if last else None
+        local_batch = last["n"] * self._unit_scale if last else None
+        batch = local_batch * self._data_parallel if last else None
         dts = np.fromiter((dt for _, dt, _ in self._recent), dtype=float) if self._recent else None
         efficiency = (statistical_efficiency(batch, noise.b_simple)
                       if batch and noise.b_simple and noise.b_simple > 0 else None)
@@ -397,7 +516,19 @@ class SessionModel:
             if len(labels) > 1 else (),
             recording_error=self._recording_error,
             **self._recommendation_fields(),
+            local_batch_size=local_batch,
+            **self._rank_fields(),
         )
+
+    def _rank_fields(self) -> dict[str, Any]:
+        ranks = self.ranks
+        if ranks is None:
+            return {"world_size": self._world_size}
+        return {"world_size": ranks.world_size, "rank_step_time_s": ranks.step_time_s, "rank_busy_s": ranks.busy_s,
+                "slowest_rank": ranks.slowest, "slowest_rank_step_time_s": ranks.slowest_step_time_s,
+                "slowest_rank_lag_steps": ranks.slowest_lag_steps, "rank_skew": ranks.skew,
+                "ranks_stalled": ranks.stalled, "ranks_lost": ranks.lost,
+                "uneven_rank_batches": ranks.uneven_batches}
 
     def _recommendation_fields(self) -> dict[str, Any]:
         rec = self.recommendation
@@ -414,8 +545,8 @@ def _scaled(points: GradNormPoints, scale: int) -> GradNormPoints:
     return GradNormPoints(tuple(b * scale for b in points.batch_sizes), points.sq_norms)
 
 
-def noise_points(noise: dict[str, Any]) -> list[GradNormPoints | None]:
-    """The step's points for the whole model, then for each parameter group."""
+def noise_points(noise: dict[str, Any], groups: bool = True) -> list[GradNormPoints | None]:
+    """The step's points for the whole model, then (if ``groups``) for each parameter group."""
     if noise.get("est") == "microbatch":
         acc, micro, n_groups = noise["acc"], noise["micro"], noise["g"]
         passes = len(acc) // n_groups if n_groups else 0
@@ -423,11 +554,20 @@ def noise_points(noise: dict[str, Any]) -> list[GradNormPoints | None]:
             return []  # a forward without its backward (or the reverse) in this step
         rows = [acc[i * n_groups:(i + 1) * n_groups] for i in range(passes)]
         totals = microbatch_points(micro, [sum(row) for row in rows])
-        groups = [microbatch_points(micro, [row[g] for row in rows]) for g in range(n_groups)]
-        return [totals, *groups]
+        if not groups:
+            return [totals]
+        return [totals, *(microbatch_points(micro, [row[g] for row in rows]) for g in range(n_groups))]
+    if noise.get("est") == "ddp":
+        micro, n_groups, norms = noise["micro"], noise["g"], noise["norms"]
+        passes = len(micro) - 1  # before the synchronising one
+        if passes < 0 or len(norms) != passes * n_groups + 2:
+            return []  # a forward without its backward (or the reverse) in this step
+        accumulated = [sum(norms[i * n_groups:(i + 1) * n_groups]) for i in range(passes)]
+        return [ddp_points(micro, accumulated, norms[-2], norms[-1], noise["world"])]
     if noise.get("est") == "per_example":
         pe, big, batch = noise["pe"], noise["big"], noise["batch"]
         totals = per_example_points(batch, sum(pe), sum(big))
-        groups = [per_example_points(batch, p, b) for p, b in zip(pe, big)]
-        return [totals, *groups]
+        if not groups:
+            return [totals]
+        return [totals, *(per_example_points(batch, p, b) for p, b in zip(pe, big))]
     return []

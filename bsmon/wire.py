@@ -49,6 +49,10 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "profile": {"profile": (dict,)},
     # One NVML snapshot (written by the monitor into the session's gpu file).
     "gpu": {"snapshot": (dict,)},
+    # Multi-process jobs, from rank 0 about once a second: one column per field, one entry per
+    # rank (bsmon.probe.distributed.RankReporter); None where a rank has not reported.
+    "ranks": {"t": _NUM, "world_size": (int,), "step": (list,), "dt": (list,), "dt95": (list,),
+              "busy": (list,), "n": (list,), "since_step": (list,), "since_report": (list,)},
     # Last record: how the job ended.
     "bye": {"t": _NUM, "status": (str,), "code": (int, type(None))},
 }
@@ -85,6 +89,8 @@ def validate(record: Any) -> dict[str, Any]:
         raise ProtocolError(
             f"protocol version {record['v']} is not {PROTOCOL_VERSION}: "
             "the job and the monitor run different bsmon releases")
+    if kind == "ranks":
+        _validate_rank_columns(record)
     if kind == "scalars":
         for name, value in record["values"].items():
             if not isinstance(value, _NUM) or isinstance(value, bool):
@@ -93,6 +99,21 @@ def validate(record: Any) -> dict[str, Any]:
 
 
 _MISSING = object()
+
+
+def _validate_rank_columns(record: dict[str, Any]) -> None:
+    size = record["world_size"]
+    if size < 1:
+        raise ProtocolError(f"ranks.world_size is {size}")
+    for field in SCHEMA["ranks"]:
+        column = record[field]
+        if not isinstance(column, list):
+            continue
+        if len(column) != size:
+            raise ProtocolError(f"ranks.{field} has {len(column)} entries for {size} ranks")
+        types = (int, type(None)) if field in ("step", "n") else _OPT_NUM
+        if any(not isinstance(v, types) or isinstance(v, bool) for v in column):
+            raise ProtocolError(f"ranks.{field} holds a value that is not a number or null")
 
 
 def decode_payload(payload: bytes) -> dict[str, Any]:

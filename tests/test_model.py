@@ -8,7 +8,9 @@ from bsmon.model import LIVE_MIN_STEPS, LIVE_WARMUP_STEPS, SessionModel
 from bsmon.stats.optimal import GRID_STEP, optimal_batch_size
 
 G_SQ, TRACE = 2.0, 1000.0  # B_simple = 500
-ALPHA, BETA = 0.004, 0.0001  # step time per micro-batch t(b) = alpha + beta*b, B_half = 40
+ALPHA, BETA = 0.004, 0.0001  # time per micro-batch alpha + beta*b
+MICRO_BATCHES = 2
+B_HALF = MICRO_BATCHES * ALPHA / BETA  # a step of 2 micro-batches takes t(B) = 2*alpha + beta*B: B_half = 80
 
 
 def _hello(**extra):
@@ -39,16 +41,16 @@ def test_exact_noise_scale_and_closed_form_optimum_through_the_model():
     t, step = 0.0, 1
     per_size = LIVE_WARMUP_STEPS + LIVE_MIN_STEPS
     for b in (8, 16, 32, 64, 128, 256):  # B* lies inside the measured range
-        t = _steps(model, step, per_size, b, 2, t)
+        t = _steps(model, step, per_size, b, MICRO_BATCHES, t)
         step += per_size
     stats = model.stats()
     assert stats.b_simple == pytest.approx(TRACE / G_SQ, rel=1e-9)
     assert stats.grad_sq == pytest.approx(G_SQ) and stats.trace_sigma == pytest.approx(TRACE)
     points = model.throughput_points()
-    assert [p.batch_size for p in points] == [8, 16, 32, 64, 128, 256]
-    assert all(p.step_time_s == pytest.approx(ALPHA + BETA * p.batch_size) for p in points)
-    # B* = sqrt(B_half * B_noise) = sqrt(40 * 500) = 141.4, on the grid of multiples of 8 -> 136 or 144
-    best = math.sqrt(ALPHA / BETA * TRACE / G_SQ)
+    assert [p.batch_size for p in points] == [16, 32, 64, 128, 256, 512]
+    assert all(p.step_time_s == pytest.approx(MICRO_BATCHES * ALPHA + BETA * p.batch_size) for p in points)
+    # B* = sqrt(B_half * B_noise) = sqrt(80 * 500) = 200, on the grid of multiples of 8
+    best = math.sqrt(B_HALF * TRACE / G_SQ)
     fresh = optimal_batch_size(points, stats.b_simple)
     assert abs(fresh.batch_size - best) <= GRID_STEP / 2
     # The shown advice moved from earlier optima only for >= 5% gains: it is within 5% of the best.
@@ -62,10 +64,10 @@ def test_optimum_beyond_the_measured_sizes_is_capped_and_says_so():
     model.ingest(_hello())
     t, step = 0.0, 1
     for b in (8, 16, 32):
-        t = _steps(model, step, LIVE_WARMUP_STEPS + LIVE_MIN_STEPS, b, 2, t)
+        t = _steps(model, step, LIVE_WARMUP_STEPS + LIVE_MIN_STEPS, b, MICRO_BATCHES, t)
         step += LIVE_WARMUP_STEPS + LIVE_MIN_STEPS
     stats = model.stats()
-    assert stats.b_opt == 32 and "largest size measured so far" in stats.b_opt_reason
+    assert stats.b_opt == 64 and "largest size measured so far" in stats.b_opt_reason
 
 
 def test_no_profile_and_no_noise_give_reasons_not_numbers():

@@ -223,11 +223,11 @@ async def test_the_optimal_panel_and_chart_show_the_models_recommendation():
         chart = app.query_one(BatchSizeChart)
         sizes, throughput, efficiency, goodput, measured, _, current, optimal = chart._data
         # The curve peaks at the closed form sqrt(B_half * B_noise); the marker is the (hysteresis-held) advice.
-        exact = math.sqrt(test_model.ALPHA / test_model.BETA * stats.b_simple)
+        exact = math.sqrt(test_model.B_HALF * stats.b_simple)
         assert sizes[np.argmax(goodput)] == pytest.approx(exact, rel=0.06)
         assert (current, optimal) == (rec.current_batch, stats.b_opt)
         assert efficiency == pytest.approx(1 / (1 + sizes / stats.b_simple))
-        assert sorted(measured) == [8, 16, 32, 64, 128, 256]
+        assert sorted(measured) == [16, 32, 64, 128, 256, 512]
     async with BsmonApp(feed, mode="replay").run_test(size=(80, 24)) as pilot:
         await pilot.pause()
         assert shown(pilot.app, OptimalPanel, "why") == ""  # no room at 80x24; the numbers stay

@@ -7,7 +7,8 @@ statistics from the first step.
 
 The run first spends a few seconds at several micro-batch sizes: each becomes
 a live throughput point, which is all bsmon needs to recommend a batch size.
-It then follows ``monitor.recommended_batch_size()``. As the loss falls the
+It then follows ``monitor.recommended_batch_size()``, visiting half and double
+the current size now and then to keep the points fresh. As the loss falls the
 gradient noise scale grows (McCandlish et al.), and the recommended batch
 grows with it.
 """
@@ -27,6 +28,8 @@ INPUTS, CLASSES, HIDDEN = 128, 10, 256
 SWEEP_SIZES = (8, 16, 32, 64, 128)
 ACCUMULATE = 2
 MAX_MICRO_BATCH = 1024
+#: Steps at the recommended size between two visits to its neighbours (half and double).
+EXPLORE_EVERY = 400
 
 
 def teacher_data(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,17 +45,30 @@ def teacher_data(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torc
 
 
 def micro_batch_schedule(steps: int, monitor: bsmon.Monitor):
-    """Sweep the sizes (enough steady steps each to become a live point), then follow the advice."""
-    per_size = LIVE_WARMUP_STEPS + LIVE_MIN_STEPS + 5
-    for size in SWEEP_SIZES:
-        for _ in range(per_size):
-            yield size
+    """Micro-batch size per step: sweep the sizes, then follow the advice.
+
+    Every size runs long enough to become a live throughput point. While following the
+    advice the run regularly revisits half and double the current size, so one noisy
+    timing (a busy machine) cannot lock the advice in: the points stay fresh.
+    """
+    per_size = LIVE_WARMUP_STEPS + 3 * LIVE_MIN_STEPS
+    planned = [size for size in SWEEP_SIZES for _ in range(per_size)]
     micro = SWEEP_SIZES[len(SWEEP_SIZES) // 2]
-    for _ in range(steps - per_size * len(SWEEP_SIZES)):
-        recommended = monitor.recommended_batch_size()
-        if recommended is not None:
-            micro = max(1, min(MAX_MICRO_BATCH, recommended // ACCUMULATE))
-        yield micro
+    for step in range(steps):
+        if step < len(planned):
+            yield planned[step]
+            continue
+        phase = (step - len(planned)) % (EXPLORE_EVERY + 2 * per_size)
+        if phase == 0:
+            recommended = monitor.recommended_batch_size()
+            if recommended is not None:
+                micro = max(1, min(MAX_MICRO_BATCH, recommended // ACCUMULATE))
+        if phase < EXPLORE_EVERY:
+            yield micro
+        elif phase < EXPLORE_EVERY + per_size:
+            yield min(MAX_MICRO_BATCH, 2 * micro)
+        else:
+            yield max(1, micro // 2)
 
 
 def main() -> None:

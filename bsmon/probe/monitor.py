@@ -10,6 +10,10 @@ Hot path, per training step, on the training thread:
 * an optimizer step post-hook closes the step and queues one record.
 
 Nothing here waits for the monitor, the disk or the device.
+
+In a multi-process job only global rank 0 records the session and serves
+monitors; every rank runs the hooks, and a background thread per rank reports
+its steps to rank 0 through the job's key-value store (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ from torch import nn
 
 from bsmon import store, wire
 from bsmon.model import SessionModel, Stats
+from bsmon.probe import distributed
 from bsmon.probe.deferred import Deferred
-from bsmon.probe.noise import NoiseProbe
+from bsmon.probe.noise import NoiseProbe, check_mode
 from bsmon.probe.publisher import Publisher
 
 UNITS = ("samples", "tokens")
@@ -89,14 +94,12 @@ def _device_info(model: nn.Module) -> list[dict[str, Any]]:
     return devices
 
 
-def _world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size(), torch.distributed.get_rank()
-    return int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-
-
 class Monitor:
-    """Handle returned by :func:`bsmon.watch`. Use ``close()`` or a ``with`` block."""
+    """Handle returned by :func:`bsmon.watch`. Use ``close()`` or a ``with`` block.
+
+    ``session_id`` is None on ranks > 0 of a job not started by ``bsmon run``: rank 0
+    names and records the session. ``stats()`` gives this rank's own numbers.
+    """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int | None,
                  unit: str, tokens_per_sample: int | None, name: str | None, noise: str | None,
@@ -109,26 +112,33 @@ class Monitor:
         self._micro_sizes: list[int] = []
         self._step_started: float | None = None
         self._last_step_end: float | None = None
+        self._backward_end = 0.0
         self._backward_queued = False
         self._mid_iteration = False
         self._rejected_names: set[str] = set()
         self._closed = False
         self._model_state = SessionModel(keep_history=False, horizon_samples=horizon_samples)
+        self._state_lock = threading.Lock()
+        self._state_version = 0
         self._latest = Stats()
+        self._latest_version = 0
 
         home = store.bsmon_home()
-        self.session_id = os.environ.get("BSMON_SESSION_ID") or store.new_session_id()
+        identity = distributed.rank_identity()
+        leader = identity.rank == 0
+        self.session_id = os.environ.get("BSMON_SESSION_ID") or (store.new_session_id() if leader else None)
         self.name = name or os.environ.get("BSMON_NAME") or Path(sys.argv[0] or "python").stem or "job"
-        writer = self._open_record(home)
-        socket_path = self._socket_path(home)
-        world_size, rank = _world()
+        writer = self._open_record(home) if leader else None
+        socket_path = self._socket_path(home) if leader else None
         command = json.loads(os.environ["BSMON_COMMAND"]) if os.environ.get("BSMON_COMMAND") else list(sys.orig_argv)
         hello = {
             "k": "hello", "v": wire.PROTOCOL_VERSION, "session": self.session_id, "name": self.name,
             "pid": os.getpid(), "t0": time.time(), "command": command, "host": socket.gethostname(),
             "user": getpass.getuser(), "python": sys.version.split()[0], "torch": torch.__version__,
             "devices": _device_info(model), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "world_size": world_size, "rank": rank, "unit": unit, "tokens_per_sample": tokens_per_sample,
+            "world_size": identity.world_size, "rank": identity.rank,
+            "data_parallel": distributed.data_parallel_size(model, identity.world_size),
+            "unit": unit, "tokens_per_sample": tokens_per_sample,
             "batch_size": batch_size, "noise_mode": noise, "horizon_samples": horizon_samples,
             "socket": socket_path,
         }
@@ -138,6 +148,8 @@ class Monitor:
             self._warn(f"cannot record the session in {writer.path.parent}: {writer.error}. "
                        "Training continues; attach a monitor to watch it live.")
         self._noise = NoiseProbe(model, optimizer, noise, layers, self._publisher.submit)
+        self._ranks = (distributed.RankReporter(identity, self._publisher.submit if leader else None)
+                       if identity.world_size > 1 else None)
         if profile is not None:
             self.record_profile(profile)
         self._handles = [
@@ -161,7 +173,8 @@ class Monitor:
             return None
         path = directory / store.RECORDS_FILE
         if path.exists() and path.stat().st_size:
-            # Another process already records under this id (e.g. a second rank); keep both.
+            # Another process already records under this id (two watched processes under one
+            # `bsmon run`; never a second rank, which records nothing); keep both.
             self.session_id = f"{self.session_id}-{os.getpid()}"
             return self._open_record(home)
         return store.RecordWriter(path)
@@ -200,6 +213,7 @@ class Monitor:
 
     def _on_backward_end(self) -> None:
         self._backward_queued = False
+        self._backward_end = time.perf_counter()
         self._noise.after_backward()
 
     def _on_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
@@ -216,12 +230,18 @@ class Monitor:
         noise = self._noise.end_step(micro)
         if noise is not None:
             record["noise"] = noise
+        if self._ranks is not None and self._backward_end > start:
+            # Until this rank's gradients were ready: where a straggler differs (DDP steps in lockstep).
+            record["busy"] = self._backward_end - start
         self._publisher.submit(record)
 
     # -- background thread ----------------------------------------------------
     def _on_published(self, records: list[dict]) -> None:
-        self._model_state.ingest_all(records)
-        self._latest = self._model_state.stats()
+        if self._ranks is not None:
+            self._ranks.observe(records)
+        with self._state_lock:
+            self._model_state.ingest_all(records)
+            self._state_version += 1
 
     # -- public API -----------------------------------------------------------
     def log(self, **scalars: Any) -> None:
@@ -261,8 +281,15 @@ class Monitor:
             warnings.warn(f"bsmon: {message}", BsmonWarning, stacklevel=3)
 
     def stats(self) -> Stats:
-        """The latest numbers, as of the last background flush (at most ~0.1 s old)."""
-        return self._latest
+        """The latest numbers, as of the last background flush (at most ~0.1 s old).
+
+        Computed on demand and cached until new records arrive, so a job that never asks pays nothing.
+        """
+        with self._state_lock:
+            if self._latest_version != self._state_version:
+                self._latest = self._model_state.stats()
+                self._latest_version = self._state_version
+            return self._latest
 
     def recommended_batch_size(self) -> int | None:
         """The batch size that maximises goodput now (with 5% hysteresis), or None while unknown.
@@ -270,7 +297,7 @@ class Monitor:
         For jobs that adapt their batch size as they train. ``stats().b_opt_reason``
         says why there is none (no throughput profile yet, no noise estimate yet).
         """
-        return self._latest.b_opt
+        return self.stats().b_opt
 
     def record_profile_point(self, point: dict[str, Any]) -> None:
         """Stream one throughput-profile point (bsmon.profile calls this)."""
@@ -293,6 +320,8 @@ class Monitor:
         for handle in self._handles:
             handle.remove()
         self._noise.close()
+        if self._ranks is not None:
+            self._ranks.close()
         if sys.excepthook is self._excepthook:
             sys.excepthook = self._previous_excepthook
         atexit.unregister(self._atexit)
@@ -333,9 +362,11 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int
     """Instrument a training loop; returns the :class:`Monitor`.
 
     ``batch_size`` fixes the samples per optimizer step (otherwise inferred from
-    the model's forward inputs, summed over micro-batches). ``unit="tokens"``
+    the model's forward inputs, summed over micro-batches; in a multi-process job,
+    this rank's share of the global batch). ``unit="tokens"``
     with ``tokens_per_sample`` reports tokens. ``noise`` picks the noise-scale
-    estimator ("auto", "microbatch", "per_example" or None); ``layers`` limits
+    estimator ("auto", "microbatch", "per_example", "ddp" or None; "auto" picks
+    "ddp" for a DistributedDataParallel model on more than one rank); ``layers`` limits
     the per-example estimator ("all" or "norm_embed"); ``horizon_samples`` sets
     the averaging horizon of the noise scale. ``profile`` is a throughput profile
     (a ``bsmon.Profile``, or the id/path of one saved by ``bsmon sweep``; default:
@@ -354,6 +385,7 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int
         raise ValueError(f"batch_size={batch_size!r}: give a positive int (samples per optimizer step) or None")
     if horizon_samples is not None and not horizon_samples > 0:
         raise ValueError(f"horizon_samples={horizon_samples!r} must be positive")
+    check_mode(model, noise)
     profile_dict = _profile_dict(profile)
     with _active_lock:
         if _active is not None and not _active.closed:

@@ -12,6 +12,10 @@ Per optimizer step it produces one ``noise`` payload for the step record:
 * ``per_example`` (m == 1): the per-example squared norms summed inside
   backward by :class:`~bsmon.probe.per_example.PerExampleNorms`, plus the
   squared norm of ``.grad`` over the same parameters.
+* ``ddp`` (a DistributedDataParallel model): the squared norms of the local and
+  the all-reduced gradient, summed over DDP's buckets by
+  :class:`~bsmon.probe.distributed.DdpNormHook`, plus ``.grad`` after each pass
+  accumulated under ``no_sync()`` before the synchronising one.
 
 All values stay on the device until :class:`~bsmon.probe.deferred.Deferred`
 hands them to the background thread.
@@ -24,9 +28,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from bsmon.probe import distributed
 from bsmon.probe.deferred import Deferred
 
-MODES = ("auto", "microbatch", "per_example", None)
+MODES = ("auto", "microbatch", "per_example", "ddp", None)
 
 REASON_OFF = "noise estimation is off (noise=None)"
 REASON_NEEDS_ACCUMULATION = (
@@ -39,6 +44,20 @@ REASON_NO_COVERAGE = (
     "no supported layer (Linear, Conv1d/2d, LayerNorm, Embedding) holds trainable "
     "parameters: accumulate >= 2 micro-batches per step and use noise='microbatch'")
 REASON_UNEQUAL_MICROBATCHES = "micro-batches of unequal size in this step; it is left out"
+REASON_HOOK_BEFORE_WATCH = (
+    "this DistributedDataParallel model already had a communication hook ({hook}) when "
+    "bsmon.watch() was called, and DDP accepts only one. Call bsmon.watch() before "
+    "ddp.register_comm_hook(...): bsmon then runs your hook inside its own")
+REASON_FSDP = (
+    "FullyShardedDataParallel is not supported: each rank's .grad holds only its shard, so the "
+    "gradient norms would need an all-reduce of partial squared norms every step. "
+    "Use DistributedDataParallel to measure the noise scale")
+REASON_PYTHON_REDUCER = (
+    "DDP's Python reducer (compiled autograd) calls communication hooks per parameter, "
+    "not per bucket, so bsmon cannot wrap its all-reduce")
+REASON_NOT_DDP = (
+    "the model is not DistributedDataParallel: pass the DDP-wrapped module to bsmon.watch(), "
+    "not the module inside it")
 
 
 def grad_sq_norms(groups: Sequence[Sequence[nn.Parameter]]) -> torch.Tensor:
@@ -50,13 +69,38 @@ def grad_sq_norms(groups: Sequence[Sequence[nn.Parameter]]) -> torch.Tensor:
         if not grads:
             sums.append(None)
             continue
-        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-        total = torch.stack([n.to(norms[0].device) for n in norms]).square().sum()
+        # float32 accumulation for half precision; float64 cannot be narrowed inside the norm
+        wide = None if any(g.dtype == torch.float64 for g in grads) else torch.float32
+        norms = torch._foreach_norm(grads, 2, dtype=wide)
+        total = torch.stack([n.to(norms[0].device, torch.float32) for n in norms]).square().sum()
         device = device or total.device
         sums.append(total)
     if device is None:
         return torch.zeros(len(groups))
     return torch.stack([torch.zeros((), device=device) if s is None else s.to(device) for s in sums])
+
+
+def check_mode(model: nn.Module, mode: str | None) -> None:
+    """Refuse, with a ValueError, a noise mode that cannot work on ``model``."""
+    if mode not in MODES:
+        raise ValueError(f"noise={mode!r} is not one of {MODES}")
+    if mode == "ddp" and (reason := _ddp_unsupported(model)) is not None:
+        raise ValueError(f"noise='ddp': {reason}.")
+
+
+def _ddp_unsupported(model: nn.Module) -> str | None:
+    """Why the data-parallel estimator cannot measure ``model``, or None when it can."""
+    if distributed.is_fsdp(model):
+        return REASON_FSDP
+    if not distributed.is_ddp(model):
+        return REASON_NOT_DDP
+    if getattr(model, "_use_python_reducer", False):
+        return REASON_PYTHON_REDUCER
+    hooks = distributed.registered_comm_hooks(model)
+    if hooks and distributed.DdpNormHook.of(model) is None:
+        hook = hooks[0][0]
+        return REASON_HOOK_BEFORE_WATCH.format(hook=getattr(hook, "__qualname__", repr(hook)))
+    return None
 
 
 def group_label(index: int, group: dict[str, Any]) -> str:
@@ -71,8 +115,7 @@ class NoiseProbe:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, mode: str | None,
                  layers: str | tuple[type, ...], announce: Callable[[dict], None]) -> None:
-        if mode not in MODES:
-            raise ValueError(f"noise={mode!r} is not one of {MODES}")
+        check_mode(model, mode)
         self.mode = mode
         self._model = model
         self._layers = layers
@@ -81,17 +124,26 @@ class NoiseProbe:
         self._group_labels = [group_label(i, g) for i, g in enumerate(optimizer.param_groups)]
         self._measured = self._group_params
         self._per_example = None
-        self._passes: list[torch.Tensor] = []
+        self._ddp_hook: distributed.DdpNormHook | None = None
+        self._passes: list[torch.Tensor | None] = []  # None: the pass that synchronised (ddp)
         self._current: tuple[str | None, str | None] | None = None
         if mode is None:
             self._set_estimator(None, REASON_OFF)
         elif mode == "per_example":
             self._install_per_example()
+        elif mode == "ddp" or (mode == "auto" and (distributed.is_fsdp(model) or (
+                distributed.is_ddp(model) and model.process_group.size() > 1))):
+            self._install_ddp(model)
 
     # -- training-thread hooks -------------------------------------------------
     def after_backward(self) -> None:
         """Called once at the end of every backward pass."""
-        if self.mode is not None:
+        if self.mode is None:
+            return
+        if self._ddp_hook is not None and self._ddp_hook.synced():
+            # .grad is mid-all-reduce here (before or after it, depending on DDP's settings)
+            self._passes.append(None)
+        else:
             self._passes.append(grad_sq_norms(self._measured))
 
     def end_step(self, micro_sizes: Sequence[int]) -> dict | None:
@@ -99,6 +151,8 @@ class NoiseProbe:
         passes, self._passes = self._passes, []
         if self.mode is None:
             return None
+        if self.mode == "ddp":
+            return self._ddp_payload(passes, micro_sizes)
         m = len(passes)
         per_example = self._per_example.pop() if self._per_example is not None else None
         if m >= 2 and self.mode in ("auto", "microbatch"):
@@ -126,8 +180,37 @@ class NoiseProbe:
 
     def close(self) -> None:
         self._remove_per_example()
+        if self._ddp_hook is not None:
+            self._ddp_hook.active = False  # DDP cannot unregister a hook; it now only calls the inner one
+
+    def _ddp_payload(self, passes: list[torch.Tensor | None], micro_sizes: Sequence[int]) -> dict | None:
+        """The data-parallel payload: no_sync passes' .grad norms, then local and averaged norms.
+
+        A step counts only when its last backward pass, and no other, synchronised.
+        """
+        norms = self._ddp_hook.take()
+        if norms is None or not passes or passes[-1] is not None or any(p is None for p in passes[:-1]):
+            return None
+        self._set_estimator("ddp", None, groups=[], world_size=self._ddp_world,
+                            inner_hook=self._ddp_hook.inner_name)
+        if len(passes) > 1:
+            norms = torch.cat([*(p.to(norms.device) for p in passes[:-1]), norms])
+        return {"est": "ddp", "micro": list(micro_sizes), "world": self._ddp_world, "g": len(self._measured),
+                "norms": Deferred(norms)}
 
     # -- estimator switching --------------------------------------------------
+    def _install_ddp(self, model: nn.Module) -> None:
+        """noise='ddp', or 'auto' on a multi-rank DDP or FSDP model: hook DDP's all-reduce, or say why not."""
+        reason = _ddp_unsupported(model)  # None for noise='ddp': check_mode refused the rest
+        if reason is None:
+            self._ddp_hook = distributed.DdpNormHook.of(model) or distributed.DdpNormHook(model)
+            self._ddp_hook.active = True
+            self._ddp_world = model.process_group.size()
+            self.mode = "ddp"
+        else:
+            self.mode = None
+            self._set_estimator(None, reason)
+
     def _install_per_example(self) -> None:
         from bsmon.probe.per_example import PerExampleNorms
 
@@ -156,6 +239,6 @@ class NoiseProbe:
         self._current = (name, reason)
         record = {"k": "estimator", "name": name, "reason": reason, "groups": self._group_labels}
         record.update(details)
-        if name == "microbatch":
+        if name in ("microbatch", "ddp"):
             record["covered_fraction"] = 1.0
         self._announce(record)

@@ -27,7 +27,7 @@ from bsmon import wire
 from bsmon.probe.deferred import resolve
 from bsmon.store import RecordWriter
 
-FLUSH_INTERVAL_S = 0.05
+FLUSH_INTERVAL_S = 0.1
 BUFFER_CAPACITY = 8192
 #: A monitor that falls this far behind is disconnected; it can re-attach and catch up from the file.
 CLIENT_BACKLOG_LIMIT = 64 << 20
@@ -50,6 +50,7 @@ class Publisher:
         self._spill_bytes = 0
         self._reported_failure = False
         self._stop = threading.Event()
+        self._closing = False
         self._pending_events: list[dict] = []
         if writer is not None:
             writer.append(self._hello_frame)
@@ -75,10 +76,13 @@ class Publisher:
         self._drain_thread.join()
         self._buffer.append(bye)
         self._flush()
+        with self._lock:
+            self._closing = True
         if self._server is not None:
             path = self._server.getsockname()
-            self._accept_thread.join()
-            self._accept_pending()  # monitors still in the listen queue get the whole run too
+            # Monitors still in the listen queue get the whole run too. The accept thread is not
+            # waited for (it sits in accept() for up to 0.2 s); it ends when the socket closes.
+            self._accept_pending()
             self._server.close()
             try:
                 os.unlink(path)
@@ -190,6 +194,8 @@ class Publisher:
             backlog_end = self._writer.durable_bytes if self._writer is not None else 0
             client = _Client(conn, self, backlog_end, list(self._spill))
             self._clients.append(client)
+            if self._closing:
+                client.finish()  # accepted during close(): the backlog is everything, then the end
         client.start()
 
     def _forget(self, client: "_Client") -> None:

@@ -117,6 +117,44 @@ def per_example_points(
     )
 
 
+def ddp_points(
+    micro_sizes: Sequence[float], accumulated_sq: Sequence[float], local_sq: float,
+    averaged_sq: float, world_size: int,
+) -> GradNormPoints | None:
+    """Points from data parallel: one rank's gradient before the all-reduce and the average after.
+
+    Each of ``world_size`` ranks runs m micro-batches of size b (micro_sizes, the same on every
+    rank), the first m-1 under no_sync(): accumulated_sq[j-1] = |.grad|^2 after pass j (j < m).
+    local_sq is this rank's gradient entering the all-reduce (after all m passes, B = m*b) and
+    averaged_sq the gradient averaged over the ranks (B = m*b*world_size). With the convention
+    of microbatch_points (c = 1/m) the micro-batch points are a_j * (m/j)^2; the last two need
+    no rescaling, because the all-reduce averages. An unknown c scales every point alike.
+
+    Returns None (skip the step) for unequal micro-batch sizes, fewer than two batch sizes
+    (one rank, one pass) or any non-finite value.
+    """
+    m = len(micro_sizes)
+    if len(accumulated_sq) != m - 1:
+        raise ValueError(
+            f"need a squared norm after each of the {m - 1} passes before the synchronising one; "
+            f"got {len(accumulated_sq)}."
+        )
+    if not (isinstance(world_size, int) and world_size >= 1):
+        raise ValueError(f"world_size must be a positive int; got {world_size!r}.")
+    values = (*micro_sizes, *accumulated_sq, local_sq, averaged_sq)
+    if m == 0 or not _all_finite(values) or (m == 1 and world_size == 1):
+        return None
+    b = float(micro_sizes[0])
+    if b <= 0:
+        raise ValueError(f"micro-batch sizes must be positive; got {list(micro_sizes)}.")
+    if any(float(size) != b for size in micro_sizes):
+        return None
+    return GradNormPoints(
+        batch_sizes=(*(j * b for j in range(1, m + 1)), m * b * world_size),
+        sq_norms=(*(a * (m / j) ** 2 for j, a in enumerate(accumulated_sq, start=1)), local_sq, averaged_sq),
+    )
+
+
 @dataclass(frozen=True)
 class NoiseStepEstimate:
     grad_sq: float  # unbiased estimate of |G|^2 for this step (may be negative)
@@ -331,12 +369,15 @@ def student_t_quantile(confidence: float, dof: float) -> float:
     return math.sqrt(dof) * math.tan(angle)
 
 
-def statistical_efficiency(batch_size: float, b_noise: float) -> float:
-    """Progress per example at batch_size relative to tiny batches: 1 / (1 + B / B_noise)."""
-    if not (math.isfinite(batch_size) and batch_size > 0):
-        raise ValueError(f"batch_size must be a positive number; got {batch_size}.")
+def statistical_efficiency(batch_size, b_noise: float):
+    """Progress per example at batch_size relative to tiny batches: 1 / (1 + B / B_noise).
+
+    ``batch_size`` may be a number or a numpy array; ``b_noise`` may be math.inf (efficiency 1).
+    """
+    batch = np.asarray(batch_size, dtype=float)
+    if not (np.all(np.isfinite(batch)) and np.all(batch > 0)):
+        raise ValueError(f"batch_size must be positive and finite; got {batch_size}.")
     if math.isnan(b_noise) or b_noise < 0:
         raise ValueError(f"b_noise must be >= 0 (math.inf allowed); got {b_noise}.")
-    if math.isinf(b_noise):
-        return 1.0
-    return b_noise / (b_noise + batch_size)
+    result = np.ones_like(batch) if math.isinf(b_noise) else b_noise / (b_noise + batch)
+    return float(result) if result.ndim == 0 else result

@@ -25,6 +25,7 @@ from typing import Protocol
 
 import numpy as np
 
+from bsmon.stats.noise import statistical_efficiency
 from bsmon.stats.throughput import ThroughputFit, ThroughputPoint, fit_step_time, mean_step_times
 
 MODELS = ("mccandlish", "sqrt")
@@ -46,12 +47,11 @@ class ProfileLike(Protocol):
 def goodput(batch_size, samples_per_s, b_noise):
     """Useful samples per second: r(B) / (1 + B/B_noise). Scalars or numpy arrays; B_noise may be inf."""
     _check_positive("b_noise", b_noise, allow_inf=True)
-    batch = np.asarray(batch_size, dtype=float)
     rate = np.asarray(samples_per_s, dtype=float)
-    if np.any(batch <= 0) or np.any(rate < 0):
-        raise ValueError("batch_size must be positive and samples_per_s non-negative")
-    result = rate / (1.0 + batch / b_noise)
-    return float(result) if result.ndim == 0 else result
+    if np.any(rate < 0):
+        raise ValueError("samples_per_s must be non-negative")
+    result = rate * statistical_efficiency(batch_size, b_noise)
+    return float(result) if np.ndim(result) == 0 else result
 
 
 @dataclass(frozen=True)
@@ -231,7 +231,7 @@ class _Problem:
         batch = np.asarray(batch, dtype=float)
         if self.model == "sqrt":
             return 1.0 / np.sqrt(batch)
-        return goodput(batch, 1.0, b_noise)
+        return statistical_efficiency(batch, b_noise)
 
     def goodput(self, batch, b_noise=None):
         b_noise = self.b_noise if b_noise is None else b_noise

@@ -1,0 +1,675 @@
+"""Per-example squared gradient norms, computed inside the training step's backward pass.
+
+For a loss that is a sum (or a mean) of per-example losses, the backward pass through a
+layer hands us delta = dL/d(output). Each example's gradient for that layer's parameters
+is a function of its own input x_i and delta_i alone, so its squared norm can be had
+without forming per-example gradients for the whole model. ``PerExampleNorms`` adds a
+forward hook to every supported layer that keeps the input (or something smaller derived
+from it) and hooks the output's gradient; when that gradient arrives it computes the
+per-example squared norms, which ``pop()`` sums per optimizer group, on the device.
+
+Scale: with a loss of c * sum_i loss_i (c = 1 for a sum, 1/B for a mean, times any AMP loss
+scale) the hooks see c * grad loss_i, so ``pop()`` returns S = c^2 sum_i |grad loss_i|^2,
+while the squared norm N of the covered ``.grad`` is c^2 |sum_i grad loss_i|^2. The
+noise-scale inputs |G_small|^2 (B_small = 1) and |G_big|^2 (B_big = B) are S/B and N/B^2 up to
+the same factor c^2, which cancels in B_simple.
+
+Assumptions, each checked where it can be:
+- Dimension 0 of every covered layer's input indexes examples. A layer whose dimension 0
+  differs from that of the model's first tensor input, or an ``nn.Embedding`` given 1-d ids
+  while that input has more dimensions (a position embedding looked up once and broadcast
+  over the batch), is excluded at run time; ``nn.Transformer*Layer(batch_first=False)`` is
+  excluded up front. A layout that is sequence-first throughout, with the sequence as long
+  as the batch, cannot be told apart.
+- One training forward of ``model`` and one backward per ``pop()``. Several backward
+  passes, several forwards feeding one backward, or covered layers running outside
+  ``model``'s forward (such as recomputation by activation checkpointing) make ``pop()``
+  return None.
+- A covered parameter gets its gradient only through its own layer's forward, once. Tied
+  weights and layers registered in several places are excluded up front; a layer called
+  twice in one forward, or whose parameters get gradients without its forward being seen
+  (used functionally, as ``MultiheadAttention`` uses ``out_proj``), is excluded at run time.
+  Using a covered layer's weight functionally *in addition to* calling the layer cannot be
+  detected.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "LAYER_SETS",
+    "PerExampleNorms",
+    "conv_sq_norms",
+    "embedding_sq_norms",
+    "layer_norm_sq_norms",
+    "linear_sq_norms",
+    "prefer_gram",
+]
+
+
+def _float(t: Tensor) -> Tensor:
+    """t in at least float32, so bf16/fp16 activations under autocast keep precision in the sums."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _rows_sq(t: Tensor) -> Tensor:
+    """Squared norm of each t[n], in one fused reduction (no copy of a strided t); returns (N,)."""
+    return torch.linalg.vector_norm(t, dim=tuple(range(1, t.dim()))).square()
+
+
+def prefer_gram(positions: int, in_features: int, out_features: int) -> bool:
+    """Whether the Gram form is cheaper than materialising the per-example gradient.
+
+    Per example, the Gram form costs about positions^2 * (in + out) multiply-adds and the
+    materialised gradient positions * in * out.
+    """
+    return positions * (in_features + out_features) < in_features * out_features
+
+
+def _weight_sq(x: Tensor, delta: Tensor, gram: bool | None) -> Tensor:
+    """|x_n^T delta_n|_F^2 for x (N, T, in) and delta (N, T, out); returns (N,)."""
+    if gram is None:
+        gram = prefer_gram(x.shape[1], x.shape[2], delta.shape[2])
+    if gram:  # sum_{t,s} (x_t . x_s)(delta_t . delta_s)
+        return (x @ x.mT).mul_(delta @ delta.mT).sum((1, 2))
+    return _rows_sq(x.mT @ delta)
+
+
+# Each layer's norms come in two halves. ``prepare`` runs in the forward hook and returns
+# what the backward will need: the input itself, or something smaller computed while the
+# input is still in cache. ``finish`` runs when delta arrives and returns the per-example
+# squared norms, a (B,) tensor per requested parameter, weight before bias. Both get
+# tensors detached from the graph, so nothing they do is recorded by autograd.
+
+
+def _keep_input(module: nn.Module, x: Tensor, weight: bool) -> Tensor | None:
+    return x if weight else None  # a bias's norms need delta alone
+
+
+def _linear_prepare(module: nn.Linear | None, x: Tensor, weight: bool) -> Tensor | None:
+    """A non-sequence input (B, in) is reduced to |x_i|^2 at once; a sequence input is kept."""
+    if not weight:
+        return None
+    return _rows_sq(_float(x)) if x.dim() == 2 else x
+
+
+def _linear_finish(
+    module: nn.Linear | None, kept: Tensor | None, delta: Tensor, weight: bool, bias: bool,
+    gram: bool | None = None,
+) -> list[Tensor]:
+    columns = []
+    if delta.dim() == 2:  # |x_i|^2 |delta_i|^2, and the bias's |delta_i|^2
+        delta_sq = _rows_sq(_float(delta))
+        if weight:
+            columns.append(kept * delta_sq)
+        if bias:
+            columns.append(delta_sq)
+        return columns
+    batch = delta.shape[0]
+    delta = _float(delta.reshape(batch, -1, delta.shape[-1]))
+    if weight:
+        columns.append(_weight_sq(_float(kept.reshape(batch, -1, kept.shape[-1])), delta, gram))
+    if bias:
+        columns.append(_rows_sq(delta.sum(1)))
+    return columns
+
+
+_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+
+
+def _conv_pads(module: nn.Conv1d | nn.Conv2d) -> list[tuple[int, int]]:
+    """(left, right) padding of each spatial dimension, as the convolution applies it."""
+    if module.padding == "valid":
+        return [(0, 0)] * len(module.kernel_size)
+    if module.padding == "same":
+        totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+        return [(total // 2, total - total // 2) for total in totals]
+    return [(p, p) for p in module.padding]
+
+
+def _grouped_patches(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
+    """What each output position sees: (B * groups, positions, in_channels / groups * kernel size).
+
+    Unfolded this way, each group of the convolution is a linear layer applied at every
+    output position.
+    """
+    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    pads = _conv_pads(module)
+    if len(kernel) == 1:  # a 1-d convolution is a 2-d one over images of height 1
+        x = x.unsqueeze(2)
+        kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
+        pads = [(0, 0), *pads]
+    if module.padding_mode == "zeros" and all(left == right for left, right in pads):
+        unfold_padding = tuple(left for left, _ in pads)
+    else:
+        flat = [p for pair in reversed(pads) for p in pair]  # F.pad wants the last dimension first
+        x = F.pad(x, flat, mode=_PAD_MODES[module.padding_mode])
+        unfold_padding = 0
+    patches = F.unfold(x, kernel, dilation=dilation, padding=unfold_padding, stride=stride)
+    return patches.reshape(x.shape[0] * module.groups, -1, patches.shape[-1]).mT
+
+
+def _conv_finish(
+    module: nn.Conv1d | nn.Conv2d, x: Tensor | None, delta: Tensor, weight: bool, bias: bool,
+    gram: bool | None = None,
+) -> list[Tensor]:
+    batch, groups = delta.shape[0], module.groups
+    delta = _float(delta.reshape(batch, module.out_channels, -1))
+    columns = []
+    if weight:
+        patches = _grouped_patches(module, _float(x))
+        per_group_delta = delta.reshape(batch * groups, -1, delta.shape[-1]).mT
+        columns.append(_weight_sq(patches, per_group_delta, gram).view(batch, groups).sum(1))
+    if bias:
+        columns.append(_rows_sq(delta.sum(2)))
+    return columns
+
+
+def _layer_norm_finish(
+    module: nn.LayerNorm, x: Tensor | None, delta: Tensor, weight: bool, bias: bool
+) -> list[Tensor]:
+    """The weight's per-example gradient is the sum over positions of delta * x_hat.
+
+    x_hat, the normalised input, is recomputed with the layer's eps here rather than kept
+    from the forward: it would cost as much memory as the input, and the layer's own backward
+    is about to read the same input.
+    """
+    batch, features = delta.shape[0], math.prod(module.normalized_shape)
+    delta = _float(delta).reshape(batch, -1, features)
+    columns = []
+    if weight:
+        x = _float(x)
+        # A unit weight, rather than none, takes a faster CPU kernel (about 1.5x, torch 2.13).
+        unit = torch.ones(module.normalized_shape, dtype=x.dtype, device=x.device)
+        x_hat = F.layer_norm(x, module.normalized_shape, unit, eps=module.eps)
+        columns.append(_rows_sq(x_hat.reshape(batch, -1, features).mul_(delta).sum(1)))
+    if bias:
+        columns.append(_rows_sq(delta.sum(1)))
+    return columns
+
+
+def _embedding_finish(
+    module: nn.Embedding, ids: Tensor, delta: Tensor, weight: bool, bias: bool
+) -> list[Tensor]:
+    """Example i's gradient has a row per distinct token id: the sum of delta where it occurs.
+
+    Sorting each example's ids numbers those rows in O(T log T), against the O(T^2) of
+    comparing every pair of positions. Rows of ``padding_idx`` get no gradient: their
+    positions are summed into a spare last row, which is left out.
+    """
+    batch = ids.shape[0]
+    ids = ids.reshape(batch, -1)
+    positions = ids.shape[1]
+    delta = _float(delta).reshape(batch, positions, -1)
+    sorted_ids, order = ids.sort(1)
+    # Row numbers in sorted order: 0 for the first id, one more at each new id.
+    row_of_sorted = F.pad((sorted_ids.diff(dim=1) != 0).cumsum(1), (1, 0))
+    row_of_position = torch.empty_like(row_of_sorted).scatter_(1, order, row_of_sorted)
+    if module.padding_idx is not None:
+        row_of_position.masked_fill_(ids == module.padding_idx, positions)
+    # One table of rows for the whole batch: index_add_ over whole rows is much faster than
+    # scatter_add_ over elements.
+    first_row = torch.arange(0, batch * (positions + 1), positions + 1, device=ids.device)
+    row_of_position += first_row.unsqueeze(1)
+    rows = delta.new_zeros(batch * (positions + 1), delta.shape[-1])
+    rows.index_add_(0, row_of_position.flatten(), delta.reshape(batch * positions, -1))
+    return [_rows_sq(rows.view(batch, positions + 1, -1)[:, :positions])]
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    """How one supported layer type gets its per-example squared norms."""
+
+    prepare: Callable[..., object]  # (module, input, weight) -> kept for the backward
+    finish: Callable[..., list[Tensor]]  # (module, kept, delta, weight, bias) -> k tensors (B,)
+    batched_dims: Callable[[nn.Module], int]  # input dimensions of a batched call
+
+
+_SUPPORTED: dict[type[nn.Module], _Recipe] = {
+    nn.Linear: _Recipe(_linear_prepare, _linear_finish, lambda m: 2),
+    nn.Conv1d: _Recipe(_keep_input, _conv_finish, lambda m: 3),
+    nn.Conv2d: _Recipe(_keep_input, _conv_finish, lambda m: 4),
+    nn.LayerNorm: _Recipe(_keep_input, _layer_norm_finish, lambda m: len(m.normalized_shape) + 1),
+    nn.Embedding: _Recipe(_keep_input, _embedding_finish, lambda m: 1),
+}
+
+LAYER_SETS: dict[str, tuple[type[nn.Module], ...]] = {
+    "all": tuple(_SUPPORTED),
+    # The cheap choice: Gray et al. report that LayerNorm parameters alone track a
+    # transformer's noise scale.
+    "norm_embed": (nn.LayerNorm, nn.Embedding),
+}
+
+
+def _sq_norms(
+    kind: type[nn.Module], module: nn.Module | None, x: Tensor, delta: Tensor, weight: bool, bias: bool,
+    **options,
+) -> Tensor:
+    recipe = _SUPPORTED[kind]
+    x, delta = x.detach(), delta.detach()
+    kept = recipe.prepare(module, x, weight)
+    return torch.stack(recipe.finish(module, kept, delta, weight, bias, **options), 1)
+
+
+def linear_sq_norms(
+    x: Tensor, delta: Tensor, *, weight: bool = True, bias: bool = True, gram: bool | None = None
+) -> Tensor:
+    """Per-example squared gradient norms of an ``nn.Linear``'s weight and bias.
+
+    x is the layer's input (B, ..., in) and delta the gradient of the loss with respect to its
+    output (B, ..., out). Returns (B, k): one column per requested parameter, weight first.
+    For sequence inputs ``gram`` forces the Gram form (True) or the materialised per-example
+    gradient (False); None picks the cheaper (``prefer_gram``).
+    """
+    return _sq_norms(nn.Linear, None, x, delta, weight, bias, gram=gram)
+
+
+def conv_sq_norms(
+    module: nn.Conv1d | nn.Conv2d, x: Tensor, delta: Tensor, *,
+    weight: bool = True, bias: bool = True, gram: bool | None = None,
+) -> Tensor:
+    """Per-example squared gradient norms of a batched ``nn.Conv1d``/``nn.Conv2d``; as ``linear_sq_norms``."""
+    return _sq_norms(type(module), module, x, delta, weight, bias, gram=gram)
+
+
+def layer_norm_sq_norms(
+    module: nn.LayerNorm, x: Tensor, delta: Tensor, *, weight: bool = True, bias: bool = True
+) -> Tensor:
+    """Per-example squared gradient norms of an ``nn.LayerNorm``'s weight and bias; returns (B, k)."""
+    return _sq_norms(nn.LayerNorm, module, x, delta, weight, bias)
+
+
+def embedding_sq_norms(module: nn.Embedding, ids: Tensor, delta: Tensor) -> Tensor:
+    """Per-example squared gradient norms of an ``nn.Embedding``'s weight; returns (B, 1)."""
+    return _sq_norms(nn.Embedding, module, ids, delta, True, False)
+
+
+def _supported_base(module: nn.Module) -> type[nn.Module] | None:
+    """The supported type ``module`` behaves as; a subclass counts only if it keeps the forward."""
+    for base in _SUPPORTED:
+        if isinstance(module, base) and type(module).forward is base.forward:
+            return base
+    return None
+
+
+@dataclass(eq=False)
+class _Tap:
+    """One covered layer: which of its parameters are covered, and their optimizer groups."""
+
+    module: nn.Module
+    recipe: _Recipe
+    batched_dims: int
+    param_names: list[str]  # qualified names, weight before bias
+    params: list[nn.Parameter]
+    groups: list[int]
+    weight: nn.Parameter | None  # the layer's weight if covered
+    bias: nn.Parameter | None
+    handle: torch.utils.hooks.RemovableHandle | None = None
+    generation: int = -1  # the forward of ``model`` this layer last ran in
+    group_index: dict[tuple[torch.device, bool, bool], Tensor] = field(default_factory=dict)
+
+    def index_for(self, device: torch.device, weight: bool, bias: bool) -> Tensor:
+        """Group of each computed column, cached per device so that a step copies nothing."""
+        key = (device, weight, bias)
+        if key not in self.group_index:
+            wanted = [weight] * (self.weight is not None) + [bias] * (self.bias is not None)
+            groups = [g for g, keep in zip(self.groups, wanted) if keep]
+            self.group_index[key] = torch.tensor(groups, dtype=torch.long).to(device)
+        return self.group_index[key]
+
+
+class PerExampleNorms:
+    """Sum over the batch of per-example squared gradient norms, per optimizer group.
+
+    ``layers`` is a key of ``LAYER_SETS`` or a tuple of supported layer types. ``param_groups``
+    lists the optimizer's groups (iterables of parameters, or the optimizer's own
+    ``param_groups`` dicts) to break the sum down per group; None means one group.
+    Parameters frozen when this object is made are ignored; ones frozen later contribute
+    nothing while frozen, matching their absent ``.grad``.
+
+    After each step's backward, call ``pop()`` and take |.grad|^2 over ``covered_params``
+    (``covered_groups`` holds each one's group). The covered set keeps its order and only
+    ever shrinks, and only in a step whose ``pop()`` returns None; ``uncovered`` says why
+    each other trainable parameter is left out.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: str | tuple[type[nn.Module], ...] = "all",
+        param_groups: Sequence[Iterable[nn.Parameter] | Mapping] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        layer_types = _resolve_layers(layers)
+        group_of, self.n_groups = _group_lookup(param_groups)
+        self.uncovered: dict[str, str] = {}
+        self._taps: list[_Tap] = []
+        self._trainable_numel = 0
+        self._find_taps(model, layer_types, group_of)
+        self._refresh_coverage()
+
+        self.skip_reason: str | None = None  # why the last pop() returned None
+        #: False: the hooks do nothing (a step the probe chose not to measure, to bound its cost)
+        self.active = True
+        #: host seconds spent inside the hooks, for the probe's cost budget
+        self.spent_s = 0.0
+        self._removed = False
+        self._generation = 0  # counts training forwards of ``model``
+        self._in_forward = False
+        self._forward_batch: int | None = None
+        self._forward_ndim = 0  # dimensions of the model input the batch size was read from
+        self._pending: list[list] = []  # what the current forward's layers keep for the backward
+        self._start_step()
+        self._handles = [model.register_forward_pre_hook(self._on_forward_start, with_kwargs=True)]
+        for tap in self._taps:
+            hook = partial(self._on_layer_forward, tap)
+            tap.handle = tap.module.register_forward_hook(hook, with_kwargs=True)
+        # Registered last so that, when ``model`` is itself a covered layer, its tap runs first.
+        self._handles.append(model.register_forward_hook(self._on_forward_end, always_call=True))
+
+    # ---- set-up -------------------------------------------------------------------------
+
+    def _find_taps(
+        self, model: nn.Module, layer_types: tuple[type, ...], group_of: dict[int, int] | None
+    ) -> None:
+        owners: dict[int, list[str]] = {}  # every name a parameter is registered under
+        for module_name, module in model.named_modules(remove_duplicate=False):
+            for name, param in module.named_parameters(prefix=module_name, recurse=False):
+                owners.setdefault(id(param), []).append(name)
+        blocked = _blocked_modules(model)
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            if isinstance(param, nn.parameter.UninitializedParameter):
+                raise ValueError(
+                    f"Parameter {name} is not initialised yet (a lazy layer): "
+                    "run one forward pass before creating PerExampleNorms."
+                )
+            self._trainable_numel += param.numel()
+            if len(owners[id(param)]) > 1:
+                shared_by = ", ".join(owners[id(param)])
+                self.uncovered[name] = f"tied weight, shared by {shared_by} (per-example norms are not additive)"
+        for module_name, module in model.named_modules():
+            base = _supported_base(module)
+            covered: dict[str, nn.Parameter] = {}
+            for local_name, param in module.named_parameters(recurse=False):
+                name = f"{module_name}.{local_name}" if module_name else local_name
+                if not param.requires_grad or len(owners[id(param)]) > 1:
+                    continue
+                if base is None:
+                    self.uncovered[name] = f"unsupported layer {type(module).__name__}"
+                elif not issubclass(base, layer_types):
+                    self.uncovered[name] = f"layer {base.__name__} not in the chosen layer set"
+                elif id(module) in blocked:
+                    self.uncovered[name] = blocked[id(module)]
+                elif group_of is not None and id(param) not in group_of:
+                    self.uncovered[name] = "not in any of the given param_groups"
+                else:
+                    covered[name] = param
+            if covered:
+                self._taps.append(
+                    _Tap(
+                        module=module,
+                        recipe=_SUPPORTED[base],
+                        batched_dims=_SUPPORTED[base].batched_dims(module),
+                        param_names=list(covered),
+                        params=list(covered.values()),
+                        groups=[0 if group_of is None else group_of[id(p)] for p in covered.values()],
+                        weight=next((p for p in covered.values() if p is module.weight), None),
+                        bias=next((p for p in covered.values() if p is getattr(module, "bias", None)), None),
+                    )
+                )
+
+    def _refresh_coverage(self) -> None:
+        self.covered_params: list[nn.Parameter] = [p for tap in self._taps for p in tap.params]
+        self.covered_names: list[str] = [n for tap in self._taps for n in tap.param_names]
+        self.covered_groups: list[int] = [g for tap in self._taps for g in tap.groups]
+        covered = sum(p.numel() for p in self.covered_params)
+        self.covered_fraction: float = covered / self._trainable_numel if self._trainable_numel else 0.0
+
+    def _exclude(self, tap: _Tap, reason: str) -> None:
+        """Stop covering a layer found at run time to break the per-example assumptions."""
+        tap.handle.remove()
+        self._taps.remove(tap)
+        for name in tap.param_names:
+            self.uncovered[name] = reason
+        self._refresh_coverage()
+
+    # ---- hooks ---------------------------------------------------------------------------
+
+    def _start_step(self) -> None:
+        self._columns: list[Tensor] = []  # per-example squared norms (B,), one per parameter
+        self._groups: list[Tensor] = []  # the group of each, a tensor per layer
+        self._batch_size: int | None = None
+        self._backward_generation: int | None = None
+        self._backward_taps: set[int] = set()
+        self._invalid: str | None = None
+
+    def _invalidate(self, reason: str) -> None:
+        if self._invalid is None:
+            self._invalid = reason
+
+    def _on_forward_start(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not (self.active and model.training and torch.is_grad_enabled()):
+            return
+        self._generation += 1
+        self._in_forward = True
+        # The batch size: dimension 0 of the model's first tensor input, else of the first
+        # covered layer's input.
+        inputs = (*args, *kwargs.values())
+        first = next((t for t in inputs if isinstance(t, Tensor) and t.dim() > 0), None)
+        self._forward_batch = None if first is None else first.shape[0]
+        self._forward_ndim = 0 if first is None else first.dim()
+        for kept in self._pending:  # from a forward that never got its backward
+            kept.clear()
+        self._pending = []
+
+    def _on_forward_end(self, model: nn.Module, args: tuple, output: object) -> None:
+        self._in_forward = False
+
+    def _on_layer_forward(
+        self, tap: _Tap, module: nn.Module, args: tuple, kwargs: dict, output: object
+    ) -> None:
+        if not self.active:
+            return
+        start = time.perf_counter()
+        try:
+            self._layer_forward(tap, module, args, kwargs, output)
+        finally:
+            self.spent_s += time.perf_counter() - start
+
+    def _layer_forward(
+        self, tap: _Tap, module: nn.Module, args: tuple, kwargs: dict, output: object
+    ) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        name = tap.param_names[0]  # for messages
+        if not self._in_forward:
+            self._invalidate(f"{name}: layer ran outside the model's forward")
+            return
+        if tap.generation == self._generation:
+            self._exclude(tap, "layer called more than once per forward (per-example norms are not additive)")
+            self._invalidate(f"{name}: layer called more than once per forward")
+            return
+        tap.generation = self._generation
+        weight = tap.weight is not None and tap.weight.requires_grad
+        bias = tap.bias is not None and tap.bias.requires_grad
+        if not (weight or bias) or not isinstance(output, Tensor) or not output.requires_grad:
+            return
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, Tensor) or x.dim() < tap.batched_dims:
+            self._invalidate(f"{name}: input has no batch dimension")
+            return
+        if self._forward_batch is None:
+            self._forward_batch = x.shape[0]
+        reason = None
+        if x.shape[0] != self._forward_batch:  # e.g. a position embedding broadcast over the batch
+            reason = f"input dimension 0 is {x.shape[0]}, not the batch size {self._forward_batch}"
+        elif isinstance(module, nn.Embedding) and x.dim() == 1 and self._forward_ndim > 1:
+            # Most likely ``wpe(arange(T))`` with T equal to the batch size: excluded on suspicion.
+            reason = "1-d ids while the model input has more dimensions: taken as one lookup shared by the batch"
+        if reason is not None:
+            self._exclude(tap, reason + " (per-example norms need the batch in dimension 0)")
+            self._invalidate(f"{name}: {reason}")
+            return
+        kept = [tap.recipe.prepare(module, x.detach(), weight)]
+        self._pending.append(kept)
+        hook = partial(self._on_layer_backward, tap, kept, self._generation, x.shape[0], weight, bias)
+        output.register_hook(hook)
+
+    def _on_layer_backward(
+        self, tap: _Tap, kept: list, generation: int, batch_size: int, weight: bool, bias: bool, delta: Tensor
+    ) -> None:
+        start = time.perf_counter()
+        try:
+            self._layer_backward(tap, kept, generation, batch_size, weight, bias, delta)
+        finally:
+            self.spent_s += time.perf_counter() - start
+
+    def _layer_backward(
+        self, tap: _Tap, kept: list, generation: int, batch_size: int, weight: bool, bias: bool, delta: Tensor
+    ) -> None:
+        if self._removed:
+            return
+        if not kept:
+            self._invalidate(f"{tap.param_names[0]}: backward of a stale forward, or a second backward")
+            return
+        prepared = kept.pop()  # from here on only this call holds what the forward kept
+        if self._backward_generation is None:
+            self._backward_generation = generation
+            self._batch_size = batch_size
+        elif generation != self._backward_generation:
+            self._invalidate("several forwards or backward passes since the last pop()")
+        self._backward_taps.add(id(tap))
+        if self._invalid is not None:
+            return
+        if delta.requires_grad:  # a backward with create_graph=True
+            delta = delta.detach()
+        columns = tap.recipe.finish(tap.module, prepared, delta, weight, bias)
+        self._columns.extend(columns)
+        if self.n_groups > 1:
+            self._groups.append(tap.index_for(delta.device, weight, bias))
+
+    # ---- public --------------------------------------------------------------------------
+
+    def pop(self) -> tuple[int, Tensor] | None:
+        """(batch size, per-group sum_i |g_i|^2) accumulated since the last pop, or None.
+
+        The tensor has shape (n_groups,), lives on the parameters' device, is at least
+        float32, and is new each step. None when no backward ran, or when the step broke an
+        assumption; ``skip_reason`` then says which.
+        """
+        columns, groups, batch_size = self._columns, self._groups, self._batch_size
+        invalid, backward_taps = self._invalid, self._backward_taps
+        self._start_step()
+        if invalid is None and batch_size is not None:
+            invalid = self._check_gradient_sources(backward_taps)
+        if batch_size is None:
+            invalid = invalid or "no backward pass since the last pop()"
+        elif invalid is None and not columns:
+            invalid = "no covered parameter needed a gradient"
+        self.skip_reason = invalid
+        if invalid is not None:
+            return None
+        if self.n_groups == 1:
+            return batch_size, torch.cat(columns).sum(0, keepdim=True)
+        per_param = torch.stack(columns).sum(1)
+        return batch_size, per_param.new_zeros(self.n_groups).index_add_(0, torch.cat(groups), per_param)
+
+    def _check_gradient_sources(self, backward_taps: set[int]) -> str | None:
+        """Exclude layers whose parameters got gradients without their forward being seen."""
+        silent = [
+            tap for tap in self._taps
+            if id(tap) not in backward_taps and any(p.grad is not None for p in tap.params)
+        ]
+        for tap in silent:
+            self._exclude(
+                tap,
+                "parameters got gradients while the layer's forward was not seen "
+                "(used outside its forward, or run in eval mode)",
+            )
+        return f"{silent[0].param_names[0]}: gradient from outside the layer's forward" if silent else None
+
+    def remove(self) -> None:
+        """Remove every hook and drop what the hooks keep; safe to call more than once."""
+        if self._removed:
+            return
+        self._removed = True
+        for handle in self._handles:
+            handle.remove()
+        for tap in self._taps:
+            tap.handle.remove()
+        for kept in self._pending:
+            kept.clear()
+        self._pending = []
+        self._start_step()
+
+
+def _resolve_layers(layers: str | tuple[type[nn.Module], ...]) -> tuple[type[nn.Module], ...]:
+    if isinstance(layers, str):
+        if layers not in LAYER_SETS:
+            raise ValueError(
+                f"layers={layers!r} is not a known set; use one of {sorted(LAYER_SETS)} or a tuple of layer types."
+            )
+        return LAYER_SETS[layers]
+    if not isinstance(layers, tuple) or not layers:
+        raise TypeError("layers must be a name from LAYER_SETS or a non-empty tuple of layer types.")
+    for layer_type in layers:
+        if layer_type not in _SUPPORTED:
+            names = ", ".join(t.__name__ for t in _SUPPORTED)
+            raise ValueError(f"layers contains {layer_type!r}; the supported layer types are {names}.")
+    return layers
+
+
+def _group_lookup(
+    param_groups: Sequence[Iterable[nn.Parameter] | Mapping] | None,
+) -> tuple[dict[int, int] | None, int]:
+    """Map id(parameter) -> group index, and the number of groups; None for a single group."""
+    if param_groups is None:
+        return None, 1
+    if isinstance(param_groups, (str, Mapping)) or not isinstance(param_groups, Sequence) or not param_groups:
+        raise TypeError(
+            "param_groups must be a non-empty sequence of parameter iterables, such as optimizer.param_groups."
+        )
+    group_of: dict[int, int] = {}
+    for index, group in enumerate(param_groups):
+        for param in group["params"] if isinstance(group, Mapping) else group:
+            if not isinstance(param, nn.Parameter):
+                raise TypeError(
+                    f"param_groups[{index}] holds a {type(param).__name__}; each group must hold nn.Parameter objects."
+                )
+            if group_of.setdefault(id(param), index) != index:
+                raise ValueError(
+                    f"A parameter is in both param_groups[{group_of[id(param)]}] and param_groups[{index}]; "
+                    "give each parameter one group."
+                )
+    return group_of, len(param_groups)
+
+
+def _blocked_modules(model: nn.Module) -> dict[int, str]:
+    """Supported layers whose per-example gradient cannot be read from their forward: id -> reason."""
+    blocked: dict[int, str] = {}
+    transformer_layers = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention):
+            for child in module.modules():
+                blocked[id(child)] = "applied functionally inside MultiheadAttention, not through its forward"
+        elif isinstance(module, transformer_layers) and not module.self_attn.batch_first:
+            reason = f"inside {type(module).__name__} with batch_first=False (batch is not dimension 0)"
+            for child in module.modules():
+                blocked.setdefault(id(child), reason)
+        elif isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
+            blocked[id(module)] = (
+                "Embedding with scale_grad_by_freq=True (each example's gradient depends on the whole batch)"
+            )
+    return blocked

@@ -1,0 +1,106 @@
+"""A DistributedDataParallel job with a known noise scale, for torchrun on the CPU (gloo).
+
+Linear regression over a fixed population of POPULATION examples, held at fixed parameters
+(learning rate 0), so |G|^2 and tr(Sigma) are exact population values (see ``exact_noise``).
+Every rank draws its micro-batches i.i.d. with replacement from the whole population, with
+its own seed. With ``--accumulate m`` the first m-1 passes of a step run under ``no_sync()``.
+
+Run: python -m torch.distributed.run --standalone --nproc_per_node 2 tests/jobs/train_ddp.py
+"""
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+POPULATION, DIM = 2048, 128
+
+
+def problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs, targets and the fixed weights (float64): near, not at, the least-squares fit."""
+    gen = torch.Generator().manual_seed(1234)
+    inputs = torch.randn(POPULATION, DIM, generator=gen, dtype=torch.float64)
+    w_true = torch.randn(1, DIM, generator=gen, dtype=torch.float64)
+    targets = inputs @ w_true.T + torch.randn(POPULATION, 1, generator=gen, dtype=torch.float64)
+    weights = w_true + 0.07 * torch.randn(1, DIM, generator=gen, dtype=torch.float64)
+    return inputs, targets, weights
+
+
+def exact_noise() -> tuple[float, float]:
+    """Exact |G|^2 and tr(Sigma): the per-example gradient of (w.x - y)^2 is 2 (w.x - y) x."""
+    inputs, targets, weights = problem()
+    per_example = 2 * (inputs @ weights.T - targets) * inputs
+    mean = per_example.mean(0)
+    return float(mean @ mean), float((per_example - mean).square().sum(1).mean())
+
+
+def counting_allreduce(state: dict, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """A user's communication hook: DDP's standard all-reduce, counting its calls."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    state["calls"] += 1
+    return allreduce_hook(None, bucket)
+
+
+def main() -> int:
+    import bsmon
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per step (no_sync before the last)")
+    parser.add_argument("--micro-batch", type=int, default=128)
+    parser.add_argument("--noise", default="auto")
+    parser.add_argument("--comm-hook", choices=("none", "before", "after"), default="none",
+                        help="register counting_allreduce before or after bsmon.watch()")
+    parser.add_argument("--sleep", type=float, default=0.0, help="seconds to sleep per step")
+    parser.add_argument("--ready-file", help="rank 0 touches it after its first step")
+    parser.add_argument("--pid-dir", help="each rank writes rank<N>.pid there")
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    if args.pid_dir:
+        Path(args.pid_dir, f"rank{rank}.pid").write_text(str(os.getpid()))
+    inputs, targets, weights = problem()
+    module = nn.Linear(DIM, 1, bias=False).double()
+    with torch.no_grad():
+        module.weight.copy_(weights)
+    model = nn.parallel.DistributedDataParallel(module)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    hook_state = {"calls": 0}
+    if args.comm_hook == "before":
+        model.register_comm_hook(hook_state, counting_allreduce)
+    monitor = bsmon.watch(model, optimizer, noise=None if args.noise == "none" else args.noise,
+                          horizon_samples=1e12)  # fixed parameters: average over every step
+    if args.comm_hook == "after":
+        model.register_comm_hook(hook_state, counting_allreduce)
+
+    gen = torch.Generator().manual_seed(100 + rank)
+    for step in range(args.steps):
+        for micro in range(args.accumulate):
+            sync = micro == args.accumulate - 1
+            with contextlib.nullcontext() if sync else model.no_sync():
+                idx = torch.randint(0, POPULATION, (args.micro_batch,), generator=gen)
+                loss = F.mse_loss(model(inputs[idx]), targets[idx]) / args.accumulate
+                loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step == 0 and args.ready_file and rank == 0:
+            Path(args.ready_file).touch()
+        time.sleep(args.sleep)
+    monitor.close()
+    print(f"rank {rank}: trained {args.steps} steps, comm hook calls {hook_state['calls']}", flush=True)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

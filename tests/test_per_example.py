@@ -1,0 +1,583 @@
+"""Per-example squared gradient norms, checked against exact per-example gradients from torch.func."""
+
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from bsmon.probe.per_example import (
+    LAYER_SETS,
+    PerExampleNorms,
+    conv_sq_norms,
+    embedding_sq_norms,
+    layer_norm_sq_norms,
+    linear_sq_norms,
+    prefer_gram,
+)
+
+# torch.func has no batching rule for the CPU flash-attention kernel; it falls back, correctly, to a loop.
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+
+RTOL = 1e-6
+
+
+@pytest.fixture(autouse=True)
+def _float64_single_thread():
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_default_dtype(dtype)
+    torch.set_num_threads(threads)
+
+
+def squared_error(output, target):
+    return ((output.tanh() - target) ** 2).sum()
+
+
+def cross_entropy(logits, labels):
+    return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="sum")
+
+
+def exact_sq_norms(model, x, target, loss_fn):
+    """{parameter name: (B,) squared norm of the gradient of example i's loss}, from torch.func."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def example_loss(params, x_i, target_i):
+        return loss_fn(functional_call(model, params, (x_i.unsqueeze(0),)), target_i.unsqueeze(0))
+
+    grads = vmap(grad(example_loss), in_dims=(None, 0, 0))(params, x, target)
+    return {name: g.flatten(1).square().sum(1) for name, g in grads.items()}
+
+
+def layer_delta(layer, x, target, loss_fn=squared_error):
+    """delta = d(summed loss)/d(layer output), as the backward hands it to the layer."""
+    output = layer(x)
+    output.retain_grad()
+    loss_fn(output, target).backward()
+    return output.grad
+
+
+def check_layer(layer, x, norms_fn, loss_fn=squared_error, target=None):
+    """norms_fn(x, delta) -> (B, k) must match the exact per-example norms of weight, then bias."""
+    if target is None:
+        target = torch.randn_like(layer(x))
+    exact = exact_sq_norms(layer, x, target, loss_fn)
+    got = norms_fn(x, layer_delta(layer, x, target, loss_fn))
+    want = torch.stack([exact[name] for name in ("weight", "bias") if name in exact], 1)
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=0)
+
+
+def train_step(model, probe, x, target, loss_fn, reduction="sum"):
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn(model(x), target)
+    (loss / x.shape[0] if reduction == "mean" else loss).backward()
+    return probe.pop()
+
+
+def covered_total(exact, probe):
+    return sum(exact[name].sum() for name in probe.covered_names)
+
+
+def assert_step_matches(model, probe, x, target, loss_fn, exact):
+    popped = train_step(model, probe, x, target, loss_fn)
+    assert popped is not None, probe.skip_reason
+    batch, totals = popped
+    assert batch == x.shape[0]
+    torch.testing.assert_close(totals.sum(), covered_total(exact, probe), rtol=RTOL, atol=0)
+
+
+# ---- one layer at a time: per-example values ------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_non_sequence_input(bias):
+    layer = nn.Linear(5, 4, bias=bias)
+    check_layer(layer, torch.randn(6, 5), lambda x, d: linear_sq_norms(x, d, bias=bias))
+
+
+def test_linear_bias_alone():
+    layer = nn.Linear(5, 4)
+    x, target = torch.randn(6, 5), torch.randn(6, 4)
+    exact = exact_sq_norms(layer, x, target, squared_error)
+    got = linear_sq_norms(x, layer_delta(layer, x, target), weight=False)
+    torch.testing.assert_close(got[:, 0], exact["bias"], rtol=RTOL, atol=0)
+
+
+@pytest.mark.parametrize("gram", [True, False, None])
+@pytest.mark.parametrize("shape", [(4, 7, 5), (3, 2, 4, 5)])
+def test_linear_sequence_input_both_paths(gram, shape):
+    layer = nn.Linear(5, 6)
+    check_layer(layer, torch.randn(shape), lambda x, d: linear_sq_norms(x, d, gram=gram))
+
+
+def test_prefer_gram_compares_the_two_costs():
+    assert prefer_gram(positions=4, in_features=64, out_features=64)  # 4 * 128 < 64 * 64
+    assert not prefer_gram(positions=64, in_features=16, out_features=16)  # 64 * 32 > 16 * 16
+
+
+CONV2D_CASES = [
+    dict(kernel_size=3, stride=2, padding=1, dilation=2),
+    dict(kernel_size=(2, 3), stride=(2, 1), padding=(1, 2), groups=2),
+    dict(kernel_size=4, padding="same", dilation=2, padding_mode="reflect"),
+    dict(kernel_size=3, padding=1, padding_mode="circular", bias=False),
+    dict(kernel_size=3, padding="valid", groups=4),  # depthwise
+]
+
+
+@pytest.mark.parametrize("gram", [True, False])
+@pytest.mark.parametrize("options", CONV2D_CASES)
+def test_conv2d(options, gram):
+    layer = nn.Conv2d(4, 8, **options)
+    norms = partial(conv_sq_norms, layer, bias=layer.bias is not None, gram=gram)
+    check_layer(layer, torch.randn(3, 4, 9, 8), norms)
+
+
+CONV1D_CASES = [
+    dict(kernel_size=3, stride=2, padding=2, dilation=2),
+    dict(kernel_size=4, padding="same", padding_mode="replicate", groups=2),
+    dict(kernel_size=2, padding=1, padding_mode="circular", bias=False),
+]
+
+
+@pytest.mark.parametrize("gram", [True, False])
+@pytest.mark.parametrize("options", CONV1D_CASES)
+def test_conv1d(options, gram):
+    layer = nn.Conv1d(4, 6, **options)
+    norms = partial(conv_sq_norms, layer, bias=layer.bias is not None, gram=gram)
+    check_layer(layer, torch.randn(3, 4, 11), norms)
+
+
+@pytest.mark.parametrize(
+    "normalized_shape, x_shape, bias",
+    [(6, (5, 6), True), (6, (5, 7, 6), True), ((3, 6), (5, 2, 3, 6), False)],
+)
+def test_layer_norm(normalized_shape, x_shape, bias):
+    layer = nn.LayerNorm(normalized_shape, eps=0.1, bias=bias)
+    with torch.no_grad():  # away from the initial weight 1 and bias 0
+        layer.weight.normal_()
+    check_layer(layer, 3 * torch.randn(x_shape) + 1, lambda x, d: layer_norm_sq_norms(layer, x, d, bias=bias))
+
+
+@pytest.mark.parametrize("padding_idx", [None, 1])
+@pytest.mark.parametrize("ids_shape", [(6,), (4, 9), (3, 2, 5)])
+def test_embedding_with_repeated_tokens(padding_idx, ids_shape):
+    layer = nn.Embedding(5, 3, padding_idx=padding_idx)  # 5 ids over many positions: many repeats
+    ids = torch.randint(0, 5, ids_shape)
+    ids.view(-1)[:3] = 1  # padding_idx occurs for sure
+    check_layer(layer, ids, lambda i, d: embedding_sq_norms(layer, i, d), target=torch.randn(*ids_shape, 3))
+
+
+LOW_PRECISION_CASES = {  # name: (norms, input, delta)
+    "linear": (lambda x, d: linear_sq_norms(x, d), (5, 8), (5, 6)),
+    "linear sequence gram": (lambda x, d: linear_sq_norms(x, d, gram=True), (5, 2, 4), (5, 2, 3)),
+    "linear sequence materialised": (lambda x, d: linear_sq_norms(x, d, gram=False), (5, 2, 4), (5, 2, 3)),
+    "layer norm": (lambda x, d: layer_norm_sq_norms(nn.LayerNorm(4), x, d), (5, 2, 4), (5, 2, 4)),
+    "conv1d": (lambda x, d: conv_sq_norms(nn.Conv1d(2, 3, 3, padding=1), x, d), (5, 2, 4), (5, 3, 4)),
+    "embedding": (lambda x, d: embedding_sq_norms(nn.Embedding(3, 3), (x > 0).long(), d), (5, 4), (5, 4, 3)),
+}
+
+
+@pytest.mark.parametrize("case", LOW_PRECISION_CASES)
+def test_low_precision_inputs_are_summed_in_float32(case):
+    """bf16 values are exact in float32, so the sums must equal the float32 computation exactly."""
+    norms, x_shape, delta_shape = LOW_PRECISION_CASES[case]
+    x, delta = torch.randn(x_shape).bfloat16(), torch.randn(delta_shape).bfloat16()
+    got = norms(x, delta)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, norms(x.float(), delta.float()), rtol=0, atol=0)
+
+
+class DoubledLinear(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class RenamedLinear(nn.Linear):
+    pass
+
+
+def test_subclasses_are_covered_only_if_they_keep_the_forward():
+    probe = PerExampleNorms(nn.Sequential(DoubledLinear(3, 3), RenamedLinear(3, 2)))
+    assert probe.uncovered["0.weight"] == "unsupported layer DoubledLinear"
+    assert probe.covered_names == ["1.weight", "1.bias"]
+
+
+# ---- whole models through the hooks ---------------------------------------------------------
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_mlp_sum_and_mean_losses(reduction):
+    model = mlp()
+    x, labels = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    exact = exact_sq_norms(model, x, labels, cross_entropy)
+    probe = PerExampleNorms(model)
+    assert probe.covered_fraction == 1.0 and probe.uncovered == {}
+    batch, totals = train_step(model, probe, x, labels, cross_entropy, reduction)
+    assert not totals.requires_grad  # the hooks record nothing in the autograd graph
+    scale = 1.0 if reduction == "sum" else 1.0 / batch**2
+    torch.testing.assert_close(totals, torch.stack([covered_total(exact, probe)]) * scale, rtol=RTOL, atol=0)
+
+
+def test_loss_scale_cancels_between_per_example_and_batch_norms():
+    """S/B against |.grad|^2/B^2 (the B_small = 1 and B_big = B inputs) is the same for a sum and a mean."""
+    model, x, labels = mlp(), torch.randn(7, 6), torch.randint(0, 3, (7,))
+    probe = PerExampleNorms(model)
+    ratios = []
+    for reduction in ("sum", "mean"):
+        batch, totals = train_step(model, probe, x, labels, cross_entropy, reduction)
+        grad_sq = sum(p.grad.square().sum() for p in probe.covered_params)
+        ratios.append((totals.sum() / batch) / (grad_sq / batch**2))
+    torch.testing.assert_close(ratios[0], ratios[1], rtol=RTOL, atol=0)
+
+
+def test_sequence_model_takes_both_linear_paths():
+    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 2))
+    positions = 5
+    assert prefer_gram(positions, 12, 16) and not prefer_gram(positions, 16, 2)
+    x, target = torch.randn(4, positions, 12), torch.randn(4, positions, 2)
+    exact = exact_sq_norms(model, x, target, squared_error)
+    assert_step_matches(model, PerExampleNorms(model), x, target, squared_error, exact)
+
+
+def test_conv_net():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding="same", groups=2, bias=False),
+        nn.Flatten(),
+        nn.Linear(64, 3),
+    )
+    x, labels = torch.randn(5, 3, 8, 8), torch.randint(0, 3, (5,))
+    exact = exact_sq_norms(model, x, labels, cross_entropy)
+    assert_step_matches(model, PerExampleNorms(model), x, labels, cross_entropy, exact)
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab=11, d=8, tied=False, position_embedding=False):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(16, d) if position_embedding else None
+        self.block = nn.TransformerEncoderLayer(d, 2, 16, dropout=0.0, batch_first=True)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+        if tied:
+            self.head.weight = self.tok.weight
+
+    def forward(self, ids):
+        h = self.tok(ids)
+        if self.pos is not None:
+            h = h + self.pos(torch.arange(ids.shape[1]))  # looked up once, broadcast over the batch
+        return self.head(self.norm(self.block(h)))
+
+
+def lm_batch(batch=4, positions=6, vocab=11):
+    return torch.randint(0, vocab, (batch, positions)), torch.randint(0, vocab, (batch, positions))
+
+
+def test_transformer_block_covers_what_it_can():
+    model = TinyLM()
+    ids, labels = lm_batch()
+    exact = exact_sq_norms(model, ids, labels, cross_entropy)
+    probe = PerExampleNorms(model)
+    attention_params = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+    attention = {f"block.self_attn.{name}" for name in attention_params}
+    assert set(probe.uncovered) == attention
+    assert "MultiheadAttention" in probe.uncovered["block.self_attn.out_proj.weight"]
+    assert {"block.linear1.weight", "block.norm2.bias", "tok.weight", "head.bias"} <= set(probe.covered_names)
+    numel = {name: p.numel() for name, p in model.named_parameters()}
+    covered = sum(numel[name] for name in probe.covered_names)
+    assert probe.covered_fraction == pytest.approx(covered / sum(numel.values()))
+    assert_step_matches(model, probe, ids, labels, cross_entropy, exact)
+
+
+def test_norm_embed_covers_only_norms_and_embeddings():
+    model = TinyLM()
+    ids, labels = lm_batch()
+    exact = exact_sq_norms(model, ids, labels, cross_entropy)
+    probe = PerExampleNorms(model, "norm_embed")
+    norms = {f"{layer}.{name}" for layer in ("block.norm1", "block.norm2", "norm") for name in ("weight", "bias")}
+    assert set(probe.covered_names) == norms | {"tok.weight"}
+    assert probe.uncovered["head.weight"] == "layer Linear not in the chosen layer set"
+    assert LAYER_SETS["norm_embed"] == (nn.LayerNorm, nn.Embedding)
+    assert_step_matches(model, probe, ids, labels, cross_entropy, exact)
+
+
+def test_sequence_first_transformer_layer_is_uncovered():
+    model = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)  # batch_first=False
+    probe = PerExampleNorms(model)
+    assert probe.covered_params == []
+    assert "batch_first=False" in probe.uncovered["linear1.weight"]
+
+
+def test_position_embedding_broadcast_over_batch_is_excluded_at_run_time():
+    model = TinyLM(position_embedding=True)
+    ids, labels = lm_batch(batch=4, positions=6)
+    exact = exact_sq_norms(model, ids, labels, cross_entropy)
+    probe = PerExampleNorms(model)
+    assert "pos.weight" in probe.covered_names
+    assert train_step(model, probe, ids, labels, cross_entropy) is None
+    assert "pos.weight" in probe.skip_reason
+    assert "not the batch size 4" in probe.uncovered["pos.weight"]
+    assert "pos.weight" not in probe.covered_names
+    assert_step_matches(model, probe, ids, labels, cross_entropy, exact)
+
+
+def test_position_embedding_is_excluded_even_when_positions_equal_the_batch_size():
+    model = TinyLM(position_embedding=True)
+    ids, labels = lm_batch(batch=6, positions=6)
+    probe = PerExampleNorms(model)
+    assert train_step(model, probe, ids, labels, cross_entropy) is None
+    assert "1-d ids" in probe.uncovered["pos.weight"]
+
+
+def test_param_groups_break_the_sum_down():
+    model = mlp()
+    x, labels = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    exact = exact_sq_norms(model, x, labels, cross_entropy)
+    weights = [p for name, p in model.named_parameters() if name.endswith("weight")]
+    biases = [p for name, p in model.named_parameters() if name.endswith("bias")]
+    optimizer = torch.optim.SGD([{"params": weights}, {"params": biases, "weight_decay": 0.0}], lr=0.1)
+    probe = PerExampleNorms(model, param_groups=optimizer.param_groups)
+    assert probe.covered_groups == [0 if name.endswith("weight") else 1 for name in probe.covered_names]
+    _, totals = train_step(model, probe, x, labels, cross_entropy)
+    want = [sum(exact[n].sum() for n in probe.covered_names if n.endswith(kind)) for kind in ("weight", "bias")]
+    torch.testing.assert_close(totals, torch.stack(want), rtol=RTOL, atol=0)
+
+
+def test_parameters_outside_the_groups_are_uncovered():
+    model = mlp()
+    probe = PerExampleNorms(model, param_groups=[[model[0].weight]])
+    assert probe.covered_names == ["0.weight"]
+    assert probe.uncovered["2.bias"] == "not in any of the given param_groups"
+
+
+# ---- what must be excluded ------------------------------------------------------------------
+
+
+def test_tied_weights_are_uncovered():
+    model = TinyLM(tied=True)
+    ids, labels = lm_batch()
+    exact = exact_sq_norms(model, ids, labels, cross_entropy)
+    probe = PerExampleNorms(model)
+    assert "tied weight" in probe.uncovered["tok.weight"] and "head.weight" in probe.uncovered["tok.weight"]
+    assert "tok.weight" not in probe.covered_names and "head.bias" in probe.covered_names
+    assert_step_matches(model, probe, ids, labels, cross_entropy, exact)
+
+
+def test_layer_registered_twice_is_uncovered():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.Tanh(), shared, nn.Linear(4, 2))
+    probe = PerExampleNorms(model)
+    assert probe.covered_names == ["3.weight", "3.bias"]
+    assert "tied weight" in probe.uncovered["0.weight"]
+
+
+def test_unsupported_layers_are_reported():
+    model = nn.Sequential(nn.Conv3d(1, 2, 1), nn.Flatten(), nn.BatchNorm1d(2), nn.Linear(2, 2))
+    probe = PerExampleNorms(model)
+    assert probe.uncovered["0.weight"] == "unsupported layer Conv3d"
+    assert probe.uncovered["2.bias"] == "unsupported layer BatchNorm1d"
+    assert probe.covered_fraction == pytest.approx(6 / 14)  # Conv3d 4, BatchNorm1d 4, Linear 6
+
+
+def test_embedding_scaled_by_batch_frequency_is_uncovered():
+    probe = PerExampleNorms(nn.Embedding(5, 2, scale_grad_by_freq=True))
+    assert probe.covered_params == [] and "scale_grad_by_freq" in probe.uncovered["weight"]
+
+
+class CallsTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(self.inner(self.inner(x).tanh()))
+
+
+def test_layer_called_twice_per_forward_is_excluded_at_run_time():
+    model = CallsTwice()
+    x, target = torch.randn(5, 4), torch.randn(5, 2)
+    exact = exact_sq_norms(model, x, target, squared_error)
+    probe = PerExampleNorms(model)
+    assert train_step(model, probe, x, target, squared_error) is None
+    assert "more than once" in probe.skip_reason and "more than once" in probe.uncovered["inner.weight"]
+    assert probe.covered_names == ["out.weight", "out.bias"]
+    assert_step_matches(model, probe, x, target, squared_error, exact)
+
+
+class FunctionalUse(nn.Module):
+    """Holds a Linear but applies its weight functionally, as MultiheadAttention does with out_proj."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(F.linear(x, self.proj.weight, self.proj.bias).tanh())
+
+
+def test_parameters_used_outside_their_layer_are_excluded_at_run_time():
+    model = FunctionalUse()
+    x, target = torch.randn(5, 4), torch.randn(5, 2)
+    exact = exact_sq_norms(model, x, target, squared_error)
+    probe = PerExampleNorms(model)
+    assert train_step(model, probe, x, target, squared_error) is None
+    assert "outside its forward" in probe.uncovered["proj.weight"]
+    assert probe.covered_names == ["out.weight", "out.bias"]
+    assert_step_matches(model, probe, x, target, squared_error, exact)
+
+
+# ---- robustness -----------------------------------------------------------------------------
+
+
+def test_eval_and_no_grad_forwards_are_ignored():
+    model = mlp()
+    x, labels = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    exact = exact_sq_norms(model, x, labels, cross_entropy)
+    probe = PerExampleNorms(model)
+    model.zero_grad()
+    loss = cross_entropy(model(x), labels)
+    with torch.no_grad():
+        model(torch.randn(3, 6))
+    model.eval()
+    model(torch.randn(2, 6))
+    model.train()
+    loss.backward()
+    batch, totals = probe.pop()
+    torch.testing.assert_close(totals.sum(), covered_total(exact, probe), rtol=RTOL, atol=0)
+
+    model.eval()  # a backward through an eval-mode forward gives no per-example norms
+    model.zero_grad()
+    cross_entropy(model(x), labels).backward()
+    assert probe.pop() is None and probe.skip_reason == "no backward pass since the last pop()"
+    model.train()
+    assert probe.covered_fraction == 1.0
+
+
+def test_forward_without_backward_does_not_leak_into_the_next_step():
+    model = mlp()
+    x, labels = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    exact = exact_sq_norms(model, x, labels, cross_entropy)
+    probe = PerExampleNorms(model)
+    stale = cross_entropy(model(torch.randn(3, 6)), labels[:3])  # never backpropagated in its step
+    assert_step_matches(model, probe, x, labels, cross_entropy, exact)
+    stale.backward()  # its saved inputs were dropped when the next forward started
+    assert probe.pop() is None and "stale" in probe.skip_reason
+
+
+class KeywordInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.lin(input=x)
+
+
+def test_layer_called_with_a_keyword_input():
+    model = KeywordInput()
+    x, target = torch.randn(5, 4), torch.randn(5, 2)
+    exact = exact_sq_norms(model, x, target, squared_error)
+    assert_step_matches(model, PerExampleNorms(model), x, target, squared_error, exact)
+
+
+def test_layer_run_outside_the_model_forward_gives_none():
+    model = mlp()
+    probe = PerExampleNorms(model)
+    model.zero_grad()
+    cross_entropy(model(torch.randn(7, 6)), torch.randint(0, 3, (7,))).backward()
+    model[0](torch.randn(7, 6)).sum().backward()
+    assert probe.pop() is None and "outside the model's forward" in probe.skip_reason
+
+
+def test_unbatched_input_gives_none():
+    model = nn.Linear(3, 2)  # the model is itself the covered layer
+    probe = PerExampleNorms(model)
+    model(torch.randn(3)).sum().backward()
+    assert probe.pop() is None and "no batch dimension" in probe.skip_reason
+    model(torch.randn(4, 3)).sum().backward()
+    assert probe.pop()[0] == 4
+
+
+def test_several_backward_passes_give_none():
+    model = mlp()
+    x, labels = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    probe = PerExampleNorms(model)
+    model.zero_grad()
+    for part in (slice(0, 4), slice(4, 8)):  # gradient accumulation
+        cross_entropy(model(x[part]), labels[part]).backward()
+    assert probe.pop() is None and "several forwards or backward passes" in probe.skip_reason
+    assert probe.pop() is None and probe.skip_reason == "no backward pass since the last pop()"
+
+
+def test_parameter_frozen_after_construction_contributes_nothing():
+    model = mlp()
+    x, labels = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    exact = exact_sq_norms(model, x, labels, cross_entropy)
+    probe = PerExampleNorms(model)
+    model[2].bias.requires_grad_(False)
+    _, totals = train_step(model, probe, x, labels, cross_entropy)
+    want = covered_total(exact, probe) - exact["2.bias"].sum()
+    torch.testing.assert_close(totals.sum(), want, rtol=RTOL, atol=0)
+
+
+def test_backward_with_create_graph_records_nothing():
+    model = mlp()
+    x, labels = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    exact = exact_sq_norms(model, x, labels, cross_entropy)
+    probe = PerExampleNorms(model)
+    torch.autograd.grad(cross_entropy(model(x), labels), list(model.parameters()), create_graph=True)
+    _, totals = probe.pop()
+    assert not totals.requires_grad
+    torch.testing.assert_close(totals.sum(), covered_total(exact, probe), rtol=RTOL, atol=0)
+
+
+def test_autocast_bfloat16_sums_in_float32():
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).float()
+    x, labels = torch.randn(7, 6, dtype=torch.float32), torch.randint(0, 3, (7,))
+    exact = exact_sq_norms(model, x, labels, cross_entropy)
+    probe = PerExampleNorms(model)
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = cross_entropy(model(x), labels)
+    loss.backward()
+    _, totals = probe.pop()
+    assert totals.dtype == torch.float32
+    torch.testing.assert_close(totals.sum(), covered_total(exact, probe).float(), rtol=0.05, atol=0)
+
+
+def test_remove_restores_the_model():
+    model = TinyLM()
+    ids, labels = lm_batch()
+    probe = PerExampleNorms(model)
+    train_step(model, probe, ids, labels, cross_entropy)
+    probe.remove()
+    probe.remove()
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+    assert train_step(model, probe, ids, labels, cross_entropy) is None
+
+
+def test_bad_arguments_are_rejected_with_a_message():
+    model = mlp()
+    with pytest.raises(ValueError, match="not a known set"):
+        PerExampleNorms(model, "everything")
+    with pytest.raises(ValueError, match="supported layer types"):
+        PerExampleNorms(model, (nn.Conv3d,))
+    with pytest.raises(ValueError, match="both param_groups"):
+        PerExampleNorms(model, param_groups=[[model[0].weight], [model[0].weight]])
+    with pytest.raises(TypeError, match="nn.Parameter"):
+        PerExampleNorms(model, param_groups=[[torch.zeros(2)]])
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        PerExampleNorms(lambda x: x)
