@@ -209,6 +209,16 @@ def _export_session_csv(feed: Feed, info: store.SessionInfo) -> Path:
     return path
 
 
+def batch_breakdown(s) -> str:
+    """' = 4x32' (micro-batches x size), or ' = 2x32x8 ranks' under data parallelism; '' if trivial."""
+    ranks = s.world_size if getattr(s, "world_size", 1) and s.world_size > 1 else 1
+    micro = s.micro_batches or 1
+    if micro == 1 and ranks == 1:
+        return ""
+    size = s.batch_size // (micro * ranks)
+    return f" = {micro}x{size}" + (f"x{ranks} ranks" if ranks > 1 else "")
+
+
 def status_line(model: SessionModel, state: str) -> str:
     s = model.stats()
     unit = "tok" if s.unit == "tokens" else "samples"
@@ -216,8 +226,7 @@ def status_line(model: SessionModel, state: str) -> str:
              f"{fmt.si(s.samples_per_s)} {unit}/s",
              f"step {fmt.duration(s.step_time_p50_s)} (p95 {fmt.duration(s.step_time_p95_s)})"]
     if s.batch_size is not None:
-        parts.append(f"B {s.batch_size}" + (f" = {s.micro_batches}x{s.batch_size // s.micro_batches}"
-                                             if s.micro_batches and s.micro_batches > 1 else ""))
+        parts.append(f"B {s.batch_size}{batch_breakdown(s)}")
     if s.b_simple is not None:
         parts.append(f"B_simple {fmt.band(s.b_simple, s.b_simple_low, s.b_simple_high)} ({s.noise_estimator})")
     elif s.noise_reason:

@@ -81,6 +81,8 @@ class Stats:
     b_opt_speedup_high: float | None = None
     b_opt_reason: str | None = None
     lr_advice: str | None = None
+    lr_factor_sgd: float | None = None
+    lr_factor_adam: float | None = None
     b_opt_micro_batch: int | None = None
     b_opt_accumulation: int | None = None
     # Multi-process jobs. batch_size, samples_per_s and samples_seen above are global: rank 0's
@@ -359,7 +361,7 @@ class SessionModel:
     def _track_live_throughput(self, record: dict[str, Any]) -> None:
         """Steady-state step time per batch size (samples per optimizer step), after a warm-up
         at each new size. This is the job's own r(B), in its configuration (accumulation included)."""
-        size = record["n"]
+        size = record["n"] * self._data_parallel  # the global batch, as B_simple is global
         if size <= 0 or record["dt"] <= 0:
             return
         if size != self._batch_size:
@@ -391,7 +393,7 @@ class SessionModel:
         self._recommended_version = self._points_version
         noise = self._noise.result()
         points = self.throughput_points()
-        current = self._last["n"] * self._unit_scale if self._last else None
+        current = self._last["n"] * self._data_parallel * self._unit_scale if self._last else None
         if len({p.batch_size for p in points}) < 2:
             self._recommend_reason = NO_PROFILE_REASON
             return
@@ -536,6 +538,7 @@ class SessionModel:
             return {"b_opt_reason": self._recommend_reason}
         return {"b_opt": rec.batch_size, "b_opt_speedup": rec.speedup, "b_opt_speedup_low": rec.speedup_low,
                 "b_opt_speedup_high": rec.speedup_high, "b_opt_reason": rec.reason, "lr_advice": rec.lr_advice,
+                "lr_factor_sgd": rec.lr_factor_sgd, "lr_factor_adam": rec.lr_factor_adam,
                 "b_opt_micro_batch": rec.micro_batch, "b_opt_accumulation": rec.accumulation}
 
 

@@ -111,7 +111,7 @@ def _microbatch_estimate(steps, micro_batches, micro_batch):
         model.weight.copy_(weights)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     gen = torch.Generator().manual_seed(7)
-    with bsmon.watch(model, optimizer, noise="microbatch", horizon_samples=1e12) as monitor:
+    with bsmon.watch(model, optimizer, noise="microbatch", horizon_samples=1e12, noise_budget=1.0) as monitor:
         for _ in range(steps):
             for _ in range(micro_batches):
                 idx = torch.randint(0, train_ddp.POPULATION, (micro_batch,), generator=gen)
@@ -219,7 +219,7 @@ def _noise_payloads(monitor):
 def test_user_hook_registered_after_watch_runs_inside_bsmons(one_rank_group):
     model, optimizer = _ddp_linear()
     state = {"calls": 0}
-    with bsmon.watch(model, optimizer, noise="ddp") as monitor:
+    with bsmon.watch(model, optimizer, noise="ddp", noise_budget=1.0) as monitor:
         model.register_comm_hook(state, train_ddp.counting_allreduce)
         with pytest.raises(RuntimeError, match="can only be called once"):
             model.register_comm_hook(state, train_ddp.counting_allreduce)

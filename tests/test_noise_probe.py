@@ -13,6 +13,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import bsmon
+import bsmon.store
 
 N_EXAMPLES = 2048
 
@@ -56,7 +57,7 @@ def estimate(kind: str, noise: str, steps: int, micro: int, accumulate: int, los
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     sampler = torch.Generator().manual_seed(seed)
     reduction = "sum" if summed else "mean"
-    with bsmon.watch(model, optimizer, noise=noise, horizon_samples=1e12) as monitor:
+    with bsmon.watch(model, optimizer, noise=noise, horizon_samples=1e12, noise_budget=1.0) as monitor:
         for _ in range(steps):
             for _ in range(accumulate):
                 idx = torch.randint(0, N_EXAMPLES, (micro,), generator=sampler)
@@ -99,7 +100,7 @@ def test_b_simple_rises_as_the_loss_falls_in_real_training():
     model = nn.Linear(20, 5)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     early = late = None
-    with bsmon.watch(model, optimizer, horizon_samples=20_000) as monitor:
+    with bsmon.watch(model, optimizer, horizon_samples=20_000, noise_budget=1.0) as monitor:
         for step in range(1, 1201):
             for _ in range(2):
                 idx = torch.randint(0, 20_000, (32,), generator=g)
@@ -118,3 +119,25 @@ def test_b_simple_rises_as_the_loss_falls_in_real_training():
     full_loss_early_to_late = late.b_simple / early.b_simple
     assert full_loss_early_to_late > 3, (early.b_simple, late.b_simple)
     assert late.b_simple_low > early.b_simple_high  # the rise is beyond the uncertainty
+
+
+def test_the_cost_budget_measures_fewer_steps_and_stays_unbiased():
+    """A tiny CPU model: measuring every step would cost far more than 1% of the time."""
+    torch.set_num_threads(1)
+    model, x, y, loss_fn = _problem("softmax")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    sampler = torch.Generator().manual_seed(3)
+    with bsmon.watch(model, optimizer, noise="microbatch", horizon_samples=1e12, noise_budget=0.05) as monitor:
+        for _ in range(4000):
+            for _ in range(4):
+                idx = torch.randint(0, N_EXAMPLES, (16,), generator=sampler)
+                (loss_fn(model(x[idx]), y[idx]) / 4).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    records, _ = bsmon.store.read_records(bsmon.store.resolve_session(monitor.session_id).records_path)
+    measured = sum("noise" in r for r in records if r["k"] == "step")
+    assert 20 < measured < 2000, measured  # a fraction of the 4000 steps
+    stats = monitor.stats()
+    assert stats.noise_steps == measured
+    exact = exact_b_simple(model, x, y, loss_fn)
+    assert stats.b_simple_low <= exact <= stats.b_simple_high

@@ -238,7 +238,7 @@ def test_profile_inside_a_watched_job_is_streamed_and_drives_the_recommendation(
         optimizer.step()
         optimizer.zero_grad()
 
-    with bsmon.watch(model, optimizer) as monitor:
+    with bsmon.watch(model, optimizer, noise_budget=1.0) as monitor:
         result = bsmon.profile(step_fn, [4, 8, 16, 32], steps=3, warmup=1)
         _train(model, optimizer, monitor, steps=40, accumulate=2, micro=8)
         time.sleep(0.2)

@@ -58,7 +58,7 @@ def train(home, *, steps, accumulate, noise="auto"):
                                  {"params": model[2].parameters(), "lr": 0.02}], lr=0.05)
     x = torch.randn(512, 8)
     y = x @ torch.randn(8, 1) + 0.3 * torch.randn(512, 1)
-    with watch(model, optimizer, name="tiny", noise=noise) as monitor:
+    with watch(model, optimizer, name="tiny", noise=noise, noise_budget=1.0) as monitor:
         for _ in range(steps):
             for _ in range(accumulate):
                 idx = torch.randint(0, 512, (16,))

@@ -265,6 +265,7 @@ class DdpNormHook:
         self._inner: tuple[Callable, Any] = (allreduce_hook, ddp.process_group)
         self._user_hook = False
         self.active = True
+        self.spent_s = 0.0  # host seconds spent measuring, for the probe's cost budget
         self._local: list[torch.Tensor] = []
         self._averaged: list[torch.Tensor] = []
         self._fired = False
@@ -298,13 +299,17 @@ class DdpNormHook:
         inner, inner_state = self._inner
         if not self.active:
             return inner(inner_state, bucket)
+        start = time.perf_counter()
         self._local.append(_sq_norm(bucket.buffer()))  # before the inner hook: it may divide in place
         self._fired = True
+        self.spent_s += time.perf_counter() - start
         return inner(inner_state, bucket).then(self._after_reduce)
 
     def _after_reduce(self, future: torch.futures.Future) -> Any:
+        start = time.perf_counter()
         value = future.value()
         self._averaged.append(_sq_norm(value if isinstance(value, torch.Tensor) else value[0]))
+        self.spent_s += time.perf_counter() - start
         return value
 
     def synced(self) -> bool:

@@ -39,7 +39,7 @@ from bsmon import store, wire
 from bsmon.model import SessionModel, Stats
 from bsmon.probe import distributed
 from bsmon.probe.deferred import Deferred
-from bsmon.probe.noise import NoiseProbe, check_mode
+from bsmon.probe.noise import MEASURE_BUDGET, NoiseProbe, check_mode
 from bsmon.probe.publisher import Publisher
 
 UNITS = ("samples", "tokens")
@@ -104,7 +104,7 @@ class Monitor:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int | None,
                  unit: str, tokens_per_sample: int | None, name: str | None, noise: str | None,
                  layers: str | tuple[type, ...], horizon_samples: float | None,
-                 profile: dict[str, Any] | None) -> None:
+                 profile: dict[str, Any] | None, noise_budget: float) -> None:
         self._model = model
         self._optimizer = optimizer
         self._fixed_batch = batch_size
@@ -147,7 +147,7 @@ class Monitor:
         if writer is not None and writer.error is not None:
             self._warn(f"cannot record the session in {writer.path.parent}: {writer.error}. "
                        "Training continues; attach a monitor to watch it live.")
-        self._noise = NoiseProbe(model, optimizer, noise, layers, self._publisher.submit)
+        self._noise = NoiseProbe(model, optimizer, noise, layers, self._publisher.submit, noise_budget)
         self._ranks = (distributed.RankReporter(identity, self._publisher.submit if leader else None)
                        if identity.world_size > 1 else None)
         if profile is not None:
@@ -227,7 +227,7 @@ class Monitor:
         samples = self._fixed_batch if self._fixed_batch is not None else sum(micro)
         record = {"k": "step", "step": self._step, "t": time.time(), "dt": now - start,
                   "n": samples, "mb": max(1, len(micro)), "dropped": self._publisher.dropped}
-        noise = self._noise.end_step(micro)
+        noise = self._noise.end_step(micro, now - start)
         if noise is not None:
             record["noise"] = noise
         if self._ranks is not None and self._backward_end > start:
@@ -358,7 +358,8 @@ class Monitor:
 def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int | None = None,
           unit: str = "samples", tokens_per_sample: int | None = None, name: str | None = None,
           noise: str | None = "auto", layers: str | tuple[type, ...] = "all",
-          horizon_samples: float | None = None, profile: Any = None) -> Monitor:
+          horizon_samples: float | None = None, profile: Any = None,
+          noise_budget: float = MEASURE_BUDGET) -> Monitor:
     """Instrument a training loop; returns the :class:`Monitor`.
 
     ``batch_size`` fixes the samples per optimizer step (otherwise inferred from
@@ -371,6 +372,9 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int
     the averaging horizon of the noise scale. ``profile`` is a throughput profile
     (a ``bsmon.Profile``, or the id/path of one saved by ``bsmon sweep``; default:
     ``$BSMON_PROFILE``) that the optimal batch size uses from the first step.
+    ``noise_budget`` is the share of training time the noise measurement may take
+    (default 1%): steps are measured while it holds, so a cheap measurement (a GPU)
+    runs every step and a costly one (a small CPU model) every k-th; 1.0 measures all.
     """
     global _active
     if not isinstance(model, nn.Module):
@@ -385,6 +389,8 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int
         raise ValueError(f"batch_size={batch_size!r}: give a positive int (samples per optimizer step) or None")
     if horizon_samples is not None and not horizon_samples > 0:
         raise ValueError(f"horizon_samples={horizon_samples!r} must be positive")
+    if not (isinstance(noise_budget, (int, float)) and 0 < noise_budget <= 1):
+        raise ValueError(f"noise_budget={noise_budget!r}: give the share of training time, in (0, 1]")
     check_mode(model, noise)
     profile_dict = _profile_dict(profile)
     with _active_lock:
@@ -394,7 +400,7 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int
                 "call close() on that monitor before watching again")
         _active = Monitor(model, optimizer, batch_size=batch_size, unit=unit,
                           tokens_per_sample=tokens_per_sample, name=name, noise=noise, layers=layers,
-                          horizon_samples=horizon_samples, profile=profile_dict)
+                          horizon_samples=horizon_samples, profile=profile_dict, noise_budget=noise_budget)
         return _active
 
 

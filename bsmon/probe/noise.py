@@ -23,6 +23,8 @@ hands them to the background thread.
 
 from __future__ import annotations
 
+import time
+
 from typing import Any, Callable, Sequence
 
 import torch
@@ -30,6 +32,11 @@ from torch import nn
 
 from bsmon.probe import distributed
 from bsmon.probe.deferred import Deferred
+
+#: The share of the training thread's time the noise measurement may take (see NoiseProbe.end_step).
+MEASURE_BUDGET = 0.01
+#: Steps measured unconditionally at the start, so an estimate exists early (a one-off cost).
+WARMUP_MEASUREMENTS = 30
 
 MODES = ("auto", "microbatch", "per_example", "ddp", None)
 
@@ -114,7 +121,8 @@ class NoiseProbe:
     """Chooses the estimator and collects its raw norms, one payload per step."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, mode: str | None,
-                 layers: str | tuple[type, ...], announce: Callable[[dict], None]) -> None:
+                 layers: str | tuple[type, ...], announce: Callable[[dict], None],
+                 budget: float = MEASURE_BUDGET) -> None:
         check_mode(model, mode)
         self.mode = mode
         self._model = model
@@ -127,6 +135,12 @@ class NoiseProbe:
         self._ddp_hook: distributed.DdpNormHook | None = None
         self._passes: list[torch.Tensor | None] = []  # None: the pass that synchronised (ddp)
         self._current: tuple[str | None, str | None] | None = None
+        self.budget = budget
+        self._measuring = True  # whether the current step is measured
+        self._spent_s = 0.0  # host seconds spent in after_backward's norms
+        self._retired_spent_s = 0.0  # the same, by per-example hooks since removed
+        self._trained_s = 0.0
+        self._measured_steps = 0
         if mode is None:
             self._set_estimator(None, REASON_OFF)
         elif mode == "per_example":
@@ -138,19 +152,48 @@ class NoiseProbe:
     # -- training-thread hooks -------------------------------------------------
     def after_backward(self) -> None:
         """Called once at the end of every backward pass."""
-        if self.mode is None:
+        if self.mode is None or not self._measuring:
             return
+        start = time.perf_counter()
         if self._ddp_hook is not None and self._ddp_hook.synced():
             # .grad is mid-all-reduce here (before or after it, depending on DDP's settings)
             self._passes.append(None)
         else:
             self._passes.append(grad_sq_norms(self._measured))
+        self._spent_s += time.perf_counter() - start
 
-    def end_step(self, micro_sizes: Sequence[int]) -> dict | None:
-        """The step's noise payload (values still on the device), or None."""
-        passes, self._passes = self._passes, []
-        if self.mode is None:
-            return None
+    def end_step(self, micro_sizes: Sequence[int], step_time_s: float) -> dict | None:
+        """The step's noise payload (values still on the device), or None.
+
+        Measuring costs the training thread a norm per backward pass (and per-example or
+        all-reduce hooks); on a CPU that can be a tenth of a step. So a step is measured only
+        while the measuring time so far stays within MEASURE_BUDGET of the training time: a
+        GPU job, whose measurements are tiny kernel launches, measures every step; a CPU job
+        every k-th. The first WARMUP_MEASUREMENTS steps are always measured, so an estimate
+        exists early. Unmeasured steps still count towards the averaging horizon (in samples).
+        """
+        measured, passes, self._passes = self._measuring, self._passes, []
+        self._trained_s += step_time_s
+        payload = self._payload(passes, micro_sizes) if measured and self.mode is not None else None
+        self._measured_steps += measured
+        self._measuring = (self._measured_steps < WARMUP_MEASUREMENTS
+                           or self._measuring_cost() <= self.budget * self._trained_s)
+        if self._per_example is not None:
+            self._per_example.active = self._measuring
+        if self._ddp_hook is not None:
+            self._ddp_hook.active = self._measuring
+        return payload
+
+    def _measuring_cost(self) -> float:
+        """Host seconds spent measuring so far, by every part of the estimator."""
+        cost = self._spent_s + self._retired_spent_s
+        if self._per_example is not None:
+            cost += self._per_example.spent_s
+        if self._ddp_hook is not None:
+            cost += self._ddp_hook.spent_s
+        return cost
+
+    def _payload(self, passes: list[torch.Tensor | None], micro_sizes: Sequence[int]) -> dict | None:
         if self.mode == "ddp":
             return self._ddp_payload(passes, micro_sizes)
         m = len(passes)
@@ -165,9 +208,8 @@ class NoiseProbe:
             if self._per_example is None:
                 self._install_per_example()  # auto: first single-pass step; data from the next one
                 return None
-            if not self._per_example.covered_params:
-                return None
             if per_example is None:
+                self._follow_coverage()  # a step that broke an assumption may have excluded layers
                 return None
             batch, pe_groups = per_example
             return {"est": "per_example", "batch": int(batch),
@@ -224,8 +266,22 @@ class NoiseProbe:
             self._set_estimator("per_example", None, covered_fraction=norms.covered_fraction,
                                 uncovered=norms.uncovered, layers=self._layers_name())
 
+    def _follow_coverage(self) -> None:
+        """Measure |.grad|^2 over exactly the parameters the per-example norms still cover."""
+        norms = self._per_example
+        covered = {id(p) for p in norms.covered_params}
+        if len(covered) == sum(len(group) for group in self._measured):
+            return
+        self._measured = [[p for p in group if id(p) in covered] for group in self._group_params]
+        if covered:
+            self._set_estimator("per_example", None, covered_fraction=norms.covered_fraction,
+                                uncovered=norms.uncovered, layers=self._layers_name())
+        else:
+            self._set_estimator(None, REASON_NO_COVERAGE, uncovered=norms.uncovered)
+
     def _remove_per_example(self) -> None:
         if self._per_example is not None:
+            self._retired_spent_s += self._per_example.spent_s
             self._per_example.remove()
             self._per_example = None
         self._measured = self._group_params

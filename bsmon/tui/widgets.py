@@ -510,10 +510,14 @@ class NoiseChart(Chart):
         plt = self.plt
         log = _y_scale(plt, *(ys for _, ys in series))
         (b_x, b_y), low, high, batch = series
-        plt.scatter(*_points(*low, log), marker="braille", color="gray", label="95% band")
-        plt.scatter(*_points(*high, log), marker="braille", color="gray")
+        band_low, band_high = _points(*low, log), _points(*high, log)
+        if band_low[0]:  # plotext cannot draw a labelled series without points
+            plt.scatter(*band_low, marker="braille", color="gray", label="95% band")
+            plt.scatter(*band_high, marker="braille", color="gray")
         self.trace(*_points(b_x, b_y, log), color="magenta", label="B_simple")
-        self.trace(*_points(*batch, log), color="green", label="batch")
+        batch_points = _points(*batch, log)
+        if batch_points[0]:
+            self.trace(*batch_points, color="green", label="batch")
         plt.xlabel("step")
 
 
