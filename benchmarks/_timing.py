@@ -8,7 +8,8 @@ Method (the same for every benchmark here):
 * They run interleaved: every round runs each variant in turn, in an order that rotates from
   round to round; the first ``warmup_rounds`` rounds are discarded. A variant's context (e.g.
   ``watch()`` ... ``close()``) is entered and left around its turn in every round, outside the
-  timed region, and each turn starts with ``warmup_s`` of untimed steps.
+  timed region, and each turn starts with untimed steps: STARTUP_STEPS (past the noise
+  estimator's start-up, which measures its first steps whatever they cost), then ``warmup_s``.
 * A turn is timed as ``chunks`` chunks of whole steps lasting at least ``chunk_s`` each; a
   chunk's figure is its mean step time (elapsed / steps). A chunk spans several wake-ups of
   the probe's 50 ms background thread, so it carries that amortised cost, which a median of
@@ -39,6 +40,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ContextManager
 
 import numpy as np
+
+from bsmon.probe.noise import WARMUP_MEASUREMENTS
 import torch
 
 BOOTSTRAP_RESAMPLES = 4000
@@ -159,6 +162,11 @@ def timed_chunk(step: Callable[[], None], duration_s: float) -> tuple[float, flo
     return (now - start) / steps, (time.process_time() - cpu_start) / steps
 
 
+#: Steps every turn runs before its warm-up: past the noise estimator's start-up, which measures
+#: its first steps whatever they cost (a one-off in a real job, but each turn here is a new watch).
+STARTUP_STEPS = WARMUP_MEASUREMENTS + 5
+
+
 def run_rounds(step: Callable[[], None], variants: Sequence[Variant], budget: Budget,
                label: str = "") -> Rounds:
     """Seconds per step of every variant in every kept round (see the module docstring)."""
@@ -168,6 +176,8 @@ def run_rounds(step: Callable[[], None], variants: Sequence[Variant], budget: Bu
         shift = index % len(variants)
         for variant in [*variants[shift:], *variants[:shift]]:
             with variant.context():
+                for _ in range(STARTUP_STEPS):
+                    step()
                 timed_chunk(step, budget.warmup_s)
                 gc.collect()
                 chunks = np.array([timed_chunk(step, budget.chunk_s) for _ in range(budget.chunks)])

@@ -13,6 +13,11 @@ The ratios include the whole probe, not just the estimator, because that is what
                   a 4x MLP, width 128, 4 heads, 64 tokens, batch 8), noise="per_example" with
                   layers="all" and layers="norm_embed" (LayerNorm and Embedding parameters only).
 
+Every estimator is timed twice: as users get it, measuring within its cost budget
+(watch(noise_budget=0.01): a step is measured while measuring has cost at most 1% of the
+training time), and measuring every step (noise_budget=1.0), which is what the measurement
+itself costs. The issue's targets are checked against both.
+
 Before timing, each watched variant runs a few steps under a fresh watch and prints what
 Monitor.stats() says: the estimator in use, the fraction of trainable parameters it covers
 and how many steps it measured, so a variant that silently measured nothing would show.
@@ -105,6 +110,19 @@ def watched_variant(name: str, model: nn.Module, optimizer: torch.optim.Optimize
     return Variant(name, lambda: watching(model, optimizer, **watch_kwargs))
 
 
+def budget_and_every_step(name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+                          step: Callable[[], None], **watch_kwargs) -> list[Variant]:
+    """The estimator as users get it (measuring within its 1% cost budget), and measuring every step."""
+    return [watched_variant(name, model, optimizer, step, **watch_kwargs),
+            watched_variant(f"{name}, every step", model, optimizer, step, noise_budget=1.0, **watch_kwargs)]
+
+
+def compare_both(rounds, variants: list[Variant], target: float, case: str) -> list:
+    default, every_step = variants
+    return [compare(rounds, "no bsmon", default.name, target, case=case),
+            compare(rounds, "no bsmon", every_step.name, target, case=f"{case}, every step")]
+
+
 def main() -> None:
     budget = parse_budget(__doc__, quick=QUICK, full=FULL)
     rows = []
@@ -113,24 +131,22 @@ def main() -> None:
         print(budget.describe())
 
         model, optimizer, step = make_mlp_loop(micro_batches=MICRO_BATCHES)
-        watched = watched_variant("micro-batch", model, optimizer, step, noise="microbatch")
-        rounds = run_rounds(step, [Variant("no bsmon"), watched], budget, label="micro-batch")
-        rows.append(compare(rounds, "no bsmon", watched.name, 1.02,
-                            case=f"micro-batch, MLP, {MICRO_BATCHES} micro-batches"))
+        watched = budget_and_every_step("micro-batch", model, optimizer, step, noise="microbatch")
+        rounds = run_rounds(step, [Variant("no bsmon"), *watched], budget, label="micro-batch")
+        rows += compare_both(rounds, watched, 1.02, f"micro-batch, MLP, {MICRO_BATCHES} micro-batches")
 
         model, optimizer, step = make_mlp_loop()
-        watched = watched_variant("per-example", model, optimizer, step, noise="per_example")
-        rounds = run_rounds(step, [Variant("no bsmon"), watched], budget, label="per-example MLP")
-        rows.append(compare(rounds, "no bsmon", watched.name, 1.10, case="per-example, MLP"))
+        watched = budget_and_every_step("per-example", model, optimizer, step, noise="per_example")
+        rounds = run_rounds(step, [Variant("no bsmon"), *watched], budget, label="per-example MLP")
+        rows += compare_both(rounds, watched, 1.10, "per-example, MLP")
 
         model, optimizer, step = make_transformer_loop()
-        every_layer = watched_variant("all", model, optimizer, step, noise="per_example")
-        norm_embed = watched_variant("norm_embed", model, optimizer, step, noise="per_example",
-                                     layers="norm_embed")
-        rounds = run_rounds(step, [Variant("no bsmon"), every_layer, norm_embed], budget, label="transformer")
-        rows.append(compare(rounds, "no bsmon", "all", 1.25, case="per-example, transformer, layers=all"))
-        rows.append(compare(rounds, "no bsmon", "norm_embed", 1.05,
-                            case="per-example, transformer, layers=norm_embed"))
+        every_layer = budget_and_every_step("all", model, optimizer, step, noise="per_example")
+        norm_embed = budget_and_every_step("norm_embed", model, optimizer, step, noise="per_example",
+                                           layers="norm_embed")
+        rounds = run_rounds(step, [Variant("no bsmon"), *every_layer, *norm_embed], budget, label="transformer")
+        rows += compare_both(rounds, every_layer, 1.25, "per-example, transformer, layers=all")
+        rows += compare_both(rounds, norm_embed, 1.05, "per-example, transformer, layers=norm_embed")
     print_table("Step time against the same loop without bsmon", rows)
 
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from bsmon import fmt, store
+from bsmon import fmt, store, wire
 from bsmon.client import Feed, wait_for_session
 from bsmon.model import SessionModel
 
@@ -93,8 +93,6 @@ def record_exit(info: store.SessionInfo, code: int) -> None:
     last_bye = next((r for r in reversed(records) if r["k"] == "bye"), None)
     if last_bye is not None and last_bye.get("code") == code:
         return
-    from bsmon import wire
-
     status = "finished" if code == 0 else "failed"
     bye = {"k": "bye", "t": time.time(), "status": status, "code": code,
            "error": (last_bye or {}).get("error") or (None if code == 0 else f"exit code {code}")}

@@ -43,6 +43,10 @@ RECOMMEND_EVERY = 10
 #: for this long, or for this many of the ranks' median step time if that is longer.
 RANK_SILENCE_S = 30.0
 RANK_SILENCE_STEPS = 20
+#: Mean GPU utilisation below this over the last LOW_UTIL_SAMPLES readings of a running job
+#: suggests the GPU waits for its input.
+LOW_GPU_UTIL_PCT = 50.0
+LOW_UTIL_SAMPLES = 10
 NO_PROFILE_REASON = ("no throughput profile yet: call bsmon.profile(step_fn) in the job, run "
                      "`bsmon sweep -- python script.py` and pass --profile, or change the batch size during the run")
 
@@ -75,6 +79,7 @@ class Stats:
     efficiency: float | None = None
     noise_groups: tuple[tuple[str, NoiseScale], ...] = ()
     recording_error: str | None = None
+    gpu_hints: tuple[str, ...] = ()
     b_opt: int | None = None
     b_opt_speedup: float | None = None
     b_opt_speedup_low: float | None = None
@@ -374,6 +379,37 @@ class SessionModel:
         if len(times) == LIVE_MIN_STEPS:
             self._points_version += 1  # a new size became a point
 
+    def memory_per_sample_bytes(self) -> float | None:
+        """Peak memory per sample: the slope of the throughput profile's peak memory against batch size."""
+        points = [(p.batch_size, p.peak_memory_bytes) for p in self.throughput_points()
+                  if p.source == "profile" and p.peak_memory_bytes is not None]
+        if len({size for size, _ in points}) < 2:
+            return None
+        sizes, memory = np.array(points, dtype=float).T
+        slope = float(np.polyfit(sizes, memory, 1)[0])
+        return slope if slope > 0 else None
+
+    def gpu_hints(self) -> tuple[str, ...]:
+        """What the GPU readings say about the batch: memory headroom, and a GPU waiting for input."""
+        if self.gpu is None or not self.gpu.gpus:
+            return ()
+        hints = []
+        per_sample = self.memory_per_sample_bytes()
+        free_mib = [g.mem_total_mib - g.mem_used_mib for g in self.gpu.gpus
+                    if g.mem_total_mib is not None and g.mem_used_mib is not None]
+        if per_sample and free_mib:
+            room = int(min(free_mib) * 2**20 // per_sample)
+            hints.append(f"room for about {room:,} more samples per micro-batch "
+                         f"(the profile's peak memory grows {per_sample / 2**20:.3g} MiB a sample)")
+        util = self.history.gpu_fields.get("gpu_util_pct") if self.history is not None else None
+        if util is not None and len(util) >= LOW_UTIL_SAMPLES and self.bye is None:
+            recent = np.array(util[-LOW_UTIL_SAMPLES:])
+            mean = float(np.nanmean(recent)) if np.isfinite(recent).any() else math.nan
+            if mean < LOW_GPU_UTIL_PCT:
+                hints.append(f"GPU busy only {mean:.0f}% of the time while training: input-bound? Check the data "
+                             "loader (num_workers, pin_memory, prefetching) before raising the batch size")
+        return tuple(hints)
+
     def throughput_points(self) -> list[ThroughputPoint]:
         """The profile's points, then live steady-state points (in the session's unit)."""
         scale = self._unit_scale
@@ -517,6 +553,7 @@ class SessionModel:
             noise_groups=tuple((label, t.result()) for label, t in zip(labels, self._group_noise))
             if len(labels) > 1 else (),
             recording_error=self._recording_error,
+            gpu_hints=self.gpu_hints(),
             **self._recommendation_fields(),
             local_batch_size=local_batch,
             **self._rank_fields(),

@@ -102,3 +102,32 @@ def test_throughput_now_uses_recent_wall_time():
     stats = model.stats()
     assert stats.samples_per_s == pytest.approx(500.0)
     assert stats.step_time_p50_s == pytest.approx(0.1) and stats.samples_seen == 5000
+
+
+def _gpu_record(t, util, used=9000.0, total=10000.0):
+    from bsmon.gpu import GpuReading, GpuSnapshot
+
+    fields = dict.fromkeys(GpuReading.__dataclass_fields__)
+    fields.update(index=0, util_pct=util, mem_used_mib=used, mem_total_mib=total, throttle_reasons=())
+    return {"k": "gpu", "snapshot": GpuSnapshot(t, (GpuReading(**fields),)).to_record()}
+
+
+def test_gpu_hints_memory_headroom_from_the_profile_and_an_idle_gpu():
+    model = SessionModel()
+    model.ingest(_hello())
+    profile = {"points": [{"batch_size": b, "step_time_s": 0.01 * b, "samples_per_s": 100.0,
+                           "peak_memory_bytes": 500 * 2**20 + b * 2 * 2**20} for b in (8, 16, 32)],
+               "oom_batch": None, "device": "cuda:0", "stop_reason": "all_sizes"}
+    model.ingest({"k": "profile", "profile": profile})
+    assert model.memory_per_sample_bytes() == pytest.approx(2 * 2**20)
+    for i in range(10):
+        model.ingest(_gpu_record(float(i), util=95.0))
+    # 1,000 MiB free at 2 MiB a sample
+    assert model.stats().gpu_hints == ("room for about 500 more samples per micro-batch "
+                                       "(the profile's peak memory grows 2 MiB a sample)",)
+    for i in range(10, 20):
+        model.ingest(_gpu_record(float(i), util=30.0))
+    assert any(h.startswith("GPU busy only 30% of the time while training: input-bound?")
+               for h in model.stats().gpu_hints)
+    model.ingest({"k": "bye", "t": 30.0, "status": "finished", "code": 0})
+    assert len(model.stats().gpu_hints) == 1  # an ended job is not input-bound

@@ -17,7 +17,7 @@ import numpy as np
 import pynvml
 import pytest
 import torch
-from textual.widgets import Static
+from textual.widgets import Sparkline, Static
 
 from bsmon import fmt, store
 from bsmon.cli import ChildJob
@@ -31,8 +31,8 @@ from bsmon.tui import BsmonApp
 from bsmon.tui.app import Binned
 from bsmon.tui.screens import HelpScreen
 from bsmon.tui.widgets import (
-    BatchPanel, BatchSizeChart, GpuPanel, JobHeader, LossChart, OptimalPanel, ScalarsPanel, ThroughputPanel,
-    regime,
+    BatchPanel, BatchSizeChart, GpuPanel, JobHeader, LossChart, OptimalPanel, RanksPanel, ScalarsPanel,
+    ThroughputPanel, regime,
 )
 from fake_nvml import FakeDriver, FakeGpu
 
@@ -500,3 +500,34 @@ def test_snapshot_80x24(snap_compare, tmp_path):
 def test_snapshot_200x60(snap_compare, tmp_path):
     """A large terminal: all panels in one row and a grid of charts."""
     assert snap_compare(snapshot_app(tmp_path), terminal_size=(200, 60))
+
+
+# -- ranks of a multi-process job ------------------------------------------------------------------
+
+@pilot_test
+async def test_the_ranks_panel_shows_the_straggler_and_silent_ranks():
+    from test_distributed import RANK_SILENCE_S, _ranks_record
+
+    model = SessionModel()
+    model.ingest({"k": "hello", "v": 1, "session": "s", "name": "ddp", "pid": 1, "t0": 0.0, "command": [],
+                  "host": "h", "user": "u", "unit": "samples", "world_size": 5, "data_parallel": 5})
+    model.ingest({"k": "step", "step": 100, "t": 1.0, "dt": 0.1, "n": 32, "mb": 1, "dropped": 0})
+    for t, slow in ((1.0, 0.07), (2.0, 0.09)):
+        model.ingest(_ranks_record(
+            t=t, step=[100, 100, 99, 100, 80], dt=[0.1] * 5, busy=[0.05, 0.05, slow, 0.04, 0.05],
+            since_step=[0.0, RANK_SILENCE_S + 1, 0.0, 0.0, RANK_SILENCE_S + 5],
+            since_report=[0.0, 0.0, 0.0, 0.0, RANK_SILENCE_S + 5]))
+    feed = Feed(model)
+    feed.state = "live"
+    async with BsmonApp(feed, mode="attach").run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        app = pilot.app
+        assert shown(app, RanksPanel, "world") == "5 ranks"
+        assert shown(app, RanksPanel, "slowest") == "slowest rank 2: 2.25x the fastest, 1 steps behind"
+        assert shown(app, RanksPanel, "per_rank") == "  ".join(f"r{r} 100 ms" for r in range(5))
+        assert shown(app, RanksPanel, "stalled") == "stalled (no new step): ranks 1"
+        assert shown(app, RanksPanel, "lost") == "LOST (no report): ranks 4"
+        assert app.query_one("#skew-spark", Sparkline).data == pytest.approx([0.07 / 0.04, 0.09 / 0.04])
+    async with BsmonApp(synthetic_feed(), mode="replay").run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert not pilot.app.query_one(RanksPanel).display  # a single process has no rank view

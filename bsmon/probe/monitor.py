@@ -119,9 +119,8 @@ class Monitor:
         self._closed = False
         self._model_state = SessionModel(keep_history=False, horizon_samples=horizon_samples)
         self._state_lock = threading.Lock()
-        self._state_version = 0
         self._latest = Stats()
-        self._latest_version = 0
+        self._stale = False  # ingested records newer than _latest
 
         home = store.bsmon_home()
         identity = distributed.rank_identity()
@@ -203,6 +202,8 @@ class Monitor:
     def _on_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
         if not (module.training and torch.is_grad_enabled()):
             return
+        if not (self._noise.measuring or self._ranks is not None):
+            return  # nobody needs this backward's end: skip the gradient hook and its Python call
         for tensor in _output_tensors(output):
             tensor.register_hook(self._on_output_grad)
 
@@ -240,8 +241,10 @@ class Monitor:
         if self._ranks is not None:
             self._ranks.observe(records)
         with self._state_lock:
+            # Ingested a flush at a time: small slices of work (a large batch at once would hold
+            # the GIL long enough to stall the training thread). stats() is computed on demand.
             self._model_state.ingest_all(records)
-            self._state_version += 1
+            self._stale = True
 
     # -- public API -----------------------------------------------------------
     def log(self, **scalars: Any) -> None:
@@ -283,12 +286,13 @@ class Monitor:
     def stats(self) -> Stats:
         """The latest numbers, as of the last background flush (at most ~0.1 s old).
 
-        Computed on demand and cached until new records arrive, so a job that never asks pays nothing.
+        Computed on demand and cached until new records arrive, so a job that never asks
+        pays only for the background ingestion.
         """
         with self._state_lock:
-            if self._latest_version != self._state_version:
+            if self._stale:
                 self._latest = self._model_state.stats()
-                self._latest_version = self._state_version
+                self._stale = False
             return self._latest
 
     def recommended_batch_size(self) -> int | None:

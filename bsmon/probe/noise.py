@@ -149,6 +149,11 @@ class NoiseProbe:
                 distributed.is_ddp(model) and model.process_group.size() > 1))):
             self._install_ddp(model)
 
+    @property
+    def measuring(self) -> bool:
+        """Whether the current step's backward passes are measured."""
+        return self.mode is not None and self._measuring
+
     # -- training-thread hooks -------------------------------------------------
     def after_backward(self) -> None:
         """Called once at the end of every backward pass."""

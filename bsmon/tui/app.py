@@ -31,8 +31,9 @@ from bsmon.stats.optimal import Recommendation
 from bsmon.stats.throughput import ThroughputPoint
 from bsmon.tui.screens import HelpScreen
 from bsmon.tui.widgets import (
-    BatchPanel, Chart, EventsLog, GpuChart, GpuPanel, JobHeader, LossChart, NoiseChart, NoiseLossChart,
-    BatchSizeChart, OptimalPanel, ScalarsPanel, ThroughputChart, ThroughputPanel, exit_text, job_status, short_command,
+    BatchPanel, BatchSizeChart, Chart, EventsLog, GpuChart, GpuPanel, JobHeader, LossChart, NoiseChart,
+    NoiseLossChart, OptimalPanel, RanksPanel, ScalarsPanel, ThroughputChart, ThroughputPanel, exit_text,
+    job_status, short_command,
 )
 
 MODES = ("run", "attach", "replay")
@@ -244,6 +245,7 @@ class BsmonApp(App):
             with Horizontal(id="columns"):
                 with Vertical(id="col-a", classes="column"):
                     yield ThroughputPanel(id="throughput-panel", classes="panel")
+                    yield RanksPanel(id="ranks-panel", classes="panel")
                     yield BatchPanel(id="batch-panel", classes="panel")
                 with Vertical(id="col-b", classes="column"):
                     yield OptimalPanel(id="optimal-panel", classes="panel")
@@ -309,10 +311,11 @@ class BsmonApp(App):
             command=short_command(hello.get("command", ())),
             message=" | ".join(m for m in messages if m) or None)
         self.query_one(ThroughputPanel).show(numbers.stats)
+        self.query_one(RanksPanel).show(numbers.stats)
         self.query_one(BatchPanel).show(numbers.stats)
         self.query_one(OptimalPanel).show(numbers.recommendation, numbers.stats.b_opt_reason)
         self.query_one(BatchSizeChart).show(numbers.recommendation, numbers.stats.b_simple, numbers.points)
-        self.query_one(GpuPanel).show(numbers.gpu, live=self._live(returncode, numbers.bye))
+        self.query_one(GpuPanel).show(numbers.gpu, numbers.stats.gpu_hints, live=self._live(returncode, numbers.bye))
         self.query_one(ScalarsPanel).show(numbers.scalars)
         self.query_one(EventsLog).show(numbers.events, hello.get("t0", 0.0))
 
@@ -334,6 +337,7 @@ class BsmonApp(App):
             self.series.add(feed.read(lambda model: self.series.read_tail(model, final)))
             t0 = self.series.t0 or 0.0
             self.query_one(GpuChart).show(*feed.read(lambda model: gpu_series(model, t0, CHART_BINS)))
+            self.query_one(RanksPanel).show_history(feed.read(lambda model: np.array(model.history.rank_skew)))
             self._draw_run_charts()
             redrew = True
         if redrew:

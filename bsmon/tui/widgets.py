@@ -215,6 +215,54 @@ class ThroughputPanel(Lines):
         show_sparkline(self.query_one("#rate-spark", Sparkline), rates)
 
 
+# -- ranks of a multi-process job -------------------------------------------------------------------
+
+#: Per-rank step times are listed one by one up to this many ranks; beyond, their spread.
+RANKS_LISTED = 8
+
+
+class RanksPanel(Lines):
+    """The straggler view of a multi-process job; hidden for a single process."""
+
+    TITLE = "Ranks"
+    LINE_STYLES = {"lost": "$text-error b", "stalled": "$text-warning"}
+
+    def compose(self) -> ComposeResult:
+        yield from super().compose()
+        with Horizontal(classes="spark -empty"):
+            yield Static("skew ", classes="spark-label")
+            yield Sparkline([], id="skew-spark")
+
+    def show(self, stats: Stats) -> None:
+        self.display = stats.world_size > 1
+        if not self.display:
+            return
+        slowest = None
+        if stats.slowest_rank is not None:
+            slowest = f"slowest rank [b]{stats.slowest_rank}[/b]"
+            if stats.rank_skew is not None:
+                slowest += f": {stats.rank_skew:.2f}x the fastest"
+            if stats.slowest_rank_lag_steps:
+                slowest += f", {stats.slowest_rank_lag_steps:,} steps behind"
+        times = [t for t in stats.rank_step_time_s if t is not None]
+        if len(stats.rank_step_time_s) <= RANKS_LISTED:
+            per_rank = "  ".join(f"r{rank} {fmt.duration(t)}" for rank, t in enumerate(stats.rank_step_time_s))
+        else:
+            per_rank = (f"step time min {fmt.duration(min(times))}, median {fmt.duration(float(np.median(times)))}, "
+                        f"max {fmt.duration(max(times))}") if times else None
+        self.show_lines(
+            world=f"{stats.world_size} ranks" + (" (uneven local batches)" if stats.uneven_rank_batches else ""),
+            slowest=slowest,
+            per_rank=per_rank or "waiting for the ranks' first report",
+            stalled=f"stalled (no new step): ranks {', '.join(map(str, stats.ranks_stalled))}"
+            if stats.ranks_stalled else None,
+            lost=f"LOST (no report): ranks {', '.join(map(str, stats.ranks_lost))}" if stats.ranks_lost else None,
+        )
+
+    def show_history(self, skew: np.ndarray) -> None:
+        show_sparkline(self.query_one("#skew-spark", Sparkline), skew)
+
+
 # -- batch size and noise scale --------------------------------------------------------------------
 
 def noise_value(noise: Stats | NoiseScale) -> str:
@@ -339,10 +387,10 @@ def gpu_text(gpu: GpuReading) -> str:
 
 class GpuPanel(Lines):
     TITLE = "GPU"
-    LINE_STYLES = {"banner": "$text-warning", "hint": "dim"}
+    LINE_STYLES = {"banner": "$text-warning", "hint": "dim", "advice": "$text-accent"}
 
-    def show(self, snapshot: GpuSnapshot | None, *, live: bool) -> None:
-        """The latest recorded readings; None when the session has none."""
+    def show(self, snapshot: GpuSnapshot | None, hints: Sequence[str] = (), *, live: bool) -> None:
+        """The latest recorded readings (None when the session has none) and the model's GPU hints."""
         if snapshot is None:
             self.show_lines(banner="waiting for the first GPU sample" if live else
                             "no GPU readings were recorded (no monitor was attached while the job ran)")
@@ -352,7 +400,8 @@ class GpuPanel(Lines):
         else:
             gpus = None if snapshot.banner else "waiting for the first GPU sample"
         self.show_lines(gpus=gpus, banner=escape(snapshot.banner) if snapshot.banner else None,
-                        hint=escape(snapshot.hint) if snapshot.hint else None)
+                        hint=escape(snapshot.hint) if snapshot.hint else None,
+                        advice="\n".join(escape(h) for h in hints) or None)
 
 
 # -- logged scalars and events --------------------------------------------------------------------
