@@ -24,6 +24,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/noise_overhead.py
+	$(BIN)/python benchmarks/ddp_overhead.py
 
 clean:
 	rm -rf $(VENV) *.egg-info
