@@ -32,6 +32,7 @@ import argparse
 import math
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -285,12 +286,16 @@ def print_comparisons(rows: list[dict[str, object]], args: argparse.Namespace) -
         print(f"median wall-clock speedup {statistics.median(speedups):.2f}x over {len(speedups)} seed(s)")
 
 
+def describe_task(task: TeacherTask, hidden: Sequence[int]) -> str:
+    return (f"teacher task: {task.inputs} inputs, {task.classes} classes, Bayes loss {task.bayes_loss():.3f} nats; "
+            f"student tanh MLP {task.inputs}-{'-'.join(map(str, hidden))}-{task.classes}, plain SGD")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
     task = TeacherTask()
-    print(f"teacher task: {task.inputs} inputs, {task.classes} classes, Bayes loss {task.bayes_loss():.3f} nats; "
-          f"student tanh MLP {task.inputs}-{'-'.join(map(str, args.hidden))}-{task.classes}, plain SGD")
+    print(describe_task(task, args.hidden))
     print(f"target excess loss {args.target}; fixed batch {args.batch} (the adaptive run's start), lr {args.lr}")
     rows = []
     for seed in range(args.seeds):

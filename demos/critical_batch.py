@@ -32,7 +32,7 @@ import bsmon
 from bsmon import store
 from bsmon.model import SessionModel
 
-from adaptive_batch import TeacherTask, evaluate, student
+from adaptive_batch import TeacherTask, describe_task, evaluate, student
 
 #: Evaluations come at steps 1, 2, ... and then every EVAL_GROWTH-fold, so a run of S steps costs
 #: about log(S)/log(EVAL_GROWTH) evaluations; crossings are interpolated between them.
@@ -282,8 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
     task = TeacherTask()
-    print(f"teacher task: {task.inputs} inputs, {task.classes} classes, Bayes loss {task.bayes_loss():.3f} nats; "
-          f"student tanh MLP {task.inputs}-{'-'.join(map(str, args.hidden))}-{task.classes}, plain SGD")
+    print(describe_task(task, args.hidden))
     print(f"targets (excess loss, nats): {args.targets}; lr grid {[float(f'{lr:.3g}') for lr in args.lrs]}; "
           f"{args.seeds} seed(s) per lr")
     print_sweep_header(args.targets)

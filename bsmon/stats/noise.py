@@ -86,15 +86,25 @@ def microbatch_points(
     m = len(micro_sizes)
     if m < 2 or not _all_finite(micro_sizes) or not _all_finite(accumulated_sq):
         return None
+    passes = _accumulated_passes(micro_sizes, accumulated_sq)
+    return None if passes is None else GradNormPoints(*passes)
+
+
+def _accumulated_passes(
+    micro_sizes: Sequence[float], accumulated_sq: Sequence[float]
+) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """(B_j, |G_{B_j}|^2) after each pass in accumulated_sq, in the convention c = 1/m.
+
+    None when the micro-batches differ in size (the mean/sum convention is then ambiguous).
+    """
+    m = len(micro_sizes)
     b = float(micro_sizes[0])
     if b <= 0:
         raise ValueError(f"micro-batch sizes must be positive; got {list(micro_sizes)}.")
     if any(float(size) != b for size in micro_sizes):
         return None
-    return GradNormPoints(
-        batch_sizes=tuple(j * b for j in range(1, m + 1)),
-        sq_norms=tuple(a * (m / j) ** 2 for j, a in enumerate(accumulated_sq, start=1)),
-    )
+    return (tuple(j * b for j in range(1, len(accumulated_sq) + 1)),
+            tuple(a * (m / j) ** 2 for j, a in enumerate(accumulated_sq, start=1)))
 
 
 def per_example_points(
@@ -144,15 +154,12 @@ def ddp_points(
     values = (*micro_sizes, *accumulated_sq, local_sq, averaged_sq)
     if m == 0 or not _all_finite(values) or (m == 1 and world_size == 1):
         return None
-    b = float(micro_sizes[0])
-    if b <= 0:
-        raise ValueError(f"micro-batch sizes must be positive; got {list(micro_sizes)}.")
-    if any(float(size) != b for size in micro_sizes):
+    passes = _accumulated_passes(micro_sizes, accumulated_sq)
+    if passes is None:
         return None
-    return GradNormPoints(
-        batch_sizes=(*(j * b for j in range(1, m + 1)), m * b * world_size),
-        sq_norms=(*(a * (m / j) ** 2 for j, a in enumerate(accumulated_sq, start=1)), local_sq, averaged_sq),
-    )
+    sizes, norms = passes
+    local = m * float(micro_sizes[0])
+    return GradNormPoints((*sizes, local, local * world_size), (*norms, local_sq, averaged_sq))
 
 
 @dataclass(frozen=True)
