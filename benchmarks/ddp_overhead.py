@@ -47,8 +47,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from _timing import (Budget, Rounds, Variant, benchmark_process, compare, estimator_summary, paired_ratio,
-                     parse_budget, print_environment, print_table, watching)
+from _timing import (STARTUP_STEPS, Budget, Rounds, Variant, benchmark_process, compare, estimator_summary,
+                     paired_ratio, parse_budget, print_environment, print_table, watching)
 
 QUICK = Budget(rounds=3, chunks=2, chunk_s=0.2, warmup_s=0.1)
 FULL = Budget(rounds=16, chunks=4, chunk_s=0.25, warmup_s=0.15)
@@ -111,7 +111,7 @@ def run_lockstep_rounds(step: Callable[[], None], variants: Sequence[Variant],
         shift = index % len(variants)
         for variant in [*variants[shift:], *variants[:shift]]:
             with variant.context():
-                timed_steps(step, warmup_steps)
+                timed_steps(step, STARTUP_STEPS + warmup_steps)  # past the estimator's start-up, as run_rounds
                 gc.collect()
                 chunks = np.array([timed_steps(step, chunk_steps) for _ in range(budget.chunks)])
             if index >= budget.warmup_rounds:

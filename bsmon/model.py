@@ -379,6 +379,18 @@ class SessionModel:
         if len(times) == LIVE_MIN_STEPS:
             self._points_version += 1  # a new size became a point
 
+    def memory_limit(self) -> str | None:
+        """The batch-size memory limit in words: known from the profile, or only what was measured."""
+        if self.profile is not None and self.profile.memory_limit_batch is not None:
+            text = f"memory: fits up to {self.profile.memory_limit_batch:,}"
+            if self.profile.oom_batch is not None:
+                text += f" (out of memory at {self.profile.oom_batch:,})"
+            return text
+        sizes = [p.batch_size for p in self.throughput_points()]
+        if sizes:
+            return f"memory limit unknown: the largest size measured is {max(sizes):,}"
+        return None
+
     def memory_per_sample_bytes(self) -> float | None:
         """Peak memory per sample: the slope of the throughput profile's peak memory against batch size."""
         points = [(p.batch_size, p.peak_memory_bytes) for p in self.throughput_points()

@@ -120,6 +120,7 @@ def test_gpu_hints_memory_headroom_from_the_profile_and_an_idle_gpu():
                "oom_batch": None, "device": "cuda:0", "stop_reason": "all_sizes"}
     model.ingest({"k": "profile", "profile": profile})
     assert model.memory_per_sample_bytes() == pytest.approx(2 * 2**20)
+    assert model.memory_limit() == "memory: fits up to 32"
     for i in range(10):
         model.ingest(_gpu_record(float(i), util=95.0))
     # 1,000 MiB free at 2 MiB a sample

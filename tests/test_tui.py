@@ -220,6 +220,7 @@ async def test_the_optimal_panel_and_chart_show_the_models_recommendation():
             f"predicted speedup {rec.speedup:.2f}x [{rec.speedup_low:.2f}, {rec.speedup_high:.2f}] over the B_simple band")
         assert shown(app, OptimalPanel, "lr") == f"lr: SGD x{rec.lr_factor_sgd:.3g}, Adam x{rec.lr_factor_adam:.3g}"
         assert shown(app, OptimalPanel, "why") == rec.reason
+        assert shown(app, OptimalPanel, "memory") == "memory limit unknown: the largest size measured is 512"
         chart = app.query_one(BatchSizeChart)
         sizes, throughput, efficiency, goodput, measured, _, current, optimal = chart._data
         # The curve peaks at the closed form sqrt(B_half * B_noise); the marker is the (hysteresis-held) advice.

@@ -75,6 +75,7 @@ class Numbers:
     gpu: GpuSnapshot | None
     recommendation: Recommendation | None
     points: tuple[ThroughputPoint, ...]
+    memory_limit: str | None
 
     @classmethod
     def capture(cls, model: SessionModel) -> Numbers:
@@ -84,7 +85,7 @@ class Numbers:
                    scalars=dict(model.last_scalars),
                    events=tuple(e for e in recent if e["level"] in ("warning", "error"))[-EVENTS_KEPT:],
                    gpu=model.gpu, recommendation=model.recommendation if stats.b_opt is not None else None,
-                   points=tuple(model.throughput_points()))
+                   points=tuple(model.throughput_points()), memory_limit=model.memory_limit())
 
 
 class Binned:
@@ -313,7 +314,7 @@ class BsmonApp(App):
         self.query_one(ThroughputPanel).show(numbers.stats)
         self.query_one(RanksPanel).show(numbers.stats)
         self.query_one(BatchPanel).show(numbers.stats)
-        self.query_one(OptimalPanel).show(numbers.recommendation, numbers.stats.b_opt_reason)
+        self.query_one(OptimalPanel).show(numbers.recommendation, numbers.stats.b_opt_reason, numbers.memory_limit)
         self.query_one(BatchSizeChart).show(numbers.recommendation, numbers.stats.b_simple, numbers.points)
         self.query_one(GpuPanel).show(numbers.gpu, numbers.stats.gpu_hints, live=self._live(returncode, numbers.bye))
         self.query_one(ScalarsPanel).show(numbers.scalars)

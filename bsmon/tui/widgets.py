@@ -340,10 +340,11 @@ class BatchPanel(Lines):
 class OptimalPanel(Lines):
     TITLE = "Optimal batch size"
 
-    def show(self, recommendation: Recommendation | None, reason: str | None) -> None:
-        """The recommendation, or why there is none yet (``reason``, from the model)."""
+    def show(self, recommendation: Recommendation | None, reason: str | None, memory: str | None = None) -> None:
+        """The recommendation, or why there is none yet (``reason``, from the model), and the memory limit."""
+        memory = escape(memory) if memory else None
         if recommendation is None:
-            self.show_lines(optimal=escape(reason or "no recommendation yet"))
+            self.show_lines(optimal=escape(reason or "no recommendation yet"), memory=memory)
             return
         r = recommendation
         optimal = f"B* [b]{r.batch_size:,}[/b]"
@@ -360,7 +361,8 @@ class OptimalPanel(Lines):
         if r.lr_factor_sgd is not None and r.batch_size != r.current_batch:
             lr = f"lr: SGD x{r.lr_factor_sgd:.3g}, Adam x{r.lr_factor_adam:.3g}"
         roomy = not self.screen.has_class("-short")  # at 80x24 the reason would push the GPU panel away
-        self.show_lines(optimal=optimal, speedup=speedup, lr=lr, why=escape(r.reason) if roomy else None)
+        self.show_lines(optimal=optimal, speedup=speedup, lr=lr, memory=memory,
+                        why=escape(r.reason) if roomy else None)
 
 
 # -- GPUs --------------------------------------------------------------------------------------------
