@@ -148,7 +148,7 @@ def test_plain_torchrun_with_four_ranks_and_a_user_hook_is_one_session_to_attach
     assert stats.b_simple == pytest.approx(exact_b_simple(), rel=0.10)
 
 
-def test_a_killed_rank_fails_the_job_and_leaves_a_readable_session(tmp_path):
+def test_a_killed_rank_ends_the_job_and_leaves_a_readable_session(tmp_path):
     """Also: noise='auto' explains why a hook registered before watch() leaves no estimate."""
     ready = tmp_path / "ready"
     job = subprocess.Popen(torchrun(2, "--steps", "100000", "--sleep", "0.01", "--comm-hook", "before",
@@ -161,12 +161,14 @@ def test_a_killed_rank_fails_the_job_and_leaves_a_readable_session(tmp_path):
     os.kill(int((tmp_path / "rank1.pid").read_text()), signal.SIGKILL)
     output, _ = job.communicate(timeout=120)
     assert job.returncode != 0 and "Signal 9 (SIGKILL)" in output
-    # Rank 0's next all-reduce fails at once (gloo sees the peer's socket close), before torchrun's
-    # SIGTERM arrives: the session ends "failed" with that error, every step before it readable.
+    # Two real outcomes race: rank 0's next all-reduce fails (gloo sees the peer's socket close)
+    # and the session ends "failed" with that error; or torchrun's SIGTERM ends rank 0 first and
+    # the session is "lost" (no goodbye). Either way every step before it stays readable.
     info = store.session_info(info.directory)
-    assert info.status == "failed" and info.steps >= 1
+    assert info.status in ("failed", "lost") and info.steps >= 1
     model = Feed().replay(info).model
-    assert "by peer" in model.bye["error"]
+    if info.status == "failed":
+        assert "by peer" in model.bye["error"]
     stats = model.stats()
     assert stats.step == info.steps and stats.world_size == 2 and len(stats.rank_step_time_s) == 2
     assert bsmon_cli("export", info.id).returncode == 0
