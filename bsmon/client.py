@@ -81,8 +81,6 @@ class Feed:
         self._gpu_thread.start()
 
     def _record_gpu(self, sampler: "GpuSampler") -> None:
-        from bsmon import wire
-
         fd = self._open_gpu_file()
         placeholder = sampler.latest().time  # the empty snapshot from before the first reading
         last_time = None

@@ -15,7 +15,6 @@ which ends that one connection and nothing else.
 from __future__ import annotations
 
 import json
-import math
 import struct
 import zlib
 from typing import Any, Iterator
@@ -57,7 +56,6 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "bye": {"t": _NUM, "status": (str,), "code": (int, type(None))},
 }
 
-KINDS = frozenset(SCHEMA)
 
 
 class ProtocolError(ValueError):
@@ -176,10 +174,3 @@ def iter_frames(data: bytes) -> Iterator[tuple[int, dict[str, Any]]]:
             return
         yield end, record
         pos = end
-
-
-def finite_or_none(value: float | None) -> float | None:
-    """JSON-friendly number: None for missing or non-finite."""
-    if value is None or not math.isfinite(value):
-        return None
-    return float(value)
