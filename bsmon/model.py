@@ -263,6 +263,7 @@ class SessionModel:
         self._steps_at_size = 0
         self._points_version = 0
         self._recommended_version = -1
+        self._recommend_due = False
         self._stable = StableRecommendation()
         self.recommendation: Recommendation | None = None
         self._recommend_reason: str | None = NO_PROFILE_REASON
@@ -359,7 +360,7 @@ class SessionModel:
             self._unmeasured_samples += samples
         self._track_live_throughput(record)
         if record["step"] % RECOMMEND_EVERY == 0 or self._points_version != self._recommended_version:
-            self._recommend()
+            self._recommend_due = True
         if self.history is not None:
             self._append_history(record)
 
@@ -437,6 +438,16 @@ class SessionModel:
                 points.append(ThroughputPoint(size * scale, step_time, size * scale / step_time, source="live"))
         return points
 
+    def _refresh_recommendation(self) -> None:
+        """Recompute the recommendation if due: every RECOMMEND_EVERY steps, or on new throughput points.
+
+        Lazily, when read: the history reads it every step, while the job's own model (which
+        keeps no history) computes it only when ``Monitor.stats()`` asks.
+        """
+        if self._recommend_due:
+            self._recommend_due = False
+            self._recommend()
+
     def _recommend(self) -> None:
         self._recommended_version = self._points_version
         noise = self._noise.result()
@@ -495,6 +506,7 @@ class SessionModel:
         h.b_simple_high.append(_nan(noise.b_simple_high))
         h.grad_sq.append(_nan(noise.grad_sq))
         h.trace_sigma.append(_nan(noise.trace_sigma))
+        self._refresh_recommendation()
         rec = self.recommendation if self._recommend_reason is None else None
         h.b_opt.append(_nan(rec.batch_size if rec else None))
         h.b_opt_speedup.append(_nan(rec.speedup if rec else None))
@@ -530,6 +542,7 @@ class SessionModel:
         return self._noise.result()
 
     def stats(self) -> Stats:
+        self._refresh_recommendation()
         last = self._last
         noise = self._noise.result()
         estimator = self.estimator or {}

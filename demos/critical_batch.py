@@ -187,7 +187,7 @@ def measure_b_simple(task: TeacherTask, target: float, batch_size: int, lr: floa
     """Train one student under bsmon.watch until the loss passes ``target``; read B_simple there.
 
     bsmon records every step; replaying the session (as ``bsmon replay`` does) gives B_simple after
-    each step exactly, without the ~0.1 s delay of the live ``monitor.stats()``.
+    each step, without calling ``monitor.stats()`` (and paying for it) at every step.
     """
     model = student(task.inputs, args.hidden, task.classes, seed=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)

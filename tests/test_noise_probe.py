@@ -141,3 +141,27 @@ def test_the_cost_budget_measures_fewer_steps_and_stays_unbiased():
     assert stats.noise_steps == measured
     exact = exact_b_simple(model, x, y, loss_fn)
     assert stats.b_simple_low <= exact <= stats.b_simple_high
+
+
+def test_steps_left_unmeasured_carry_no_estimator_hooks():
+    """Outside its cost budget the estimator removes its hooks, so those steps pay nothing."""
+    torch.set_num_threads(1)
+    model, x, y, loss_fn = _problem("mlp")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    layers = [m for m in model.modules() if m is not model and not list(m.children())]
+
+    def hooked():
+        return bool(model._forward_hooks) or any(m._forward_hooks for m in layers)
+
+    hooked_before = []
+    with bsmon.watch(model, optimizer, noise="per_example", noise_budget=0.02) as monitor:
+        for _ in range(1500):
+            hooked_before.append(hooked())
+            loss_fn(model(x[:32]), y[:32]).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert not hooked()  # close() removed everything
+    records, _ = bsmon.store.read_records(bsmon.store.resolve_session(monitor.session_id).records_path)
+    measured = ["noise" in r for r in records if r["k"] == "step"]
+    assert hooked_before == measured
+    assert 30 <= sum(measured) < len(measured) // 2, sum(measured)

@@ -6,12 +6,12 @@ import torch
 
 
 class Deferred:
-    """A 1-D float tensor whose values the background thread reads later.
+    """A 1-D float tensor whose values are read on the host later, without a sync.
 
     On CUDA the training thread only queues an asynchronous copy into pinned
-    host memory and records an event; the background thread waits on that event
-    (outside the GIL) before reading. No host-device synchronisation is added
-    to the step. CPU tensors are simply kept (their values already exist).
+    host memory and records an event; the values are read once the event has
+    completed (:meth:`ready`), or by the publisher's background thread, which may
+    wait on it outside the GIL. CPU tensors are simply kept (their values exist).
     """
 
     __slots__ = ("_host", "_ready", "_names", "_known")
@@ -27,9 +27,15 @@ class Deferred:
             self._ready: torch.cuda.Event | None = torch.cuda.Event()
             self._ready.record()
         else:
-            # Other accelerators: the background thread's tolist() does the wait.
+            # Other accelerators: tolist() waits, so only the background thread reads them.
             self._host = tensor
             self._ready = None
+
+    def ready(self) -> bool:
+        """Whether :meth:`values` would return without waiting for the device."""
+        if self._ready is not None:
+            return self._ready.query()
+        return self._host.device.type == "cpu"
 
     def values(self) -> list[float] | dict[str, float]:
         if self._ready is not None:
@@ -40,11 +46,19 @@ class Deferred:
         return {**(self._known or {}), **dict(zip(self._names, values))}
 
 
-def resolve(record: dict) -> dict:
-    """Replace Deferred values (at any depth) in a record by their host values."""
+def resolve(record: dict, *, wait: bool = True) -> bool:
+    """Replace Deferred values (at any depth) in ``record`` by their host values.
+
+    Without ``wait``, a value still on its way from the device is left in place and
+    the result is False; call again later. True once the record holds no Deferred.
+    """
+    complete = True
     for key, value in record.items():
         if isinstance(value, Deferred):
-            record[key] = value.values()
+            if wait or value.ready():
+                record[key] = value.values()
+            else:
+                complete = False
         elif isinstance(value, dict):
-            resolve(value)
-    return record
+            complete = resolve(value, wait=wait) and complete
+    return complete

@@ -4,10 +4,13 @@ Hot path, per training step, on the training thread:
 
 * a forward pre-hook on the model reads the first dimension of the first
   tensor argument (samples of this micro-batch);
-* a forward hook puts a gradient hook on the output, which queues one
-  callback on the autograd engine: that callback marks the end of each
-  backward pass and takes the gradient norms the noise estimator needs;
-* an optimizer step post-hook closes the step and queues one record.
+* on steps the noise estimator measures (and in multi-process jobs), a forward
+  hook puts a gradient hook on the output, which queues one callback on the
+  autograd engine: that callback marks the end of each backward pass and takes
+  the gradient norms the noise estimator needs;
+* an optimizer step post-hook closes the step and queues one record; every
+  0.25 s it also encodes the queued records and hands them to the publisher's
+  background thread, which writes and streams them (bsmon/probe/publisher.py).
 
 Nothing here waits for the monitor, the disk or the device.
 
@@ -153,9 +156,10 @@ class Monitor:
             self.record_profile(profile)
         self._handles = [
             model.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True),
-            model.register_forward_hook(self._on_forward),
             optimizer.register_step_post_hook(self._on_step),
         ]
+        self._output_hook = None
+        self._follow_backward_ends()
         self._previous_excepthook = sys.excepthook
         self._failure: str | None = None
         sys.excepthook = self._excepthook
@@ -199,11 +203,19 @@ class Monitor:
         if size is not None:
             self._micro_sizes.append(size)
 
+    def _follow_backward_ends(self) -> None:
+        """Hook the model's outputs, to catch each backward pass's end, only while that is
+        needed (a measured step, or a multi-process job's busy time): other steps pay nothing."""
+        needed = self._noise.measuring or self._ranks is not None
+        if needed and self._output_hook is None:
+            self._output_hook = self._model.register_forward_hook(self._on_forward)
+        elif not needed and self._output_hook is not None:
+            self._output_hook.remove()
+            self._output_hook = None
+
     def _on_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
         if not (module.training and torch.is_grad_enabled()):
             return
-        if not (self._noise.measuring or self._ranks is not None):
-            return  # nobody needs this backward's end: skip the gradient hook and its Python call
         for tensor in _output_tensors(output):
             tensor.register_hook(self._on_output_grad)
 
@@ -231,18 +243,20 @@ class Monitor:
         noise = self._noise.end_step(micro, now - start)
         if noise is not None:
             record["noise"] = noise
+        self._follow_backward_ends()
         if self._ranks is not None and self._backward_end > start:
             # Until this rank's gradients were ready: where a straggler differs (DDP steps in lockstep).
             record["busy"] = self._backward_end - start
         self._publisher.submit(record)
+        self._publisher.poll()
 
-    # -- background thread ----------------------------------------------------
+    # -- flushes (usually the training thread, between steps) -----------------
     def _on_published(self, records: list[dict]) -> None:
         if self._ranks is not None:
             self._ranks.observe(records)
         with self._state_lock:
-            # Ingested a flush at a time: small slices of work (a large batch at once would hold
-            # the GIL long enough to stall the training thread). stats() is computed on demand.
+            # A flush's worth of records (~0.25 s of steps): microseconds each. The statistics
+            # themselves are computed only when stats() asks.
             self._model_state.ingest_all(records)
             self._stale = True
 
@@ -273,6 +287,7 @@ class Monitor:
         if device_values:
             values = Deferred(torch.stack(device_values), names=device_names, known=values)
         self._publisher.submit({"k": "scalars", "step": step, "values": values})
+        self._publisher.poll()
 
     def _reject(self, key: str, value: Any) -> None:
         shape = f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else ""
@@ -284,11 +299,13 @@ class Monitor:
             warnings.warn(f"bsmon: {message}", BsmonWarning, stacklevel=3)
 
     def stats(self) -> Stats:
-        """The latest numbers, as of the last background flush (at most ~0.1 s old).
+        """The latest numbers, up to the last step.
 
         Computed on demand and cached until new records arrive, so a job that never asks
-        pays only for the background ingestion.
+        pays only for ingesting its records. Device values still on their way to the host
+        (a CUDA job's noise norms of the last step or two) are counted once they arrive.
         """
+        self._publisher.poll(now=True)
         with self._state_lock:
             if self._stale:
                 self._latest = self._model_state.stats()
@@ -323,6 +340,8 @@ class Monitor:
         self._closed = True
         for handle in self._handles:
             handle.remove()
+        if self._output_hook is not None:
+            self._output_hook.remove()
         self._noise.close()
         if self._ranks is not None:
             self._ranks.close()

@@ -17,8 +17,8 @@ Per optimizer step it produces one ``noise`` payload for the step record:
   :class:`~bsmon.probe.distributed.DdpNormHook`, plus ``.grad`` after each pass
   accumulated under ``no_sync()`` before the synchronising one.
 
-All values stay on the device until :class:`~bsmon.probe.deferred.Deferred`
-hands them to the background thread.
+All values stay on the device; :class:`~bsmon.probe.deferred.Deferred` brings
+them to the host without a synchronisation.
 """
 
 from __future__ import annotations

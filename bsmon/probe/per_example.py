@@ -359,10 +359,9 @@ class PerExampleNorms:
         self._refresh_coverage()
 
         self.skip_reason: str | None = None  # why the last pop() returned None
-        #: False: the hooks do nothing (a step the probe chose not to measure, to bound its cost)
-        self.active = True
         #: host seconds spent inside the hooks, for the probe's cost budget
         self.spent_s = 0.0
+        self._model = model
         self._removed = False
         self._generation = 0  # counts training forwards of ``model``
         self._in_forward = False
@@ -370,12 +369,38 @@ class PerExampleNorms:
         self._forward_ndim = 0  # dimensions of the model input the batch size was read from
         self._pending: list[list] = []  # what the current forward's layers keep for the backward
         self._start_step()
+        self._handles: list = []
+        self._active = False
+        self.active = True
+
+    @property
+    def active(self) -> bool:
+        """Whether the hooks are in place. The probe sets it False for steps it does not
+        measure (its cost budget): the hooks are then removed, so such a step pays nothing."""
+        return self._active
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        if value == self._active or self._removed:
+            return
+        self._active = value
+        if not value:
+            self._remove_hooks()
+            return
+        model = self._model
         self._handles = [model.register_forward_pre_hook(self._on_forward_start, with_kwargs=True)]
         for tap in self._taps:
             hook = partial(self._on_layer_forward, tap)
             tap.handle = tap.module.register_forward_hook(hook, with_kwargs=True)
         # Registered last so that, when ``model`` is itself a covered layer, its tap runs first.
         self._handles.append(model.register_forward_hook(self._on_forward_end, always_call=True))
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for tap in self._taps:
+            tap.handle.remove()
 
     # ---- set-up -------------------------------------------------------------------------
 
@@ -460,7 +485,7 @@ class PerExampleNorms:
             self._invalid = reason
 
     def _on_forward_start(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not (self.active and model.training and torch.is_grad_enabled()):
+        if not (model.training and torch.is_grad_enabled()):
             return
         self._generation += 1
         self._in_forward = True
@@ -480,8 +505,6 @@ class PerExampleNorms:
     def _on_layer_forward(
         self, tap: _Tap, module: nn.Module, args: tuple, kwargs: dict, output: object
     ) -> None:
-        if not self.active:
-            return
         start = time.perf_counter()
         try:
             self._layer_forward(tap, module, args, kwargs, output)
@@ -605,10 +628,7 @@ class PerExampleNorms:
         if self._removed:
             return
         self._removed = True
-        for handle in self._handles:
-            handle.remove()
-        for tap in self._taps:
-            tap.handle.remove()
+        self._remove_hooks()
         for kept in self._pending:
             kept.clear()
         self._pending = []
