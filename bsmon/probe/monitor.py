@@ -216,8 +216,11 @@ class Monitor:
     def _on_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
         if not (module.training and torch.is_grad_enabled()):
             return
+        start = time.perf_counter()
         for tensor in _output_tensors(output):
             tensor.register_hook(self._on_output_grad)
+        if self._noise.measuring:
+            self._noise.charge(time.perf_counter() - start)
 
     def _on_output_grad(self, grad: torch.Tensor) -> None:
         if not self._backward_queued:

@@ -137,7 +137,7 @@ class NoiseProbe:
         self._current: tuple[str | None, str | None] | None = None
         self.budget = budget
         self._measuring = True  # whether the current step is measured
-        self._spent_s = 0.0  # host seconds spent in after_backward's norms
+        self._spent_s = 0.0  # host seconds spent measuring here and in charge()d hooks
         self._retired_spent_s = 0.0  # the same, by per-example hooks since removed
         self._trained_s = 0.0
         self._measured_steps = 0
@@ -155,6 +155,10 @@ class NoiseProbe:
         return self.mode is not None and self._measuring
 
     # -- training-thread hooks -------------------------------------------------
+    def charge(self, seconds: float) -> None:
+        """Count host time spent elsewhere for a measured step (the probe's output hooks)."""
+        self._spent_s += seconds
+
     def after_backward(self) -> None:
         """Called once at the end of every backward pass."""
         if self.mode is None or not self._measuring:
@@ -179,7 +183,11 @@ class NoiseProbe:
         """
         measured, passes, self._passes = self._measuring, self._passes, []
         self._trained_s += step_time_s
-        payload = self._payload(passes, micro_sizes) if measured and self.mode is not None else None
+        payload = None
+        if measured and self.mode is not None:
+            start = time.perf_counter()
+            payload = self._payload(passes, micro_sizes)
+            self._spent_s += time.perf_counter() - start
         self._measured_steps += measured
         self._measuring = (self._measured_steps < WARMUP_MEASUREMENTS
                            or self._measuring_cost() <= self.budget * self._trained_s)
