@@ -11,10 +11,11 @@ Method (the same for every benchmark here):
   timed region, and each turn starts with untimed steps: STARTUP_STEPS (past the noise
   estimator's start-up, which measures its first steps whatever they cost), then ``warmup_s``.
 * A turn is timed as ``chunks`` chunks of whole steps lasting at least ``chunk_s`` each; a
-  chunk's figure is its mean step time (elapsed / steps). A chunk spans several wake-ups of
-  the probe's 50 ms background thread, so it carries that amortised cost, which a median of
-  single steps would skip. The turn's figure is the median of its chunk means, which drops
-  chunks hit by a burst of load from other processes on this shared machine.
+  chunk's figure is its mean step time (elapsed / steps). ``chunk_s`` is longer than the
+  probe's flush interval, so every chunk carries a flush (encoding the records of the last
+  0.25 s, waking the background thread), which a median of single steps would skip. The
+  turn's figure is the median of its chunk means, which drops chunks hit by a burst of load
+  from other processes on this shared machine.
 * The ratio is paired: variant / baseline within the same round, which cancels load that
   changes over seconds. The point estimate is the median of those per-round ratios, the
   interval a 95% percentile bootstrap over rounds.
@@ -42,6 +43,7 @@ from typing import Any, ContextManager
 import numpy as np
 
 from bsmon.probe.noise import WARMUP_MEASUREMENTS
+from bsmon.probe.publisher import FLUSH_INTERVAL_S
 import torch
 
 BOOTSTRAP_RESAMPLES = 4000
@@ -57,6 +59,11 @@ class Budget:
     chunk_s: float
     warmup_s: float
     warmup_rounds: int = 1
+
+    def __post_init__(self) -> None:
+        if self.chunk_s <= FLUSH_INTERVAL_S:
+            raise ValueError(f"chunk_s={self.chunk_s} must exceed the probe's flush interval "
+                             f"({FLUSH_INTERVAL_S} s), or a chunk could miss a flush")
 
     def describe(self) -> str:
         return (f"{self.rounds} rounds (+{self.warmup_rounds} discarded); per variant and round "

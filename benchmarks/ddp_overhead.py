@@ -50,8 +50,8 @@ from torch import nn
 from _timing import (STARTUP_STEPS, Budget, Rounds, Variant, benchmark_process, compare, estimator_summary,
                      paired_ratio, parse_budget, print_environment, print_table, watching)
 
-QUICK = Budget(rounds=3, chunks=2, chunk_s=0.2, warmup_s=0.1)
-FULL = Budget(rounds=16, chunks=4, chunk_s=0.25, warmup_s=0.15)
+QUICK = Budget(rounds=3, chunks=2, chunk_s=0.3, warmup_s=0.1)
+FULL = Budget(rounds=24, chunks=4, chunk_s=0.3, warmup_s=0.15)
 INPUTS, HIDDEN, CLASSES, LOCAL_BATCH = 256, 512, 10, 128
 TARGET = 1.02
 

@@ -42,8 +42,8 @@ from _timing import (Budget, Variant, benchmark_process, compare, estimator_summ
                      print_environment, print_table, run_rounds, watching)
 from overhead import make_mlp_loop
 
-QUICK = Budget(rounds=3, chunks=2, chunk_s=0.15, warmup_s=0.1)
-FULL = Budget(rounds=24, chunks=3, chunk_s=0.2, warmup_s=0.1)
+QUICK = Budget(rounds=3, chunks=2, chunk_s=0.3, warmup_s=0.1)
+FULL = Budget(rounds=24, chunks=3, chunk_s=0.3, warmup_s=0.1)
 MICRO_BATCHES = 4
 VOCAB, WIDTH, HEADS, CONTEXT, BLOCKS, SEQUENCES = 256, 128, 4, 64, 2, 8
 

@@ -52,8 +52,8 @@ from _timing import (Budget, Variant, benchmark_process, compare, estimator_summ
 
 INPUTS, HIDDEN, CLASSES, BATCH = 256, 512, 10, 128
 TARGET = 1.02
-QUICK = Budget(rounds=4, chunks=2, chunk_s=0.15, warmup_s=0.1)
-FULL = Budget(rounds=30, chunks=3, chunk_s=0.2, warmup_s=0.1)
+QUICK = Budget(rounds=4, chunks=2, chunk_s=0.3, warmup_s=0.1)
+FULL = Budget(rounds=30, chunks=3, chunk_s=0.3, warmup_s=0.1)
 IMPORT_REPEATS = 3
 
 
