@@ -329,6 +329,31 @@ def test_without_a_store_rank_zero_says_so_once():
     assert "per-rank statistics unavailable: torch.distributed is not initialised" in submitted[0]["msg"]
 
 
+def test_busy_time_is_sampled_at_most_every_50_ms_on_fast_steps(monkeypatch):
+    """The hooks that catch a backward's end are in place only on the steps that time it."""
+    from bsmon.probe.monitor import BUSY_SAMPLE_INTERVAL_S
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a rank of a multi-process job (no store: no ranks records)
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    hooked_before = []
+    with bsmon.watch(model, optimizer, noise=None) as monitor:
+        deadline = time.monotonic() + 0.6
+        while time.monotonic() < deadline:
+            hooked_before.append(bool(model._forward_hooks))
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            optimizer.step()
+    records = [r for r in store.read_records(store.resolve_session(monitor.session_id).records_path)[0]
+               if r["k"] == "step"]
+    timed = [r for r in records if "busy" in r]
+    assert [("busy" in r) for r in records] == hooked_before
+    assert len(records) > 4 * len(timed) and len(timed) >= 5
+    assert all(0 < r["busy"] <= r["dt"] for r in timed)
+    gaps = np.diff([r["t"] for r in timed])
+    assert gaps.min() >= BUSY_SAMPLE_INTERVAL_S * 0.9  # time.time() against perf_counter
+
+
 # --------------------------------------------------------------------------------------------
 # The session model's view of the ranks
 

@@ -111,7 +111,8 @@ def _rounded(value: float | None) -> float | None:
 class RankReporter:
     """Each rank's recent steps, written to the store; on rank 0 also gathered and submitted.
 
-    ``observe`` takes the records the probe publishes (on the publisher's thread). A daemon
+    ``observe`` takes the records the probe publishes (with each flush, usually on the
+    training thread between steps: a deque append per step record). A daemon
     thread wakes every ``interval_s``: it sets this rank's key to a JSON summary of the steps
     since its last wake-up, and on rank 0 (``submit`` given) reads every rank's key and
     submits a ``ranks`` record. Ages are measured on rank 0's clock (when a rank's step or

@@ -4,10 +4,10 @@ Hot path, per training step, on the training thread:
 
 * a forward pre-hook on the model reads the first dimension of the first
   tensor argument (samples of this micro-batch);
-* on steps the noise estimator measures (and in multi-process jobs), a forward
-  hook puts a gradient hook on the output, which queues one callback on the
-  autograd engine: that callback marks the end of each backward pass and takes
-  the gradient norms the noise estimator needs;
+* on steps the noise estimator measures (and in a multi-process job, on one
+  step every 50 ms at most), a forward hook puts a gradient hook on the output,
+  which queues one callback on the autograd engine: that callback marks the end
+  of each backward pass and takes the gradient norms the noise estimator needs;
 * an optimizer step post-hook closes the step and queues one record; every
   0.25 s it also encodes the queued records and hands them to the publisher's
   background thread, which writes and streams them (bsmon/probe/publisher.py).
@@ -46,6 +46,9 @@ from bsmon.probe.noise import MEASURE_BUDGET, NoiseProbe, check_mode
 from bsmon.probe.publisher import Publisher
 
 UNITS = ("samples", "tokens")
+#: A multi-process job times "busy" (until this rank's gradients were ready) on a step at most
+#: this often: the per-rank summary is a median over a second, and each timed step costs hooks.
+BUSY_SAMPLE_INTERVAL_S = 0.05
 
 _active_lock = threading.Lock()
 _active: "Monitor | None" = None
@@ -116,6 +119,7 @@ class Monitor:
         self._step_started: float | None = None
         self._last_step_end: float | None = None
         self._backward_end = 0.0
+        self._busy_timed = -BUSY_SAMPLE_INTERVAL_S  # when a step last recorded "busy"
         self._backward_queued = False
         self._mid_iteration = False
         self._rejected_names: set[str] = set()
@@ -159,7 +163,7 @@ class Monitor:
             optimizer.register_step_post_hook(self._on_step),
         ]
         self._output_hook = None
-        self._follow_backward_ends()
+        self._follow_backward_ends(time.perf_counter())
         self._previous_excepthook = sys.excepthook
         self._failure: str | None = None
         sys.excepthook = self._excepthook
@@ -203,10 +207,12 @@ class Monitor:
         if size is not None:
             self._micro_sizes.append(size)
 
-    def _follow_backward_ends(self) -> None:
-        """Hook the model's outputs, to catch each backward pass's end, only while that is
-        needed (a measured step, or a multi-process job's busy time): other steps pay nothing."""
-        needed = self._noise.measuring or self._ranks is not None
+    def _follow_backward_ends(self, now: float) -> None:
+        """Hook the model's outputs, to catch each backward pass's end, only for the next step
+        that needs it (a measured step, or a step that times a multi-process job's busy time):
+        other steps pay nothing."""
+        needed = self._noise.measuring or (
+            self._ranks is not None and now - self._busy_timed >= BUSY_SAMPLE_INTERVAL_S)
         if needed and self._output_hook is None:
             self._output_hook = self._model.register_forward_hook(self._on_forward)
         elif not needed and self._output_hook is not None:
@@ -246,10 +252,11 @@ class Monitor:
         noise = self._noise.end_step(micro, now - start)
         if noise is not None:
             record["noise"] = noise
-        self._follow_backward_ends()
         if self._ranks is not None and self._backward_end > start:
             # Until this rank's gradients were ready: where a straggler differs (DDP steps in lockstep).
             record["busy"] = self._backward_end - start
+            self._busy_timed = now
+        self._follow_backward_ends(now)
         self._publisher.submit(record)
         self._publisher.poll()
 
