@@ -135,6 +135,20 @@ def test_hooks_are_removed_on_close():
     assert not optimizer._optimizer_step_post_hooks
 
 
+def test_records_wait_in_bounded_batches_until_stats_asks():
+    from bsmon.probe.monitor import INGEST_BATCH
+
+    model, optimizer = _setup()
+    with bsmon.watch(model, optimizer, noise=None) as monitor:
+        for _ in range(2 * INGEST_BATCH + 100):
+            model(torch.randn(4, 6)).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            assert len(monitor._unread) < INGEST_BATCH  # a flush reaching the batch ingests it
+        assert monitor.stats().step == 2 * INGEST_BATCH + 100
+        assert not monitor._unread
+
+
 def test_exception_in_with_block_marks_the_session_failed():
     model, optimizer = _setup()
     with pytest.raises(ZeroDivisionError):

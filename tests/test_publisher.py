@@ -112,3 +112,15 @@ def test_the_background_thread_flushes_when_nobody_polls(tmp_path, monkeypatch):
     assert _wait_for(lambda: _written_steps(writer) == [1, 2])
     assert recorder.steps() == [1, 2] and threading.get_ident() not in recorder.threads
     publisher.close({"k": "bye", "t": 0.0, "status": "finished", "code": 0})
+
+
+def test_a_rank_that_records_nothing_encodes_nothing(tmp_path):
+    """Ranks > 0 have no session file and no socket: their records only feed stats()."""
+    recorder = Recorder()
+    hello = {"k": "hello", "v": 1, "session": "s", "name": "n", "pid": 1, "t0": 0.0, "command": [],
+             "host": "h", "user": "u", "unit": "samples"}
+    publisher = Publisher(hello, None, None, recorder)
+    publisher.submit(_step(1))
+    publisher.poll(now=True)
+    assert recorder.steps() == [1] and not publisher._outbox
+    publisher.close({"k": "bye", "t": 0.0, "status": "finished", "code": 0})

@@ -152,10 +152,11 @@ class Publisher:
             self._last_flush = now
         if not records:
             return
-        self._outbox.append(b"".join(map(_frame, records)))
-        if now - self._last_wake >= FLUSH_INTERVAL_S:
-            self._last_wake = now
-            self._wake()
+        if self._writer is not None or self._server is not None:  # ranks > 0 record nothing
+            self._outbox.append(b"".join(map(_frame, records)))
+            if now - self._last_wake >= FLUSH_INTERVAL_S:
+                self._last_wake = now
+                self._wake()
         self._on_records(records)
 
     def _wake(self) -> None:
