@@ -6,14 +6,14 @@ Who does what, and why:
   returns (a full buffer drops the record and counts it).
 * The training thread calls :meth:`Publisher.poll` once a step (from the probe's step
   hook; ``Monitor.stats()`` polls too, to be up to date). At most every
-  ``FLUSH_INTERVAL_S`` it encodes the buffered records into frames, feeds them to the
-  session model that backs ``Monitor.stats()``, and hands the bytes over. That is
+  ``FLUSH_INTERVAL_S`` it encodes the buffered records into frames, passes the records
+  to ``on_records`` (the Monitor, for ``stats()``), and hands the bytes over. That is
   CPU work of a few microseconds a record, done between steps. It never waits: a
   record whose device values have not reached the host yet stays for the next poll.
 * One background thread writes the frames to the session file, fans them out to
-  attached monitors and accepts new monitors. It wakes only when there is something
-  to do, so it does not compete with the training thread for the GIL: a thread that
-  woke to encode and ingest on its own slowed a 5 ms CPU step by 4-6%
+  attached monitors and accepts new monitors. It wakes once per flush and otherwise
+  every ``IDLE_FLUSH_S``, so it hardly competes with the training thread for the GIL:
+  a thread that woke to encode and ingest on its own slowed a 5 ms CPU step by 4-6%
   (docs/benchmarks.md), far more than the work itself. When the training thread has
   not flushed for ``IDLE_FLUSH_S`` (long steps, evaluation, a device that lags), the
   background thread flushes instead, waiting for device values if it must.
