@@ -149,6 +149,27 @@ def test_records_wait_in_bounded_batches_until_stats_asks():
         assert not monitor._unread
 
 
+def test_stats_asked_every_step_is_recomputed_a_few_times_a_second(monkeypatch):
+    from bsmon.model import SessionModel
+    from bsmon.probe.monitor import STATS_REFRESH_S
+
+    computed = []
+    original = SessionModel.stats
+    monkeypatch.setattr(SessionModel, "stats", lambda self: computed.append(1) or original(self))
+    model, optimizer = _setup()
+    with bsmon.watch(model, optimizer, noise=None) as monitor:
+        began = time.monotonic()
+        for step in range(1, 401):
+            model(torch.randn(4, 6)).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            seen = monitor.stats().step
+            assert seen == step if step == 1 else seen <= step  # the first ask is up to date
+        elapsed = time.monotonic() - began
+    assert len(computed) <= elapsed / STATS_REFRESH_S + 2
+    assert monitor.stats().step == 400  # after close(): up to the end
+
+
 def test_exception_in_with_block_marks_the_session_failed():
     model, optimizer = _setup()
     with pytest.raises(ZeroDivisionError):

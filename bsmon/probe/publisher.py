@@ -93,8 +93,8 @@ class Publisher:
         so polling ``now`` at every step (``Monitor.stats()`` in an adaptive loop) adds
         encoding work only.
         """
-        if not now and time.monotonic() - self._last_flush < FLUSH_INTERVAL_S:
-            return
+        if self._stopping or (not now and time.monotonic() - self._last_flush < FLUSH_INTERVAL_S):
+            return  # close() flushes the rest itself
         if not self._flush_lock.acquire(blocking=False):
             return  # the background thread is flushing
         try:
