@@ -163,7 +163,7 @@ class Publisher:
         """Wake the background thread (a full pipe means it is awake already)."""
         try:
             os.write(self._wake_write, b"\0")
-        except (BlockingIOError, OSError):
+        except OSError:
             pass
 
     def _deliver(self) -> None:
