@@ -140,7 +140,12 @@ def test_the_cost_budget_measures_fewer_steps_and_stays_unbiased():
     stats = monitor.stats()
     assert stats.noise_steps == measured
     exact = exact_b_simple(model, x, y, loss_fn)
-    assert stats.b_simple_low <= exact <= stats.b_simple_high
+    # Which steps get measured depends on timing, so this run is one random draw and its 95%
+    # band misses the truth 1 time in 20 (30 seeds: no miss, errors within 8%). Allow 1.5
+    # half-widths on the side of the truth, about 3 standard errors: 1 run in 400 fails.
+    estimate = stats.b_simple
+    half_width = estimate - stats.b_simple_low if exact < estimate else stats.b_simple_high - estimate
+    assert abs(exact - estimate) <= 1.5 * half_width, (estimate, exact, stats.b_simple_low, stats.b_simple_high)
 
 
 def test_steps_left_unmeasured_carry_no_estimator_hooks():
