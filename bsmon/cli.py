@@ -181,7 +181,9 @@ def _attach_with_gpu(feed: Feed, info: store.SessionInfo) -> Feed:
     hello = info.hello
     sampler = GpuSampler(job_pid=hello["pid"],
                          device_uuids=[d["uuid"] for d in hello.get("devices") or [] if d.get("uuid")],
-                         visible_devices=hello.get("cuda_visible_devices"))
+                         visible_devices=hello.get("cuda_visible_devices"),
+                         cuda_device_order=hello.get("cuda_device_order"),
+                         job_pid_namespace=hello.get("pid_namespace"))
     sampler.start()
     feed.record_gpu(sampler)
     feed.on_stop(sampler.stop)

@@ -55,6 +55,11 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     # Last record: how the job ended.
     "bye": {"t": _NUM, "status": (str,), "code": (int, type(None))},
 }
+#: Fields a record may lack (older jobs do not send them), with their types where present.
+OPTIONAL: dict[str, dict[str, tuple[type, ...]]] = {
+    # The job's environment as the GPU sampler needs it (bsmon.gpu.GpuSampler).
+    "hello": {"cuda_visible_devices": _OPT_STR, "cuda_device_order": _OPT_STR, "pid_namespace": _OPT_STR},
+}
 
 
 
@@ -87,6 +92,10 @@ def validate(record: Any) -> dict[str, Any]:
         if value is _MISSING:
             raise ProtocolError(f"{kind} record lacks field {field!r}")
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ProtocolError(f"{kind}.{field} has type {type(value).__name__}")
+    for field, types in OPTIONAL.get(kind, {}).items():
+        value = record.get(field)
+        if not isinstance(value, types) or isinstance(value, bool):
             raise ProtocolError(f"{kind}.{field} has type {type(value).__name__}")
     if kind in ("hello", "attach") and record["v"] != PROTOCOL_VERSION:
         raise ProtocolError(

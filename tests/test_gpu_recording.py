@@ -8,21 +8,25 @@ import time
 from bsmon import store
 from bsmon.client import Feed
 from bsmon.export import write_csv
-from bsmon.gpu import GpuSampler
+from bsmon.gpu import processes
 from conftest import start_job
 from fake_nvml import FakeDriver, FakeGpu, FakeProcess
 
 UUID = "GPU-11111111-2222-3333-4444-555555555555"
 
 
-def test_gpu_samples_are_recorded_and_exported_per_step(tmp_path):
+def test_gpu_samples_are_recorded_and_exported_per_step(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     ready = tmp_path / "ready"
     job = start_job("--steps", "40", "--sleep", "0.05", "--ready-file", str(ready))
     while not ready.exists():
         time.sleep(0.05)
     info = store.resolve_session(None, running=True)
+    hello = info.hello  # what the sampler needs to know about the job's environment
+    assert (hello["pid_namespace"], hello["cuda_device_order"]) == (processes.pid_namespace(), "PCI_BUS_ID")
     driver = FakeDriver([FakeGpu(UUID, compute=[FakeProcess(job.pid, 1234, sm_util=80)])])
-    sampler = GpuSampler(job.pid, device_uuids=[UUID], interval_s=0.1, nvml=driver.nvml)
+    sampler = driver.sampler(job.pid, device_uuids=[UUID], interval_s=0.1,
+                             cuda_device_order=hello["cuda_device_order"], job_pid_namespace=hello["pid_namespace"])
     sampler.start()
     feed = Feed().attach(info.socket, info.directory)
     feed.record_gpu(sampler)

@@ -381,7 +381,8 @@ def test_bad_arguments_are_refused_with_a_sentence(sleeping_job):
 
 @pilot_test
 async def test_gpu_fields_the_driver_does_not_give_show_na():
-    refused = ("nvmlDeviceGetPowerUsage", "nvmlDeviceGetTemperatureV", "nvmlDeviceGetUtilizationRates")
+    refused = ("nvmlDeviceGetPowerUsage", "nvmlDeviceGetTemperatureV", "nvmlDeviceGetTemperature",
+               "nvmlDeviceGetUtilizationRates")
     driver = FakeDriver([FakeGpu("GPU-3eb79704-1571-707c-aee8-f43ce747313d",
                                  errors=dict.fromkeys(refused, pynvml.NVML_ERROR_NOT_SUPPORTED))])
     sampler = GpuSampler(None, nvml=driver.nvml)

@@ -37,6 +37,8 @@ def _frame(payload: bytes, crc=None, length=None):
     (_frame(b'{"k":"step","step":true,"t":1,"dt":1,"n":1,"mb":1,"dropped":0}'), "type bool"),
     (_frame(b'{"k":"attach","v":99,"client":"x"}'), "protocol version 99"),
     (_frame(b'{"k":"scalars","step":1,"values":{"loss":"high"}}'), "not a number"),
+    (_frame(b'{"k":"hello","v":1,"session":"s","name":"n","pid":1,"t0":0,"command":[],"host":"h","user":"u",'
+            b'"unit":"samples","pid_namespace":4026531836}'), "hello.pid_namespace has type int"),
 ])
 def test_bad_frames_raise_protocol_error(frame, message):
     with pytest.raises(wire.ProtocolError, match=message):

@@ -106,6 +106,15 @@ def _device_info(model: nn.Module) -> list[dict[str, Any]]:
     return devices
 
 
+def _pid_namespace() -> str | None:
+    """This process's PID namespace, 'pid:[<inode>]': the monitor's GPU sampler matches the job's
+    PID only within the same namespace (bsmon.gpu.processes, which the probe must not import)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 class Monitor:
     """Handle returned by :func:`bsmon.watch`. Use ``close()`` or a ``with`` block.
 
@@ -150,6 +159,7 @@ class Monitor:
             "pid": os.getpid(), "t0": time.time(), "command": command, "host": socket.gethostname(),
             "user": getpass.getuser(), "python": sys.version.split()[0], "torch": torch.__version__,
             "devices": _device_info(model), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "cuda_device_order": os.environ.get("CUDA_DEVICE_ORDER"), "pid_namespace": _pid_namespace(),
             "world_size": identity.world_size, "rank": identity.rank,
             "data_parallel": distributed.data_parallel_size(model, identity.world_size),
             "unit": unit, "tokens_per_sample": tokens_per_sample,
