@@ -35,8 +35,9 @@ Driver behaviour replayed here (facts from nvml.h, nvidia-ml-py, nvitop and gpus
 - MIG: a slice's handle answers NOT_SUPPORTED for utilisation (nvidia-smi shows N/A); the parent
   GPU answers NO_PERMISSION for memory and process lists (nvml.h: the aggregate view needs
   privileges) and NOT_SUPPORTED for utilisation. That a slice also refuses power, temperature,
-  clocks, clock reasons, PCIe and per-process utilisation is this fake's assumption; it makes any
-  reading of those from the slice instead of its parent show up as a missing value.
+  clocks, clock reasons, PCIe, per-process utilisation and the minor number is this fake's
+  assumption; it makes any reading of those from the slice instead of its parent show up as a
+  missing value.
 - A lost GPU answers GPU_IS_LOST to everything; any call before nvmlInit answers UNINITIALIZED.
 """
 
@@ -153,7 +154,7 @@ _MIG_SLICE_NOT_SUPPORTED = frozenset({
     "nvmlDeviceGetPowerManagementLimit", "nvmlDeviceGetTemperature", "nvmlDeviceGetTemperatureV",
     "nvmlDeviceGetClockInfo", "nvmlDeviceGetCurrentClocksEventReasons",
     "nvmlDeviceGetCurrentClocksThrottleReasons", "nvmlDeviceGetPcieThroughput",
-    "nvmlDeviceGetProcessUtilization", "nvmlDeviceGetMigMode",
+    "nvmlDeviceGetProcessUtilization", "nvmlDeviceGetMigMode", "nvmlDeviceGetMinorNumber",
 })
 _MIG_PARENT_NO_PERMISSION = frozenset({
     "nvmlDeviceGetMemoryInfo", "nvmlDeviceGetMemoryInfo_v2",
@@ -214,6 +215,7 @@ class FakeDriver:
                  release: PynvmlRelease | None = None) -> None:
         self.gpus = list(gpus)
         self.init_error = init_error
+        self.driver_version = "550.54.15"
         self.initialized = False
         self.calls: Counter[str] = Counter()
         self.missing_lookups: Counter[str] = Counter()
@@ -324,6 +326,12 @@ class FakeDriver:
 
     def _nvmlErrorString(self, code: int) -> bytes:
         return f"NVML error {code}".encode()
+
+    def _nvmlSystemGetDriverVersion(self, buffer: ctypes.Array, size: ctypes.c_uint) -> int:
+        if not self.initialized:
+            return _nv.NVML_ERROR_UNINITIALIZED
+        buffer.value = self.driver_version.encode()
+        return _nv.NVML_SUCCESS
 
     def _nvmlDeviceGetCount_v2(self, out: ctypes._CArgObject) -> int:
         if not self.initialized:
