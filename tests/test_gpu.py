@@ -141,7 +141,7 @@ def test_missing_library_through_pynvml_reports_a_banner():
 
 
 class Clock:
-    """time.monotonic for the sampler's back-off, moved by hand."""
+    """The sampler's back-off clock, moved by hand."""
 
     def __init__(self):
         self.now = 1000.0
@@ -153,7 +153,7 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch):
     clock = Clock()
-    monkeypatch.setattr(gpu_sampler.time, "monotonic", clock)
+    monkeypatch.setattr(gpu_sampler, "_retry_clock", clock)
     return clock
 
 

@@ -127,6 +127,9 @@ class Session:
     def __init__(self, nv: ModuleType) -> None:
         self.nv = nv
         self.functions = resolve_functions(nv)
+        # Answers that hold for the whole session: the driver lacks the function, or refuses its struct.
+        self._forget = (nv.NVML_ERROR_FUNCTION_NOT_FOUND,
+                        getattr(nv, "NVML_ERROR_ARGUMENT_VERSION_MISMATCH", _ERROR_ARGUMENT_VERSION_MISMATCH))
         self.lost: set[Device] = set()  # devices that answered GPU_IS_LOST since the last clear()
         self.devices: list[Device] = []
         self.problems: list[str] = []  # devices NVML counts but would not hand out
@@ -200,8 +203,6 @@ class Session:
         the next variant is tried, now and on later samples.
         """
         nv = self.nv
-        session_wide = (nv.NVML_ERROR_FUNCTION_NOT_FOUND,
-                        getattr(nv, "NVML_ERROR_ARGUMENT_VERSION_MISMATCH", _ERROR_ARGUMENT_VERSION_MISMATCH))
         for name in (names,) if isinstance(names, str) else names:
             function = self.functions.get(name)
             if function is None or name in device.refused:
@@ -212,7 +213,7 @@ class Session:
                 except nv.NVMLError as exc:
                     if exc.value == nv.NVML_ERROR_INSUFFICIENT_SIZE:
                         continue  # a list grew between the count and the read
-                    if exc.value in session_wide:
+                    if exc.value in self._forget:
                         del self.functions[name]
                     elif exc.value in (nv.NVML_ERROR_NOT_SUPPORTED, nv.NVML_ERROR_NO_PERMISSION):
                         device.refused.add(name)

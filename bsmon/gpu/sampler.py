@@ -27,6 +27,7 @@ _UTILIZATION_WINDOW_US = 1_000_000  # per-process utilisation: the driver's samp
 _RETRY_FIRST_S = 1.0  # NVML failed to start, or a GPU was lost: look again after this,
 _RETRY_MAX_S = 60.0  # doubling up to this
 _STOP_TIMEOUT_S = 2.0  # stop() waits this long for a sample stuck in an NVML call
+_retry_clock = time.monotonic  # the back-off's clock (tests move it by hand)
 
 # nvml.h nvmlClocksEventReason* bits (the same bits as the older nvmlClocksThrottleReason*).
 # Bit 0x1 (GPU idle) is left out on purpose: low clocks with no work limit nothing.
@@ -192,7 +193,7 @@ class GpuSampler:
 
     def _open_session(self) -> Session | None:
         """The session to sample with: started, or restarted to look for lost GPUs, when due."""
-        due = time.monotonic() >= self._retry_at
+        due = _retry_clock() >= self._retry_at
         session = self._session
         if session is not None and due and (session.lost or session.problems):
             session.close()  # a reset GPU comes back with a new handle; a new session finds it
@@ -205,7 +206,7 @@ class GpuSampler:
         return session
 
     def _retry_later(self) -> None:
-        self._retry_at = time.monotonic() + self._retry_delay_s
+        self._retry_at = _retry_clock() + self._retry_delay_s
         self._retry_delay_s = min(2 * self._retry_delay_s, _RETRY_MAX_S)
 
     def _sample(self) -> GpuSnapshot:
@@ -240,7 +241,7 @@ class GpuSampler:
                          for d in devices if job_pids_seen[d])
         lost = [device for device in devices if device in session.lost or device.parent in session.lost]
         if lost or session.problems:
-            if time.monotonic() >= self._retry_at:  # not already due to look again
+            if _retry_clock() >= self._retry_at:  # not already due to look again
                 self._retry_later()
         else:
             self._retry_delay_s = _RETRY_FIRST_S
