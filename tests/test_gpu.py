@@ -100,6 +100,17 @@ def sample(driver, job_pid=None, **kwargs):
         sampler.stop()
 
 
+@pytest.mark.parametrize(("release", "imported", "absent"), [
+    (NEWEST, "bsmon, bsmon.probe.monitor", ("bsmon.gpu", "textual")),  # the job's (torch.cuda loads pynvml)
+    (NEWEST, "bsmon.gpu", ("pynvml", "torch", "textual")),  # pynvml only once sampling starts
+], indirect=["release"], ids=["probe", "gpu"])
+def test_what_each_side_imports(release, imported, absent):
+    code = f"import sys, {imported}; print(sorted(m for m in {absent!r} if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 # --- NVML absent or broken --------------------------------------------------------------------
 
 @pytest.mark.skipif(_nvml_library_present(), reason="this machine has an NVIDIA driver")
@@ -285,7 +296,7 @@ def test_job_utilisation_is_capped_at_100_percent(job):
     assert sample(FakeDriver([gpu0]), job.pid).gpus[0].job_util_pct == 100.0
 
 
-def test_an_old_driver_is_read_through_the_older_functions_which_are_looked_up_once(job, release):
+def test_an_old_driver_is_read_through_the_older_functions_which_are_looked_up_once(job):
     gpu0 = FakeGpu(UUID0, clock_reasons=0x4, compute=[FakeProcess(job.pid, 2_000, sm_util=33)])
     driver = FakeDriver([gpu0], missing=R470_MISSING)
     sampler = driver.sampler(job.pid)
@@ -344,7 +355,7 @@ def test_the_replayed_releases_misread_as_reported(job, release, missing):
     assert sample(driver, job.pid).gpus[0].job_mem_mib == 3_500.0
 
 
-@pytest.mark.parametrize("release", [OLDEST, NEWEST], indirect=True)
+@pytest.mark.parametrize("release", [OLDEST, NEWEST], indirect=True, ids=["11.450.51", "newest"])
 def test_releases_before_11_515_return_bytes_which_bsmon_reads_as_text(release):
     driver = FakeDriver([FakeGpu(UUID0)])
     nv = driver.nvml
@@ -515,13 +526,12 @@ def test_memory_the_driver_cannot_attribute_makes_job_memory_unknown(job):
     assert sample(FakeDriver([gpu0]), job.pid).gpus[0].job_mem_mib is None
 
 
-HOST_NAMESPACE = "pid:[4026531836]"
-CONTAINER_NAMESPACE = "pid:[4026532999]"
+OTHER_NAMESPACE = "pid:[0]"  # no PID namespace has inode 0, so never this test's own
 
 
 def in_a_container(driver, job_pid, **kwargs):
     """Sample as a monitor whose PID namespace is not the one NVML's PIDs belong to."""
-    sampler = GpuSampler(job_pid, nvml=driver.nvml, nvml_pid_namespace=CONTAINER_NAMESPACE, **kwargs)
+    sampler = GpuSampler(job_pid, nvml=driver.nvml, nvml_pid_namespace=OTHER_NAMESPACE, **kwargs)
     try:
         return sampler.sample_once()
     finally:
@@ -546,9 +556,9 @@ def test_from_a_container_a_host_pid_that_happens_to_be_visible_is_not_a_zero(jo
 
 def test_a_job_in_another_pid_namespace_is_na_even_where_its_pid_matches(job):
     gpu0 = FakeGpu(UUID0, compute=[FakeProcess(job.pid, 12_000, sm_util=90)])
-    snapshot = sample(FakeDriver([gpu0]), job.pid, device_uuids=[UUID0], job_pid_namespace=CONTAINER_NAMESPACE)
+    snapshot = sample(FakeDriver([gpu0]), job.pid, device_uuids=[UUID0], job_pid_namespace=OTHER_NAMESPACE)
     assert (snapshot.gpus[0].job_mem_mib, snapshot.gpus[0].job_util_pct) == (None, None)
-    assert snapshot.hint == gpu_sampler.REASON_JOB_ELSEWHERE.format(job=CONTAINER_NAMESPACE,
+    assert snapshot.hint == gpu_sampler.REASON_JOB_ELSEWHERE.format(job=OTHER_NAMESPACE,
                                                                     monitor=processes.pid_namespace())
     same = sample(FakeDriver([gpu0]), job.pid, job_pid_namespace=processes.pid_namespace())
     assert same.gpus[0].job_mem_mib == 12_000.0 and same.hint is None
@@ -792,7 +802,7 @@ def test_bad_arguments_are_refused_with_a_sentence(kwargs, error, message):
 
 def test_records_round_trip_through_json(job):
     driver = mig_machine(job.pid)
-    snapshot = sample(driver, job.pid, device_uuids=[UUID0, MIG_B], job_pid_namespace=CONTAINER_NAMESPACE)
+    snapshot = sample(driver, job.pid, device_uuids=[UUID0, MIG_B], job_pid_namespace=OTHER_NAMESPACE)
     assert snapshot.hint is not None and any(r.util_pct is None for r in snapshot.gpus)
     restored = GpuSnapshot.from_record(json.loads(json.dumps(snapshot.to_record())))
     assert restored == snapshot
