@@ -333,7 +333,8 @@ def selection() -> tuple[bool, str]:
                 ok &= [r.uuid[4:] for r in snapshot.gpus] == [label[4:]]
             evidence.append(f"order {order or 'default'} cuda:{index}={label[:12]}: by UUID "
                             f"{[u[:12] for u in chosen]}, by index {by_index.selection_rule} "
-                            f"{[r.uuid[:12] for r in snapshot.gpus]}" + (f" ({snapshot.hint})" if snapshot.hint else ""))
+                            f"{[r.uuid[:12] for r in snapshot.gpus]}"
+                            + (f" ({snapshot.hint})" if snapshot.hint else ""))
     child = Child(MATMUL_CHILD, "0", "10", "64")
     try:
         by_process = GpuSampler(child.pid)
