@@ -1,11 +1,13 @@
-"""NVML samples taken beside a live job go into its session: replay and CSV export include them."""
+"""NVML samples taken beside a live job, by the sampler `bsmon attach` builds from the job's hello,
+go into its session: replay and CSV export include them."""
 
 import csv
 import io
 import os
 import time
 
-from bsmon import store
+import bsmon.gpu
+from bsmon import cli, store
 from bsmon.client import Feed
 from bsmon.export import write_csv
 from bsmon.gpu import processes
@@ -17,27 +19,28 @@ UUID = "GPU-11111111-2222-3333-4444-555555555555"
 
 def test_gpu_samples_are_recorded_and_exported_per_step(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     ready = tmp_path / "ready"
     job = start_job("--steps", "40", "--sleep", "0.05", "--ready-file", str(ready))
     while not ready.exists():
         time.sleep(0.05)
     info = store.resolve_session(None, running=True)
-    hello = info.hello  # what the sampler needs to know about the job's environment
-    assert (hello["pid_namespace"], hello["cuda_device_order"]) == (processes.pid_namespace(), "PCI_BUS_ID")
     driver = FakeDriver([FakeGpu(UUID, compute=[FakeProcess(job.pid, 1234, sm_util=80)])])
-    sampler = driver.sampler(job.pid, device_uuids=[UUID], interval_s=0.1,
-                             cuda_device_order=hello["cuda_device_order"], job_pid_namespace=hello["pid_namespace"])
-    sampler.start()
-    feed = Feed().attach(info.socket, info.directory)
-    feed.record_gpu(sampler)
-    second = Feed().attach(info.socket, info.directory)  # a second monitor shows but does not record
-    second.record_gpu(sampler)
+    made = []
+
+    def sampler_on_the_fake(**hello_fields):  # what `bsmon attach` builds from the hello, over the fake
+        made.append(hello_fields)
+        return driver.sampler(interval_s=0.1, **hello_fields)
+    monkeypatch.setattr(bsmon.gpu, "GpuSampler", sampler_on_the_fake)
+    feed = cli._attach_with_gpu(Feed(), info)
+    second = cli._attach_with_gpu(Feed(), info)  # a second monitor shows but does not record
+    assert made[0] == {"job_pid": job.pid, "device_uuids": [], "visible_devices": None,
+                       "cuda_device_order": "PCI_BUS_ID", "job_pid_namespace": processes.pid_namespace()}
     assert job.wait(timeout=60) == 0
     assert feed.wait(timeout=10)
     time.sleep(0.3)
     feed.stop()
     second.stop()
-    sampler.stop()
     # (the live view's latest snapshot may postdate the job: then job memory is rightly N/A)
 
     recorded, _ = store.read_records(info.directory / store.GPU_FILE)
