@@ -86,8 +86,8 @@ class _ProcessInfoCcLayout(ctypes.Structure):
 
 
 class _ProcessInfoV2Layout(ctypes.Structure):
-    """The process entry as every other driver writes it (v2, and v3 outside R535);
-    c_nvmlProcessInfo_t of nvidia-ml-py 11.495.46 and 11.515-12.535.61."""
+    """The process entry as every other driver writes it (v2, and v3 outside R535); c_nvmlProcessInfo_t
+    of nvidia-ml-py 11.495.46 and 11.515.x, c_nvmlProcessInfo_v2_t (and _v3_t) from 12.535.108."""
 
     _fields_ = _ProcessInfoCcLayout._fields_[:4]
 
@@ -119,13 +119,13 @@ def _calls(struct: type[ctypes.Structure], *names: tuple[str, str]) -> dict[str,
 
 _V2_NAMES = ("nvmlDeviceGetComputeRunningProcesses_v2", "nvmlDeviceGetGraphicsRunningProcesses_v2")
 _V3_NAMES = ("nvmlDeviceGetComputeRunningProcesses_v3", "nvmlDeviceGetGraphicsRunningProcesses_v3")
-_NO_TEMPERATURE_V = ("nvmlDeviceGetTemperatureV", "nvmlTemperature_v1", "c_nvmlTemperature_v1_t")
-_BEFORE_11_510 = ("nvmlMemory_v2", "c_nvmlMemory_v2_t", "nvmlDeviceGetCurrentClocksEventReasons",
-                  "NVML_ERROR_ARGUMENT_VERSION_MISMATCH", "convertStrBytes")
+_NO_TEMPERATURE_V = ("nvmlDeviceGetTemperatureV", "nvmlTemperature_v1", "c_nvmlTemperature_v1_t")  # to 12.550 at least
+_BEFORE_11_515 = ("nvmlMemory_v2", "c_nvmlMemory_v2_t",  # the v2 memory struct came in 11.510
+                  "convertStrBytes", "nvmlDeviceGetCurrentClocksEventReasons", "NVML_ERROR_ARGUMENT_VERSION_MISMATCH")
 
 OLDEST = PynvmlRelease(  # the lower bound in pyproject.toml
     "11.450.51",
-    absent=frozenset({*_V2_NAMES, *_V3_NAMES, *_NO_TEMPERATURE_V, *_BEFORE_11_510,
+    absent=frozenset({*_V2_NAMES, *_V3_NAMES, *_NO_TEMPERATURE_V, *_BEFORE_11_515,
                       "c_nvmlProcessInfo_v2_t", "c_nvmlProcessInfo_v3_t"}),
     process_calls=_calls(_ProcessInfoV1Layout,
                          ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetComputeRunningProcesses"),
@@ -133,7 +133,7 @@ OLDEST = PynvmlRelease(  # the lower bound in pyproject.toml
     bytes_strings=True, memory_version_argument=False)
 R11_495 = PynvmlRelease(  # the issue's bytes reproduction
     "11.495.46",
-    absent=frozenset({*_V3_NAMES, *_NO_TEMPERATURE_V, *_BEFORE_11_510,
+    absent=frozenset({*_V3_NAMES, *_NO_TEMPERATURE_V, *_BEFORE_11_515,
                       "c_nvmlProcessInfo_v2_t", "c_nvmlProcessInfo_v3_t"}),
     process_calls=_calls(_ProcessInfoV2Layout, *((n, n) for n in _V2_NAMES),
                          ("nvmlDeviceGetComputeRunningProcesses", _V2_NAMES[0]),
