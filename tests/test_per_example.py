@@ -262,10 +262,11 @@ def test_conv_net():
 
 
 class TinyLM(nn.Module):
-    def __init__(self, vocab=11, d=8, tied=False, position_embedding=False):
+    def __init__(self, vocab=11, d=8, tied=False, position_embedding=False, padding_idx=None):
         super().__init__()
-        self.tok = nn.Embedding(vocab, d)
+        self.tok = nn.Embedding(vocab, d, padding_idx=padding_idx)
         self.pos = nn.Embedding(16, d) if position_embedding else None
+        self.position_ids_2d = False  # look positions up with ids (T,), or (1, T) as GPT-2 does
         self.block = nn.TransformerEncoderLayer(d, 2, 16, dropout=0.0, batch_first=True)
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab)
@@ -274,8 +275,9 @@ class TinyLM(nn.Module):
 
     def forward(self, ids):
         h = self.tok(ids)
-        if self.pos is not None:
-            h = h + self.pos(torch.arange(ids.shape[1]))  # looked up once, broadcast over the batch
+        if self.pos is not None:  # looked up once, broadcast over the batch
+            positions = torch.arange(ids.shape[1])
+            h = h + self.pos(positions.unsqueeze(0) if self.position_ids_2d else positions)
         return self.head(self.norm(self.block(h)))
 
 
@@ -307,7 +309,7 @@ def test_norm_embed_covers_only_norms_and_embeddings():
     norms = {f"{layer}.{name}" for layer in ("block.norm1", "block.norm2", "norm") for name in ("weight", "bias")}
     assert set(probe.covered_names) == norms | {"tok.weight"}
     assert probe.uncovered["head.weight"] == "layer Linear not in the chosen layer set"
-    assert LAYER_SETS["norm_embed"] == (nn.LayerNorm, nn.Embedding)
+    assert LAYER_SETS["norm_embed"] == (nn.LayerNorm, nn.RMSNorm, nn.Embedding)
     assert_step_matches(model, probe, ids, labels, cross_entropy, exact)
 
 
@@ -363,14 +365,15 @@ def test_parameters_outside_the_groups_are_uncovered():
 # ---- what must be excluded ------------------------------------------------------------------
 
 
-def test_tied_weights_are_uncovered():
-    model = TinyLM(tied=True)
-    ids, labels = lm_batch()
-    exact = exact_sq_norms(model, ids, labels, cross_entropy)
+def test_weights_tied_other_than_embedding_to_linear_are_uncovered():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    model[2].weight = model[0].weight
+    x, target = torch.randn(5, 4), torch.randn(5, 4)
+    exact = exact_sq_norms(model, x, target, squared_error)
     probe = PerExampleNorms(model)
-    assert "tied weight" in probe.uncovered["tok.weight"] and "head.weight" in probe.uncovered["tok.weight"]
-    assert "tok.weight" not in probe.covered_names and "head.bias" in probe.covered_names
-    assert_step_matches(model, probe, ids, labels, cross_entropy, exact)
+    assert "tied weight" in probe.uncovered["0.weight"] and "2.weight" in probe.uncovered["0.weight"]
+    assert probe.covered_names == ["0.bias", "2.bias"]
+    assert_step_matches(model, probe, x, target, squared_error, exact)
 
 
 def test_layer_registered_twice_is_uncovered():
@@ -581,3 +584,180 @@ def test_bad_arguments_are_rejected_with_a_message():
         PerExampleNorms(model, param_groups=[[torch.zeros(2)]])
     with pytest.raises(TypeError, match="torch.nn.Module"):
         PerExampleNorms(lambda x: x)
+
+
+# ---- the layers real models use: tied embeddings, position tables, RMSNorm, GPT-2's Conv1D ----
+
+
+def exact_sq_norms_by_loop(model, inputs, loss_of):
+    """{parameter name: (B,) per-example squared gradient norm}, one backward per example.
+
+    For models torch.func cannot vmap (Hugging Face's mask building); ``loss_of(model, inputs_i)``
+    is example i's loss. A tied weight appears once, under its first name, with its whole gradient.
+    """
+    norms = {name: [] for name, _ in model.named_parameters()}
+    for i in range(inputs.shape[0]):
+        model.zero_grad(set_to_none=True)
+        loss_of(model, inputs[i : i + 1]).backward()
+        for name, param in model.named_parameters():
+            norms[name].append(param.grad.square().sum())
+    model.zero_grad(set_to_none=True)
+    return {name: torch.stack(values) for name, values in norms.items()}
+
+
+@pytest.mark.parametrize("padding_idx", [None, 3])
+def test_tied_input_and_output_embedding_includes_the_cross_term(padding_idx):
+    model = TinyLM(tied=True, padding_idx=padding_idx)
+    ids, labels = lm_batch(batch=5, positions=7)
+    ids[0, :3] = 3  # repeated ids, and padding where there is a padding_idx
+    exact = exact_sq_norms(model, ids, labels, cross_entropy)
+    probe = PerExampleNorms(model)
+    assert "tok.weight" in probe.covered_names and "tok.weight" not in probe.uncovered
+    assert probe.covered_names.count("tok.weight") == 1
+    assert_step_matches(model, probe, ids, labels, cross_entropy, exact)
+    # Without the cross term the tied weight's norms would be off: check the test can tell.
+    cross_free = PerExampleNorms(model)
+    for tie in cross_free._ties:
+        tie.backward = lambda tap, delta: None
+    _, totals = train_step(model, cross_free, ids, labels, cross_entropy)
+    assert not torch.allclose(totals.sum(), covered_total(exact, probe), rtol=1e-3)
+
+
+def test_tied_embedding_when_the_head_sees_one_position():
+    """The output projection applied to the last position only (a classifier over the vocabulary)."""
+
+    class LastToken(TinyLM):
+        def forward(self, ids):
+            return self.head(self.norm(self.block(self.tok(ids))[:, -1]))
+
+    model = LastToken(tied=True)
+    ids, labels = torch.randint(0, 11, (4, 6)), torch.randint(0, 11, (4,))
+    exact = exact_sq_norms(model, ids, labels, cross_entropy)
+    assert_step_matches(model, PerExampleNorms(model), ids, labels, cross_entropy, exact)
+
+
+class HeadTwice(TinyLM):
+    def forward(self, ids):
+        return super().forward(ids) + self.head(torch.ones(*ids.shape, 8))
+
+
+def test_tied_weight_is_excluded_with_its_partner():
+    model = HeadTwice(tied=True)
+    ids, labels = lm_batch()
+    exact = exact_sq_norms(model, ids, labels, cross_entropy)
+    probe = PerExampleNorms(model)
+    assert train_step(model, probe, ids, labels, cross_entropy) is None  # head called twice
+    assert "called more than once" in probe.uncovered["head.bias"]
+    assert "tied with head.weight, which is excluded" in probe.uncovered["tok.weight"]
+    assert "tok.weight" not in probe.covered_names
+    assert_step_matches(model, probe, ids, labels, cross_entropy, exact)
+
+
+def test_position_table_looked_up_with_ids_of_batch_size_one_is_covered():
+    model = TinyLM(position_embedding=True)
+    model.position_ids_2d = True
+    ids, labels = lm_batch(batch=4, positions=6)
+    exact = exact_sq_norms(model, ids, labels, cross_entropy)
+    probe = PerExampleNorms(model)
+    assert_step_matches(model, probe, ids, labels, cross_entropy, exact)
+    assert "pos.weight" in probe.covered_names and "pos.weight" not in probe.uncovered
+    # The expanded output is a view: the forward's values and the table's gradient are unchanged.
+    probe.remove()
+    model.zero_grad(set_to_none=True)
+    cross_entropy(model(ids), labels).backward()
+    unhooked = model.pos.weight.grad.clone()
+    probe = PerExampleNorms(model)
+    train_step(model, probe, ids, labels, cross_entropy)
+    torch.testing.assert_close(model.pos.weight.grad, unhooked, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("eps", [None, 1e-3])
+def test_rms_norm(eps):
+    model = nn.Sequential(nn.Linear(6, 6), nn.RMSNorm(6, eps=eps), nn.Linear(6, 2))
+    nn.init.normal_(model[1].weight)
+    x, target = torch.randn(5, 4, 6), torch.randn(5, 4, 2)
+    exact = exact_sq_norms(model, x, target, squared_error)
+    probe = PerExampleNorms(model)
+    assert probe.covered_fraction == 1.0
+    assert_step_matches(model, probe, x, target, squared_error, exact)
+
+
+def gpt2(**overrides):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
+        attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0, bos_token_id=0, eos_token_id=0, **overrides,
+    )
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def gpt2_loss(model, ids):
+    return model(input_ids=ids, labels=ids).loss
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_gpt2_is_covered_whole_and_exactly():
+    """Conv1D, the tied wte/lm_head, the wpe position table and LayerNorm: every parameter."""
+    model = gpt2()
+    ids = torch.randint(0, 64, (4, 12))
+    exact = exact_sq_norms_by_loop(model, ids, gpt2_loss)
+    probe = PerExampleNorms(model)
+    assert probe.uncovered == {} and probe.covered_fraction == 1.0
+    model.zero_grad(set_to_none=True)
+    gpt2_loss(model, ids).backward()  # a mean over the batch's tokens: each example's carries 1/B
+    batch, totals = probe.pop()
+    assert batch == 4
+    torch.testing.assert_close(totals.sum() * batch**2, covered_total(exact, probe), rtol=RTOL, atol=0)
+
+
+def test_conv1d_of_transformers_is_a_layer_type_of_its_own():
+    transformers = pytest.importorskip("transformers")
+    layer = transformers.pytorch_utils.Conv1D(5, 3)  # nf=5 outputs, nx=3 inputs: weight (3, 5)
+    nn.init.normal_(layer.bias)
+    x, target = torch.randn(4, 6, 3), torch.randn(4, 6, 5)
+    exact = exact_sq_norms(layer, x, target, squared_error)
+    probe = PerExampleNorms(layer, layers=(transformers.pytorch_utils.Conv1D,))
+    assert probe.covered_names == ["weight", "bias"]
+    assert_step_matches(layer, probe, x, target, squared_error, exact)
+    assert PerExampleNorms(layer, layers=(nn.Linear,)).uncovered["weight"] == "layer Conv1D not in the chosen layer set"
+
+
+# ---- modules that mix the samples of a batch ------------------------------------------------
+
+
+def bn_mlp():
+    return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8, affine=False), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_batch_norm_in_training_mode_gives_no_per_example_norms():
+    model = bn_mlp()
+    x, labels = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    probe = PerExampleNorms(model)
+    assert probe.covered_fraction == 1.0  # affine=False: nothing to cover, and still wrong to use
+    assert probe.mixing_now() == "1 (BatchNorm1d)"
+    assert train_step(model, probe, x, labels, cross_entropy) is None
+    assert probe.mixed_by == "1 (BatchNorm1d)"
+    assert "BatchNorm1d mixes the samples of the batch" in probe.skip_reason
+    model[1].eval()  # running statistics: each example's output is its own again
+    assert probe.mixing_now() is None
+    probe.active = False  # torch.func's forwards are not training steps
+    exact = exact_sq_norms(model, x, labels, cross_entropy)
+    probe.active = True
+    assert_step_matches(model, probe, x, labels, cross_entropy, exact)
+    assert probe.mixed_by is None
+
+
+class InBatchNegatives(nn.Module):
+    def forward(self, h):
+        return h @ h.T  # each row scores against every example of the batch
+
+
+def test_declared_sample_mixing_module():
+    model = nn.Sequential(nn.Linear(6, 8), InBatchNegatives())
+    probe = PerExampleNorms(model, mixes_samples=(InBatchNegatives,))
+    x = torch.randn(5, 6)
+    assert train_step(model, probe, x, torch.arange(5), cross_entropy) is None
+    assert probe.mixed_by == "1 (InBatchNegatives)"
+    with pytest.raises(TypeError, match="mixes_samples must be a tuple of nn.Module subclasses"):
+        PerExampleNorms(model, mixes_samples=InBatchNegatives)

@@ -174,27 +174,42 @@ def _conv_finish(
     return columns
 
 
+def _norm_columns(x_hat: Tensor, delta: Tensor, features: int, weight: bool, bias: bool) -> list[Tensor]:
+    """An elementwise affine after a normalisation: the weight's per-example gradient is the sum
+    over positions of delta * x_hat, the bias's the sum of delta."""
+    batch = delta.shape[0]
+    delta = _float(delta).reshape(batch, -1, features)
+    columns = []
+    if weight:
+        columns.append(_rows_sq(x_hat.reshape(batch, -1, features).mul_(delta).sum(1)))
+    if bias:
+        columns.append(_rows_sq(delta.sum(1)))
+    return columns
+
+
 def _layer_norm_finish(
     module: nn.LayerNorm, x: Tensor | None, delta: Tensor, weight: bool, bias: bool
 ) -> list[Tensor]:
-    """The weight's per-example gradient is the sum over positions of delta * x_hat.
-
-    x_hat, the normalised input, is recomputed with the layer's eps here rather than kept
+    """x_hat, the normalised input, is recomputed with the layer's eps here rather than kept
     from the forward: it would cost as much memory as the input, and the layer's own backward
     is about to read the same input.
     """
-    batch, features = delta.shape[0], math.prod(module.normalized_shape)
-    delta = _float(delta).reshape(batch, -1, features)
-    columns = []
+    x_hat = None
     if weight:
         x = _float(x)
         # A unit weight, rather than none, takes a faster CPU kernel (about 1.5x, torch 2.13).
         unit = torch.ones(module.normalized_shape, dtype=x.dtype, device=x.device)
         x_hat = F.layer_norm(x, module.normalized_shape, unit, eps=module.eps)
-        columns.append(_rows_sq(x_hat.reshape(batch, -1, features).mul_(delta).sum(1)))
-    if bias:
-        columns.append(_rows_sq(delta.sum(1)))
-    return columns
+    return _norm_columns(x_hat, delta, math.prod(module.normalized_shape), weight, bias)
+
+
+def _rms_norm_finish(module: nn.Module, x: Tensor | None, delta: Tensor, weight: bool, bias: bool) -> list[Tensor]:
+    """As LayerNorm, with x_hat = x / rms(x) (eps None: that of the input's dtype, as the layer does)."""
+    x_hat = None
+    if weight:
+        eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
+        x_hat = F.rms_norm(_float(x), module.normalized_shape, eps=eps)
+    return _norm_columns(x_hat, delta, math.prod(module.normalized_shape), weight, False)
 
 
 def _embedding_finish(
@@ -232,22 +247,45 @@ class _Recipe:
     prepare: Callable[..., object]  # (module, input, weight) -> kept for the backward
     finish: Callable[..., list[Tensor]]  # (module, kept, delta, weight, bias) -> k tensors (B,)
     batched_dims: Callable[[nn.Module], int]  # input dimensions of a batched call
+    #: A call whose input has dimension 0 of size 1 while the batch is larger is a lookup shared
+    #: by the batch (a position table): its output is expanded to the batch, a view that leaves
+    #: the forward's values and the parameter's gradient unchanged, so that each example's delta
+    #: reaches the hook instead of their sum.
+    shared_lookup: bool = False
 
 
-_SUPPORTED: dict[type[nn.Module], _Recipe] = {
+#: The one place a layer type is added: keyed by the class or, for a library the probe does not
+#: import, the class's qualified name. A subclass counts when it keeps the class's forward.
+_SUPPORTED: dict[type[nn.Module] | str, _Recipe] = {
     nn.Linear: _Recipe(_linear_prepare, _linear_finish, lambda m: 2),
+    # Hugging Face's GPT-2-family Conv1D is a linear layer with a transposed weight,
+    # y = x @ W + b with W (in, out): |x_i^T delta_i|_F is the same either way round.
+    "transformers.pytorch_utils.Conv1D": _Recipe(_linear_prepare, _linear_finish, lambda m: 2),
     nn.Conv1d: _Recipe(_keep_input, _conv_finish, lambda m: 3),
     nn.Conv2d: _Recipe(_keep_input, _conv_finish, lambda m: 4),
     nn.LayerNorm: _Recipe(_keep_input, _layer_norm_finish, lambda m: len(m.normalized_shape) + 1),
-    nn.Embedding: _Recipe(_keep_input, _embedding_finish, lambda m: 1),
+    nn.Embedding: _Recipe(_keep_input, _embedding_finish, lambda m: 1, shared_lookup=True),
 }
+if hasattr(nn, "RMSNorm"):  # torch >= 2.4
+    _SUPPORTED[nn.RMSNorm] = _Recipe(_keep_input, _rms_norm_finish, lambda m: len(m.normalized_shape) + 1)
 
-LAYER_SETS: dict[str, tuple[type[nn.Module], ...]] = {
+LAYER_SETS: dict[str, tuple[type[nn.Module] | str, ...]] = {
     "all": tuple(_SUPPORTED),
     # The cheap choice: Gray et al. report that LayerNorm parameters alone track a
     # transformer's noise scale.
-    "norm_embed": (nn.LayerNorm, nn.Embedding),
+    "norm_embed": tuple(k for k in (nn.LayerNorm, getattr(nn, "RMSNorm", None), nn.Embedding) if k is not None),
 }
+
+#: Modules that mix the samples of a batch in a training forward, besides those the user declares.
+SAMPLE_MIXING: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)  # BatchNorm*d, SyncBatchNorm
+
+
+def _qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _key_name(key: type | str) -> str:
+    return key.__name__ if isinstance(key, type) else key.rsplit(".", 1)[-1]
 
 
 def _sq_norms(
@@ -293,12 +331,21 @@ def embedding_sq_norms(module: nn.Embedding, ids: Tensor, delta: Tensor) -> Tens
     return _sq_norms(nn.Embedding, module, ids, delta, True, False)
 
 
-def _supported_base(module: nn.Module) -> type[nn.Module] | None:
-    """The supported type ``module`` behaves as; a subclass counts only if it keeps the forward."""
-    for base in _SUPPORTED:
-        if isinstance(module, base) and type(module).forward is base.forward:
-            return base
+def _supported_key(module: nn.Module) -> type[nn.Module] | str | None:
+    """The ``_SUPPORTED`` key ``module`` behaves as; a subclass counts only if it keeps the forward."""
+    for cls in type(module).__mro__:
+        key = cls if cls in _SUPPORTED else _qualified_name(cls)
+        if key in _SUPPORTED:
+            return key if type(module).forward is cls.forward else None
     return None
+
+
+def _mixes_now(module: nn.Module) -> bool:
+    """Whether ``module`` would mix the batch's samples if called now: BatchNorm uses batch
+    statistics in training mode, or always when it keeps no running statistics."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.training or module.running_mean is None
+    return module.training
 
 
 @dataclass(eq=False)
@@ -316,6 +363,7 @@ class _Tap:
     handle: torch.utils.hooks.RemovableHandle | None = None
     generation: int = -1  # the forward of ``model`` this layer last ran in
     group_index: dict[tuple[torch.device, bool, bool], Tensor] = field(default_factory=dict)
+    tie: "_Tie | None" = None  # when its weight is shared with another tap
 
     def index_for(self, device: torch.device, weight: bool, bias: bool) -> Tensor:
         """Group of each computed column, cached per device so that a step copies nothing."""
@@ -327,12 +375,83 @@ class _Tap:
         return self.group_index[key]
 
 
+@dataclass(eq=False)
+class _Tie:
+    """A weight shared by an Embedding and a Linear: a language model's tied input embedding
+    and output projection.
+
+    Example i's gradient of the weight is the sum of its two uses, E_i + L_i, so its squared
+    norm is |E_i|^2 + |L_i|^2 (each tap's own column) plus the cross term 2<E_i, L_i>. With
+    ids t -> id_t and delta_e[t] at the embedding, and input x_s and delta Delta[s] (one entry
+    per row of the weight) at the Linear,
+
+        <E_i, L_i> = sum_t delta_e[t] . (sum_s Delta[s, id_t] x_s),
+
+    positions with the padding id left out. The Linear's backward reduces Delta to the
+    bracket, shaped like the embedding's output; whichever of the two backward passes comes
+    second takes the dot product.
+    """
+
+    param: nn.Parameter
+    embedding: _Tap
+    linear: _Tap
+    group: int
+    ids: Tensor | None = None  # this forward's lookups (B, T)
+    mask: Tensor | None = None  # (B, T, 1), 0 at padding positions; None without padding_idx
+    head_input: Tensor | None = None  # the Linear's input (B, S, d)
+    half: Tensor | None = None  # the first backward's (B, T, d) factor
+    group_index: dict[torch.device, Tensor] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        self.ids = self.mask = self.head_input = self.half = None
+
+    def partner(self, tap: _Tap) -> _Tap:
+        return self.linear if tap is self.embedding else self.embedding
+
+    def forward(self, tap: _Tap, x: Tensor) -> None:
+        batch = x.shape[0]
+        if tap is self.embedding:
+            self.ids = x.reshape(batch, -1)
+            padding = tap.module.padding_idx
+            self.mask = None if padding is None else (self.ids != padding).unsqueeze(2)
+        else:
+            self.head_input = _float(x).reshape(batch, -1, x.shape[-1])
+
+    def backward(self, tap: _Tap, delta: Tensor) -> Tensor | None:
+        """The cross term 2<E_i, L_i> (B,) once both backward passes have run, else None."""
+        batch = delta.shape[0]
+        if tap is self.embedding:
+            factor = _float(delta).reshape(batch, -1, delta.shape[-1])
+        elif self.ids is None or self.head_input is None:
+            return None  # the embedding did not run in this forward: no cross term
+        else:
+            delta = _float(delta).reshape(batch, -1, delta.shape[-1])  # (B, S, rows)
+            ids = self.ids.unsqueeze(1).expand(batch, delta.shape[1], self.ids.shape[1])
+            factor = torch.gather(delta, 2, ids).mT @ self.head_input  # (B, T, d)
+        if self.half is None:
+            self.half = factor
+            return None
+        product = self.half * factor
+        if self.mask is not None:
+            product *= self.mask
+        self.half = None
+        return 2 * product.sum((1, 2))
+
+    def index_for(self, device: torch.device) -> Tensor:
+        if device not in self.group_index:
+            self.group_index[device] = torch.tensor([self.group], dtype=torch.long).to(device)
+        return self.group_index[device]
+
+
 class PerExampleNorms:
     """Sum over the batch of per-example squared gradient norms, per optimizer group.
 
     ``layers`` is a key of ``LAYER_SETS`` or a tuple of supported layer types. ``param_groups``
     lists the optimizer's groups (iterables of parameters, or the optimizer's own
     ``param_groups`` dicts) to break the sum down per group; None means one group.
+    ``mixes_samples`` names module types that, like BatchNorm in training mode, make one
+    example's output depend on the others: a step in which one runs gives None (``mixed_by``
+    says which), because per-example gradients of the loss do not exist there.
     Parameters frozen when this object is made are ignored; ones frozen later contribute
     nothing while frozen, matching their absent ``.grad``.
 
@@ -347,16 +466,21 @@ class PerExampleNorms:
         model: nn.Module,
         layers: str | tuple[type[nn.Module], ...] = "all",
         param_groups: Sequence[Iterable[nn.Parameter] | Mapping] | None = None,
+        mixes_samples: tuple[type[nn.Module], ...] = (),
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         layer_types = _resolve_layers(layers)
         group_of, self.n_groups = _group_lookup(param_groups)
+        mixing = SAMPLE_MIXING + _resolve_mixing(mixes_samples)
+        self._mixers = [(name or type(m).__name__, m) for name, m in model.named_modules() if isinstance(m, mixing)]
         self.uncovered: dict[str, str] = {}
         self._taps: list[_Tap] = []
+        self._ties: list[_Tie] = []
         self._trainable_numel = 0
         self._find_taps(model, layer_types, group_of)
         self._refresh_coverage()
+        self.mixed_by: str | None = None  # the sample-mixing module that made the last pop() None
 
         self.skip_reason: str | None = None  # why the last pop() returned None
         #: host seconds spent inside the hooks, for the probe's cost budget
@@ -389,6 +513,7 @@ class PerExampleNorms:
             return
         model = self._model
         self._handles = [model.register_forward_pre_hook(self._on_forward_start, with_kwargs=True)]
+        self._handles += [m.register_forward_pre_hook(partial(self._on_mixer_forward, name)) for name, m in self._mixers]
         for tap in self._taps:
             hook = partial(self._on_layer_forward, tap)
             tap.handle = tap.module.register_forward_hook(hook, with_kwargs=True)
@@ -405,13 +530,15 @@ class PerExampleNorms:
     # ---- set-up -------------------------------------------------------------------------
 
     def _find_taps(
-        self, model: nn.Module, layer_types: tuple[type, ...], group_of: dict[int, int] | None
+        self, model: nn.Module, layer_types: tuple[type | str, ...], group_of: dict[int, int] | None
     ) -> None:
-        owners: dict[int, list[str]] = {}  # every name a parameter is registered under
+        uses: dict[int, list[tuple[str, nn.Module, str]]] = {}  # every (name, module, local name) of a parameter
         for module_name, module in model.named_modules(remove_duplicate=False):
-            for name, param in module.named_parameters(prefix=module_name, recurse=False):
-                owners.setdefault(id(param), []).append(name)
+            for local_name, param in module.named_parameters(recurse=False):
+                name = f"{module_name}.{local_name}" if module_name else local_name
+                uses.setdefault(id(param), []).append((name, module, local_name))
         blocked = _blocked_modules(model)
+        tied = {pid for pid, param_uses in uses.items() if _splittable_tie(param_uses, layer_types, blocked)}
         for name, param in model.named_parameters():
             if not param.requires_grad:
                 continue
@@ -421,20 +548,22 @@ class PerExampleNorms:
                     "run one forward pass before creating PerExampleNorms."
                 )
             self._trainable_numel += param.numel()
-            if len(owners[id(param)]) > 1:
-                shared_by = ", ".join(owners[id(param)])
-                self.uncovered[name] = f"tied weight, shared by {shared_by} (per-example norms are not additive)"
+            if len(uses[id(param)]) > 1 and id(param) not in tied:
+                shared_by = ", ".join(use[0] for use in uses[id(param)])
+                self.uncovered[name] = (
+                    f"tied weight, shared by {shared_by} (only an Embedding's weight tied to a Linear's is split exactly)"
+                )
         for module_name, module in model.named_modules():
-            base = _supported_base(module)
+            key = _supported_key(module)
             covered: dict[str, nn.Parameter] = {}
             for local_name, param in module.named_parameters(recurse=False):
                 name = f"{module_name}.{local_name}" if module_name else local_name
-                if not param.requires_grad or len(owners[id(param)]) > 1:
+                if not param.requires_grad or (len(uses[id(param)]) > 1 and id(param) not in tied):
                     continue
-                if base is None:
+                if key is None:
                     self.uncovered[name] = f"unsupported layer {type(module).__name__}"
-                elif not issubclass(base, layer_types):
-                    self.uncovered[name] = f"layer {base.__name__} not in the chosen layer set"
+                elif key not in layer_types:
+                    self.uncovered[name] = f"layer {_key_name(key)} not in the chosen layer set"
                 elif id(module) in blocked:
                     self.uncovered[name] = blocked[id(module)]
                 elif group_of is not None and id(param) not in group_of:
@@ -442,11 +571,12 @@ class PerExampleNorms:
                 else:
                     covered[name] = param
             if covered:
+                recipe = _SUPPORTED[key]
                 self._taps.append(
                     _Tap(
                         module=module,
-                        recipe=_SUPPORTED[base],
-                        batched_dims=_SUPPORTED[base].batched_dims(module),
+                        recipe=recipe,
+                        batched_dims=recipe.batched_dims(module),
                         param_names=list(covered),
                         params=list(covered.values()),
                         groups=[0 if group_of is None else group_of[id(p)] for p in covered.values()],
@@ -454,20 +584,43 @@ class PerExampleNorms:
                         bias=next((p for p in covered.values() if p is getattr(module, "bias", None)), None),
                     )
                 )
+        for pid in tied:
+            embedding, linear = sorted(
+                (tap for tap in self._taps if tap.weight is not None and id(tap.weight) == pid),
+                key=lambda tap: not isinstance(tap.module, nn.Embedding),
+            ) if sum(tap.weight is not None and id(tap.weight) == pid for tap in self._taps) == 2 else (None, None)
+            if embedding is None:
+                continue  # not covered (outside the param_groups, say)
+            group = 0 if group_of is None else group_of[pid]
+            tie = _Tie(param=embedding.weight, embedding=embedding, linear=linear, group=group)
+            embedding.tie = linear.tie = tie
+            self._ties.append(tie)
 
     def _refresh_coverage(self) -> None:
-        self.covered_params: list[nn.Parameter] = [p for tap in self._taps for p in tap.params]
-        self.covered_names: list[str] = [n for tap in self._taps for n in tap.param_names]
-        self.covered_groups: list[int] = [g for tap in self._taps for g in tap.groups]
+        unique = {}  # a tied weight is in two taps; it counts once, under its first name
+        for tap in self._taps:
+            for param, name, group in zip(tap.params, tap.param_names, tap.groups):
+                unique.setdefault(id(param), (param, name, group))
+        self.covered_params: list[nn.Parameter] = [param for param, _, _ in unique.values()]
+        self.covered_names: list[str] = [name for _, name, _ in unique.values()]
+        self.covered_groups: list[int] = [group for _, _, group in unique.values()]
         covered = sum(p.numel() for p in self.covered_params)
         self.covered_fraction: float = covered / self._trainable_numel if self._trainable_numel else 0.0
 
     def _exclude(self, tap: _Tap, reason: str) -> None:
         """Stop covering a layer found at run time to break the per-example assumptions."""
-        tap.handle.remove()
+        if tap.handle is not None:
+            tap.handle.remove()
         self._taps.remove(tap)
         for name in tap.param_names:
             self.uncovered[name] = reason
+        tie, tap.tie = tap.tie, None
+        if tie is not None:  # without both uses the tied weight's cross term is missing
+            self._ties.remove(tie)
+            partner = tie.partner(tap)
+            partner.tie = None
+            self._exclude(partner, f"tied with {tap.param_names[0]}, which is excluded: {reason}")
+            return
         self._refresh_coverage()
 
     # ---- hooks ---------------------------------------------------------------------------
@@ -479,6 +632,9 @@ class PerExampleNorms:
         self._backward_generation: int | None = None
         self._backward_taps: set[int] = set()
         self._invalid: str | None = None
+        self._mixer: str | None = None
+        for tie in self._ties:
+            tie.clear()
 
     def _invalidate(self, reason: str) -> None:
         if self._invalid is None:
@@ -498,22 +654,36 @@ class PerExampleNorms:
         for kept in self._pending:  # from a forward that never got its backward
             kept.clear()
         self._pending = []
+        for tie in self._ties:
+            tie.clear()
+
+    def _on_mixer_forward(self, name: str, module: nn.Module, args: tuple) -> None:
+        if self._in_forward and torch.is_grad_enabled() and _mixes_now(module):
+            if self._mixer is None:
+                self._mixer = f"{name} ({type(module).__name__})"
+            self._invalidate(f"{name}: {type(module).__name__} mixes the samples of the batch")
+
+    def mixing_now(self) -> str | None:
+        """The first module that would mix the batch's samples in a training forward now, if any."""
+        return next((f"{name} ({type(m).__name__})" for name, m in self._mixers if _mixes_now(m)), None)
 
     def _on_forward_end(self, model: nn.Module, args: tuple, output: object) -> None:
         self._in_forward = False
 
     def _on_layer_forward(
         self, tap: _Tap, module: nn.Module, args: tuple, kwargs: dict, output: object
-    ) -> None:
+    ) -> Tensor | None:
         start = time.perf_counter()
         try:
-            self._layer_forward(tap, module, args, kwargs, output)
+            return self._layer_forward(tap, module, args, kwargs, output)
         finally:
             self.spent_s += time.perf_counter() - start
 
     def _layer_forward(
         self, tap: _Tap, module: nn.Module, args: tuple, kwargs: dict, output: object
-    ) -> None:
+    ) -> Tensor | None:
+        """Keep what the backward needs and hook the output's gradient; returns a replacement
+        output (a shared lookup expanded to the batch) or None."""
         if not (module.training and torch.is_grad_enabled()):
             return
         name = tap.param_names[0]  # for messages
@@ -533,22 +703,33 @@ class PerExampleNorms:
         if not isinstance(x, Tensor) or x.dim() < tap.batched_dims:
             self._invalidate(f"{name}: input has no batch dimension")
             return
-        if self._forward_batch is None:
-            self._forward_batch = x.shape[0]
+        batch = self._forward_batch
+        if batch is None:
+            batch = self._forward_batch = x.shape[0]
+        replaced = None
+        if tap.recipe.shared_lookup and x.dim() >= 2 and x.shape[0] == 1 < batch and output.shape[0] == 1:
+            # ``wpe(position_ids)`` with position_ids (1, T), broadcast over the batch downstream
+            x = x.expand(batch, *x.shape[1:])
+            output = replaced = output.expand(batch, *output.shape[1:])
         reason = None
-        if x.shape[0] != self._forward_batch:  # e.g. a position embedding broadcast over the batch
-            reason = f"input dimension 0 is {x.shape[0]}, not the batch size {self._forward_batch}"
+        if x.shape[0] != batch:
+            reason = f"input dimension 0 is {x.shape[0]}, not the batch size {batch}"
         elif isinstance(module, nn.Embedding) and x.dim() == 1 and self._forward_ndim > 1:
             # Most likely ``wpe(arange(T))`` with T equal to the batch size: excluded on suspicion.
-            reason = "1-d ids while the model input has more dimensions: taken as one lookup shared by the batch"
+            reason = ("1-d ids while the model input has more dimensions: taken as one lookup shared by the "
+                      "batch; look it up with ids of shape (1, T) to have it covered")
         if reason is not None:
             self._exclude(tap, reason + " (per-example norms need the batch in dimension 0)")
             self._invalidate(f"{name}: {reason}")
-            return
-        kept = [tap.recipe.prepare(module, x.detach(), weight)]
+            return None
+        x = x.detach()
+        kept = [tap.recipe.prepare(module, x, weight)]
         self._pending.append(kept)
+        if tap.tie is not None:
+            tap.tie.forward(tap, x)
         hook = partial(self._on_layer_backward, tap, kept, self._generation, x.shape[0], weight, bias)
         output.register_hook(hook)
+        return replaced
 
     def _on_layer_backward(
         self, tap: _Tap, kept: list, generation: int, batch_size: int, weight: bool, bias: bool, delta: Tensor
@@ -582,6 +763,11 @@ class PerExampleNorms:
         self._columns.extend(columns)
         if self.n_groups > 1:
             self._groups.append(tap.index_for(delta.device, weight, bias))
+        cross = tap.tie.backward(tap, delta) if tap.tie is not None and weight else None
+        if cross is not None:
+            self._columns.append(cross)
+            if self.n_groups > 1:
+                self._groups.append(tap.tie.index_for(delta.device))
 
     # ---- public --------------------------------------------------------------------------
 
@@ -593,7 +779,7 @@ class PerExampleNorms:
         assumption; ``skip_reason`` then says which.
         """
         columns, groups, batch_size = self._columns, self._groups, self._batch_size
-        invalid, backward_taps = self._invalid, self._backward_taps
+        invalid, backward_taps, self.mixed_by = self._invalid, self._backward_taps, self._mixer
         self._start_step()
         if invalid is None and batch_size is not None:
             invalid = self._check_gradient_sources(backward_taps)
@@ -611,11 +797,17 @@ class PerExampleNorms:
 
     def _check_gradient_sources(self, backward_taps: set[int]) -> str | None:
         """Exclude layers whose parameters got gradients without their forward being seen."""
+        def fed_elsewhere(tap: _Tap, param: nn.Parameter) -> bool:
+            return tap.tie is not None and param is tap.tie.param and id(tap.tie.partner(tap)) in backward_taps
+
         silent = [
             tap for tap in self._taps
-            if id(tap) not in backward_taps and any(p.grad is not None for p in tap.params)
+            if id(tap) not in backward_taps
+            and any(p.grad is not None and not fed_elsewhere(tap, p) for p in tap.params)
         ]
         for tap in silent:
+            if tap not in self._taps:
+                continue  # excluded with its tied partner
             self._exclude(
                 tap,
                 "parameters got gradients while the layer's forward was not seen "
@@ -635,7 +827,8 @@ class PerExampleNorms:
         self._start_step()
 
 
-def _resolve_layers(layers: str | tuple[type[nn.Module], ...]) -> tuple[type[nn.Module], ...]:
+def _resolve_layers(layers: str | tuple[type[nn.Module], ...]) -> tuple[type[nn.Module] | str, ...]:
+    """The ``_SUPPORTED`` keys of a layer set's name or a tuple of layer types."""
     if isinstance(layers, str):
         if layers not in LAYER_SETS:
             raise ValueError(
@@ -644,11 +837,38 @@ def _resolve_layers(layers: str | tuple[type[nn.Module], ...]) -> tuple[type[nn.
         return LAYER_SETS[layers]
     if not isinstance(layers, tuple) or not layers:
         raise TypeError("layers must be a name from LAYER_SETS or a non-empty tuple of layer types.")
+    keys = []
     for layer_type in layers:
-        if layer_type not in _SUPPORTED:
-            names = ", ".join(t.__name__ for t in _SUPPORTED)
+        key = _qualified_name(layer_type) if isinstance(layer_type, type) and layer_type not in _SUPPORTED else layer_type
+        if key not in _SUPPORTED:
+            names = ", ".join(_key_name(k) for k in _SUPPORTED)
             raise ValueError(f"layers contains {layer_type!r}; the supported layer types are {names}.")
-    return layers
+        keys.append(key)
+    return tuple(keys)
+
+
+def _resolve_mixing(mixes_samples: tuple[type[nn.Module], ...]) -> tuple[type[nn.Module], ...]:
+    if not isinstance(mixes_samples, tuple) or not all(
+        isinstance(t, type) and issubclass(t, nn.Module) for t in mixes_samples
+    ):
+        raise TypeError(
+            f"mixes_samples must be a tuple of nn.Module subclasses (such as (MyBatchNorm,)); got {mixes_samples!r}."
+        )
+    return mixes_samples
+
+
+def _splittable_tie(
+    uses: list[tuple[str, nn.Module, str]], layer_types: tuple, blocked: dict[int, str]
+) -> bool:
+    """Whether a shared parameter is the weight of exactly one Embedding and one Linear, both covered."""
+    if len(uses) != 2 or uses[0][1] is uses[1][1] or any(local != "weight" for _, _, local in uses):
+        return False
+    keys = {_supported_key(module) for _, module, _ in uses}
+    return (
+        keys == {nn.Embedding, nn.Linear}
+        and all(key in layer_types for key in keys)
+        and not any(id(module) in blocked for _, module, _ in uses)
+    )
 
 
 def _group_lookup(
