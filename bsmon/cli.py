@@ -227,10 +227,12 @@ def status_line(model: SessionModel, state: str) -> str:
              f"step {fmt.duration(s.step_time_p50_s)} (p95 {fmt.duration(s.step_time_p95_s)})"]
     if s.batch_size is not None:
         parts.append(f"B {s.batch_size}{batch_breakdown(s)}")
+    fraction = s.noise_covered_fraction
+    coverage = f", coverage {fraction:.0%}" if fraction is not None and fraction < 1 else ""
     if s.b_simple is not None:
-        parts.append(f"B_simple {fmt.band(s.b_simple, s.b_simple_low, s.b_simple_high)} ({s.noise_estimator})")
+        parts.append(f"B_simple {fmt.band(s.b_simple, s.b_simple_low, s.b_simple_high)} ({s.noise_estimator}{coverage})")
     elif s.noise_reason:
-        parts.append(f"B_simple N/A: {s.noise_reason}")
+        parts.append(f"B_simple N/A{coverage}: {s.noise_reason}")
     if "loss" in model.last_scalars:
         parts.append(f"loss {model.last_scalars['loss']:.4g}")
     if s.dropped:

@@ -24,6 +24,7 @@ from bsmon.stats.noise import (
     NoiseScaleTracker,
     ddp_points,
     microbatch_points,
+    partial_coverage_reason,
     per_example_points,
     statistical_efficiency,
     step_estimate,
@@ -189,6 +190,7 @@ class History:
     b_simple_high: array = field(default_factory=lambda: array("d"))
     grad_sq: array = field(default_factory=lambda: array("d"))
     trace_sigma: array = field(default_factory=lambda: array("d"))
+    noise_coverage: array = field(default_factory=lambda: array("d"))  # share of parameters the estimator covers
     b_opt: array = field(default_factory=lambda: array("d"))
     b_opt_speedup: array = field(default_factory=lambda: array("d"))
     #: step -> logged scalars of that step
@@ -297,6 +299,10 @@ class SessionModel:
             self._recording_error = record["msg"]
 
     def _on_estimator(self, record: dict[str, Any]) -> None:
+        fraction = record.get("covered_fraction")
+        if record.get("name") == "per_example" and fraction is not None and fraction < 1:
+            # Recorded before bsmon refused partial coverage in the job: withheld here the same way.
+            record = {**record, "name": None, "reason": partial_coverage_reason(fraction, record.get("uncovered"))}
         changed = self.estimator is None or self.estimator.get("name") != record.get("name")
         self.estimator = record
         if changed:
@@ -506,6 +512,7 @@ class SessionModel:
         h.b_simple_high.append(_nan(noise.b_simple_high))
         h.grad_sq.append(_nan(noise.grad_sq))
         h.trace_sigma.append(_nan(noise.trace_sigma))
+        h.noise_coverage.append(_nan((self.estimator or {}).get("covered_fraction")))
         self._refresh_recommendation()
         rec = self.recommendation if self._recommend_reason is None else None
         h.b_opt.append(_nan(rec.batch_size if rec else None))

@@ -125,7 +125,8 @@ class Monitor:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int | None,
                  unit: str, tokens_per_sample: int | None, name: str | None, noise: str | None,
                  layers: str | tuple[type, ...], horizon_samples: float | None,
-                 profile: dict[str, Any] | None, noise_budget: float) -> None:
+                 profile: dict[str, Any] | None, noise_budget: float,
+                 mixes_samples: tuple[type, ...] = ()) -> None:
         self._model = model
         self._optimizer = optimizer
         self._fixed_batch = batch_size
@@ -171,7 +172,8 @@ class Monitor:
         if writer is not None and writer.error is not None:
             self._warn(f"cannot record the session in {writer.path.parent}: {writer.error}. "
                        "Training continues; attach a monitor to watch it live.")
-        self._noise = NoiseProbe(model, optimizer, noise, layers, self._publisher.submit, noise_budget)
+        self._noise = NoiseProbe(model, optimizer, noise, layers, self._publisher.submit, noise_budget,
+                                 mixes_samples=mixes_samples)
         self._ranks = (distributed.RankReporter(identity, self._publisher.submit if leader else None)
                        if identity.world_size > 1 else None)
         if profile is not None:
@@ -181,6 +183,10 @@ class Monitor:
             optimizer.register_step_post_hook(self._on_step),
         ]
         self._output_hook = None
+        self._compiled = False  # the model's forward has run under torch.compile
+        self._compiled_size: int | None = None  # samples in the last compiled forward
+        self._trainable = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        self._grad_hooks: list = []
         self._follow_backward_ends(time.perf_counter())
         self._previous_excepthook = sys.excepthook
         self._failure: str | None = None
@@ -218,10 +224,18 @@ class Monitor:
     def _on_forward_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not (module.training and torch.is_grad_enabled()):
             return
+        size = first_batch_dim(args, kwargs)
+        self._mid_iteration = True
+        if torch.compiler.is_compiling():
+            # Traced into a compiled graph: dynamo replays attribute stores after each call
+            # without a graph break (time.perf_counter() would break it), but it guards on a
+            # list's length, so appending here would recompile for each micro-batch of a step.
+            # The size is appended when the backward pass ends (_on_backward_end).
+            self._compiled = True
+            self._compiled_size = size
+            return
         if self._step_started is None:
             self._step_started = time.perf_counter()
-        self._mid_iteration = True
-        size = first_batch_dim(args, kwargs)
         if size is not None:
             self._micro_sizes.append(size)
 
@@ -231,14 +245,27 @@ class Monitor:
         other steps pay nothing."""
         needed = self._noise.measuring or (
             self._ranks is not None and now - self._busy_timed >= BUSY_SAMPLE_INTERVAL_S)
+        if self._compiled:
+            # Under torch.compile the output hook is traced away, and adding or removing a module
+            # hook would recompile. Hooks on the parameters' accumulated gradients run outside
+            # the graph and recompile nothing; they stay, as each backward's end counts a micro-batch.
+            if not self._grad_hooks:
+                self._grad_hooks = [p.register_post_accumulate_grad_hook(self._on_param_grad)
+                                    for p in self._trainable]
+            return
         if needed and self._output_hook is None:
             self._output_hook = self._model.register_forward_hook(self._on_forward)
         elif not needed and self._output_hook is not None:
             self._output_hook.remove()
             self._output_hook = None
 
+    def _remove_grad_hooks(self) -> None:
+        for handle in self._grad_hooks:
+            handle.remove()
+        self._grad_hooks = []
+
     def _on_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if not (module.training and torch.is_grad_enabled()):
+        if torch.compiler.is_compiling() or not (module.training and torch.is_grad_enabled()):
             return
         start = time.perf_counter()
         for tensor in _output_tensors(output):
@@ -246,13 +273,18 @@ class Monitor:
         if self._noise.measuring:
             self._noise.charge(time.perf_counter() - start)
 
-    def _on_output_grad(self, grad: torch.Tensor) -> None:
+    def _on_param_grad(self, param: torch.Tensor) -> None:
+        self._on_output_grad(None)
+
+    def _on_output_grad(self, grad: torch.Tensor | None) -> None:
         if not self._backward_queued:
             self._backward_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
 
     def _on_backward_end(self) -> None:
         self._backward_queued = False
+        if self._compiled and self._compiled_size is not None:
+            self._micro_sizes.append(self._compiled_size)
         self._backward_end = time.perf_counter()
         self._noise.after_backward()
 
@@ -382,6 +414,7 @@ class Monitor:
             handle.remove()
         if self._output_hook is not None:
             self._output_hook.remove()
+        self._remove_grad_hooks()
         self._noise.close()
         if self._ranks is not None:
             self._ranks.close()
@@ -422,7 +455,7 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int
           unit: str = "samples", tokens_per_sample: int | None = None, name: str | None = None,
           noise: str | None = "auto", layers: str | tuple[type, ...] = "all",
           horizon_samples: float | None = None, profile: Any = None,
-          noise_budget: float = MEASURE_BUDGET) -> Monitor:
+          noise_budget: float = MEASURE_BUDGET, mixes_samples: tuple[type, ...] = ()) -> Monitor:
     """Instrument a training loop; returns the :class:`Monitor`.
 
     ``batch_size`` fixes the samples per optimizer step (otherwise inferred from
@@ -438,6 +471,9 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int
     ``noise_budget`` is the share of training time the noise measurement may take
     (default 1%): steps are measured while it holds, so a cheap measurement (a GPU)
     runs every step and a costly one (a small CPU model) every k-th; 1.0 measures all.
+    ``mixes_samples`` declares module types whose forward mixes the samples of a batch (like
+    BatchNorm in training mode, which bsmon detects itself: in-batch negatives, say): per-example
+    norms are not used in a step where one runs (docs/noise-scale.md).
     """
     global _active
     if not isinstance(model, nn.Module):
@@ -455,6 +491,10 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int
     if not (isinstance(noise_budget, (int, float)) and 0 < noise_budget <= 1):
         raise ValueError(f"noise_budget={noise_budget!r}: give the share of training time, in (0, 1]")
     check_mode(model, noise)
+    if not (isinstance(mixes_samples, tuple)
+            and all(isinstance(t, type) and issubclass(t, nn.Module) for t in mixes_samples)):
+        raise TypeError(f"mixes_samples={mixes_samples!r}: give a tuple of nn.Module subclasses, "
+                        "e.g. mixes_samples=(MyContrastiveHead,)")
     profile_dict = _profile_dict(profile)
     with _active_lock:
         if _active is not None and not _active.closed:
@@ -463,7 +503,8 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int
                 "call close() on that monitor before watching again")
         _active = Monitor(model, optimizer, batch_size=batch_size, unit=unit,
                           tokens_per_sample=tokens_per_sample, name=name, noise=noise, layers=layers,
-                          horizon_samples=horizon_samples, profile=profile_dict, noise_budget=noise_budget)
+                          horizon_samples=horizon_samples, profile=profile_dict, noise_budget=noise_budget,
+                          mixes_samples=mixes_samples)
         return _active
 
 

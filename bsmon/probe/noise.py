@@ -32,6 +32,7 @@ from torch import nn
 
 from bsmon.probe import distributed
 from bsmon.probe.deferred import Deferred
+from bsmon.stats.noise import partial_coverage_reason
 
 #: The share of the training thread's time the noise measurement may take (see NoiseProbe.end_step).
 MEASURE_BUDGET = 0.01
@@ -48,8 +49,17 @@ REASON_NEEDS_SINGLE_PASS = (
     "{m} backward passes per step: per-example norms need exactly one. "
     "Use noise='microbatch' (or 'auto') with gradient accumulation")
 REASON_NO_COVERAGE = (
-    "no supported layer (Linear, Conv1d/2d, LayerNorm, Embedding) holds trainable "
+    "no supported layer (Linear, transformers Conv1D, Conv1d/2d, LayerNorm, RMSNorm, Embedding) holds trainable "
     "parameters: accumulate >= 2 micro-batches per step and use noise='microbatch'")
+REASON_MIXES_SAMPLES = (
+    "{module} mixes the samples of a batch in its training forward, so the loss is not a sum of "
+    "per-sample losses and per-example gradients do not exist. Accumulate >= 2 micro-batches per step: "
+    "the micro-batch estimator then measures the noise of batch gradients at the micro-batch size used")
+REASON_COMPILED = (
+    "the model runs under torch.compile, which leaves bsmon's per-example hooks out of the compiled "
+    "graph (running them inside would break it), so no per-example norms were taken. Accumulate >= 2 "
+    "micro-batches per step: the micro-batch estimator needs only the norm of .grad after each backward "
+    "pass and works compiled. Or measure per-example norms on the model without torch.compile")
 REASON_UNEQUAL_MICROBATCHES = "micro-batches of unequal size in this step; it is left out"
 REASON_HOOK_BEFORE_WATCH = (
     "this DistributedDataParallel model already had a communication hook ({hook}) when "
@@ -122,11 +132,13 @@ class NoiseProbe:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, mode: str | None,
                  layers: str | tuple[type, ...], announce: Callable[[dict], None],
-                 budget: float = MEASURE_BUDGET) -> None:
+                 budget: float = MEASURE_BUDGET, mixes_samples: tuple[type, ...] = ()) -> None:
         check_mode(model, mode)
         self.mode = mode
         self._model = model
         self._layers = layers
+        self._mixes_samples = mixes_samples
+        self._refusal: tuple[str, dict[str, Any]] | None = None  # why per-example norms cannot serve, for good
         self._announce = announce
         self._group_params = [[p for p in g["params"] if p.requires_grad] for g in optimizer.param_groups]
         self._group_labels = [group_label(i, g) for i, g in enumerate(optimizer.param_groups)]
@@ -218,12 +230,17 @@ class NoiseProbe:
             return {"est": "microbatch", "micro": list(micro_sizes), "g": len(self._measured),
                     "acc": Deferred(torch.stack(passes))}
         if m == 1 and self.mode in ("auto", "per_example"):
+            if self._refusal is not None:
+                self._set_estimator(None, self._refusal[0], **self._refusal[1])
+                return None
             if self._per_example is None:
                 self._install_per_example()  # auto: first single-pass step; data from the next one
                 return None
             if per_example is None:
-                self._follow_coverage()  # a step that broke an assumption may have excluded layers
+                self._after_skipped_step()
                 return None
+            if self._current[0] != "per_example":  # the step before was skipped, now one is not
+                self._announce_per_example()
             batch, pe_groups = per_example
             return {"est": "per_example", "batch": int(batch),
                     "pe": Deferred(pe_groups), "big": Deferred(passes[0])}
@@ -269,28 +286,47 @@ class NoiseProbe:
     def _install_per_example(self) -> None:
         from bsmon.probe.per_example import PerExampleNorms
 
-        norms = PerExampleNorms(self._model, layers=self._layers, param_groups=self._group_params)
-        covered = {id(p) for p in norms.covered_params}
-        self._per_example = norms
-        self._measured = [[p for p in group if id(p) in covered] for group in self._group_params]
-        if not norms.covered_params:
-            self._set_estimator(None, REASON_NO_COVERAGE, uncovered=norms.uncovered)
-        else:
-            self._set_estimator("per_example", None, covered_fraction=norms.covered_fraction,
-                                uncovered=norms.uncovered, layers=self._layers_name())
+        self._per_example = PerExampleNorms(self._model, layers=self._layers, param_groups=self._group_params,
+                                            mixes_samples=self._mixes_samples)
+        self._announce_per_example()
 
-    def _follow_coverage(self) -> None:
-        """Measure |.grad|^2 over exactly the parameters the per-example norms still cover."""
+    def _announce_per_example(self) -> None:
+        """Measure |.grad|^2 over exactly the covered parameters and announce the estimator, or
+        refuse it for good (and remove its hooks) when it cannot give the whole model's number.
+
+        A partial coverage is refused rather than shown or scaled: the noise scale of some
+        parameters is not the model's, and nothing measured here says how far off it is.
+        """
         norms = self._per_example
         covered = {id(p) for p in norms.covered_params}
-        if len(covered) == sum(len(group) for group in self._measured):
-            return
         self._measured = [[p for p in group if id(p) in covered] for group in self._group_params]
-        if covered:
-            self._set_estimator("per_example", None, covered_fraction=norms.covered_fraction,
-                                uncovered=norms.uncovered, layers=self._layers_name())
+        details = {"covered_fraction": norms.covered_fraction, "uncovered": norms.uncovered}
+        if norms.covered_fraction >= 1.0:
+            self._set_estimator("per_example", None, layers=self._layers_name(), **details)
+            return
+        mixer = norms.mixing_now()
+        if mixer is not None:
+            reason = REASON_MIXES_SAMPLES.format(module=mixer)
+        elif not covered:
+            reason = REASON_NO_COVERAGE
         else:
-            self._set_estimator(None, REASON_NO_COVERAGE, uncovered=norms.uncovered)
+            reason = partial_coverage_reason(norms.covered_fraction, norms.uncovered)
+        self._refusal = (reason, details)
+        self._remove_per_example()
+        self._set_estimator(None, reason, **details)
+
+    def _after_skipped_step(self) -> None:
+        """Say why a single-pass step gave no per-example norms, where the reason is the user's to fix."""
+        norms = self._per_example
+        if norms.compiled:
+            self._refusal = (REASON_COMPILED, {})
+            self._remove_per_example()
+            self._set_estimator(None, REASON_COMPILED)
+        elif norms.mixed_by is not None:
+            self._set_estimator(None, REASON_MIXES_SAMPLES.format(module=norms.mixed_by),
+                                covered_fraction=norms.covered_fraction, uncovered=norms.uncovered)
+        elif len(norms.covered_params) != sum(len(group) for group in self._measured):
+            self._announce_per_example()  # the step excluded layers that broke an assumption
 
     def _remove_per_example(self) -> None:
         if self._per_example is not None:

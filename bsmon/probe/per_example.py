@@ -481,6 +481,8 @@ class PerExampleNorms:
         self._find_taps(model, layer_types, group_of)
         self._refresh_coverage()
         self.mixed_by: str | None = None  # the sample-mixing module that made the last pop() None
+        #: The model's forward ran under torch.compile, which traces these hooks away.
+        self.compiled = False
 
         self.skip_reason: str | None = None  # why the last pop() returned None
         #: host seconds spent inside the hooks, for the probe's cost budget
@@ -640,7 +642,13 @@ class PerExampleNorms:
         if self._invalid is None:
             self._invalid = reason
 
+    # Under torch.compile every hook below is traced as a no-op: tensor hooks and timing inside
+    # a compiled graph would break it. Only the flag is set, a side effect dynamo replays.
+
     def _on_forward_start(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.compiler.is_compiling():
+            self.compiled = True
+            return
         if not (model.training and torch.is_grad_enabled()):
             return
         self._generation += 1
@@ -658,7 +666,7 @@ class PerExampleNorms:
             tie.clear()
 
     def _on_mixer_forward(self, name: str, module: nn.Module, args: tuple) -> None:
-        if self._in_forward and torch.is_grad_enabled() and _mixes_now(module):
+        if not torch.compiler.is_compiling() and self._in_forward and torch.is_grad_enabled() and _mixes_now(module):
             if self._mixer is None:
                 self._mixer = f"{name} ({type(module).__name__})"
             self._invalidate(f"{name}: {type(module).__name__} mixes the samples of the batch")
@@ -668,11 +676,14 @@ class PerExampleNorms:
         return next((f"{name} ({type(m).__name__})" for name, m in self._mixers if _mixes_now(m)), None)
 
     def _on_forward_end(self, model: nn.Module, args: tuple, output: object) -> None:
-        self._in_forward = False
+        if not torch.compiler.is_compiling():
+            self._in_forward = False
 
     def _on_layer_forward(
         self, tap: _Tap, module: nn.Module, args: tuple, kwargs: dict, output: object
     ) -> Tensor | None:
+        if torch.compiler.is_compiling():
+            return None
         start = time.perf_counter()
         try:
             return self._layer_forward(tap, module, args, kwargs, output)
@@ -784,7 +795,8 @@ class PerExampleNorms:
         if invalid is None and batch_size is not None:
             invalid = self._check_gradient_sources(backward_taps)
         if batch_size is None:
-            invalid = invalid or "no backward pass since the last pop()"
+            invalid = invalid or ("the model ran under torch.compile, which traces the per-example hooks away"
+                                  if self.compiled else "no backward pass since the last pop()")
         elif invalid is None and not columns:
             invalid = "no covered parameter needed a gradient"
         self.skip_reason = invalid

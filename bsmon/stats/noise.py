@@ -24,6 +24,23 @@ WEAK_RATIO: float = 10.0
 precision grow like (B_simple / B_big)^2, so past 10x the band, not the point, is the message."""
 
 
+
+def partial_coverage_reason(covered_fraction: float, uncovered: dict[str, str] | None = None) -> str:
+    """Why a per-example estimate over part of the model is not shown, and what to change.
+
+    The noise scale of some parameters is not the model's: the uncovered layers' share of
+    tr(Sigma) and of |G|^2 is unknown and differs between models (GPT-2 with 4% covered showed
+    a third of the whole model's value), so no correction with an honest band exists.
+    """
+    text = f"per-example norms cover only {covered_fraction:.0%} of the trainable parameters"
+    if uncovered:
+        name, why = next(iter(uncovered.items()))
+        more = f" and {len(uncovered) - 1} more" if len(uncovered) > 1 else ""
+        text += f" (not covered: {name}, {why}{more})"
+    return (text + ", and part of a model does not give the model's noise scale. Accumulate >= 2 "
+            "micro-batches per step (noise='auto' then measures the whole model with the micro-batch "
+            "estimator), or freeze the uncovered parameters")
+
 @dataclass(frozen=True)
 class GradNormPoints:
     """Squared norms of batch-mean gradients of several batch sizes measured at the SAME parameters.

@@ -285,9 +285,11 @@ def regime(batch: float, b_simple: float) -> str:
 
 
 def noise_source(stats: Stats) -> str | None:
-    """'microbatch estimator, 100% of parameters, 400 steps, |G|²<0 in 12'."""
+    """'microbatch estimator, 100% of parameters, 400 steps, |G|²<0 in 12'; the coverage alone
+    when per-example norms were refused for covering part of the model."""
+    fraction = stats.noise_covered_fraction
     if stats.noise_estimator is None:
-        return None
+        return f"per-example norms cover {fraction:.0%} of parameters" if fraction is not None and fraction < 1 else None
     parts = [f"{stats.noise_estimator} estimator"]
     if stats.noise_covered_fraction is not None:
         parts.append(f"{stats.noise_covered_fraction:.0%} of parameters")
