@@ -36,7 +36,7 @@ def partial_coverage_reason(covered_fraction: float, uncovered: dict[str, str] |
     if uncovered:
         name, why = next(iter(uncovered.items()))
         more = f" and {len(uncovered) - 1} more" if len(uncovered) > 1 else ""
-        text += f" (not covered: {name}, {why}{more})"
+        text += f" (not covered: {name} [{why}]{more})"
     return (text + ", and part of a model does not give the model's noise scale. Accumulate >= 2 "
             "micro-batches per step (noise='auto' then measures the whole model with the micro-batch "
             "estimator), or freeze the uncovered parameters")
