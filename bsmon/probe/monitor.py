@@ -43,6 +43,7 @@ from bsmon.model import SessionModel, Stats
 from bsmon.probe import distributed
 from bsmon.probe.deferred import Deferred
 from bsmon.probe.noise import MEASURE_BUDGET, NoiseProbe, check_mode
+from bsmon.probe.per_example import is_compiling
 from bsmon.probe.publisher import Publisher
 
 UNITS = ("samples", "tokens")
@@ -226,7 +227,7 @@ class Monitor:
             return
         size = first_batch_dim(args, kwargs)
         self._mid_iteration = True
-        if torch.compiler.is_compiling():
+        if is_compiling():
             # Traced into a compiled graph: dynamo replays attribute stores after each call
             # without a graph break (time.perf_counter() would break it), but it guards on a
             # list's length, so appending here would recompile for each micro-batch of a step.
@@ -265,7 +266,7 @@ class Monitor:
         self._grad_hooks = []
 
     def _on_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if torch.compiler.is_compiling() or not (module.training and torch.is_grad_enabled()):
+        if is_compiling() or not (module.training and torch.is_grad_enabled()):
             return
         start = time.perf_counter()
         for tensor in _output_tensors(output):

@@ -15,22 +15,31 @@ noise-scale inputs |G_small|^2 (B_small = 1) and |G_big|^2 (B_big = B) are S/B a
 the same factor c^2, which cancels in B_simple.
 
 Assumptions, each checked where it can be:
+- The loss is a sum (or mean) of per-example losses: no example's output depends on another's.
+  BatchNorm in training mode breaks that, as do modules the caller declares in
+  ``mixes_samples`` (in-batch negatives, say); a step in which one runs gives None
+  (``mixed_by`` names it). A contrastive loss computed outside any module cannot be detected.
 - Dimension 0 of every covered layer's input indexes examples. A layer whose dimension 0
   differs from that of the model's first tensor input, or an ``nn.Embedding`` given 1-d ids
-  while that input has more dimensions (a position embedding looked up once and broadcast
-  over the batch), is excluded at run time; ``nn.Transformer*Layer(batch_first=False)`` is
-  excluded up front. A layout that is sequence-first throughout, with the sequence as long
-  as the batch, cannot be told apart.
+  while that input has more dimensions, is excluded at run time; ``nn.Transformer*Layer
+  (batch_first=False)`` is excluded up front. A layout that is sequence-first throughout, with
+  the sequence as long as the batch, cannot be told apart. An ``nn.Embedding`` looked up with
+  ids whose dimension 0 is 1 (GPT-2's ``wpe(position_ids)``, position_ids (1, T)) is a table
+  shared by the batch: its output is expanded to the batch (a view), which is exact when the
+  output is used by broadcasting over the batch, as position tables are; code that indexes that
+  output along dimension 0 would make the split wrong and cannot be detected.
 - One training forward of ``model`` and one backward per ``pop()``. Several backward
   passes, several forwards feeding one backward, or covered layers running outside
   ``model``'s forward (such as recomputation by activation checkpointing) make ``pop()``
-  return None.
-- A covered parameter gets its gradient only through its own layer's forward, once. Tied
-  weights and layers registered in several places are excluded up front; a layer called
-  twice in one forward, or whose parameters get gradients without its forward being seen
-  (used functionally, as ``MultiheadAttention`` uses ``out_proj``), is excluded at run time.
-  Using a covered layer's weight functionally *in addition to* calling the layer cannot be
-  detected.
+  return None. Under ``torch.compile`` the hooks are traced away (``compiled`` says so).
+- A covered parameter gets its gradient only through its own layer's forward, once. The one
+  exception is a weight shared by an ``nn.Embedding`` and an ``nn.Linear`` (tied input and
+  output embeddings), whose cross term is computed exactly (``_Tie``); other tied weights and
+  layers registered in several places are excluded up front. A layer called twice in one
+  forward, or whose parameters get gradients without its forward being seen (used
+  functionally, as ``MultiheadAttention`` uses ``out_proj``), is excluded at run time, with
+  its tied partner. Using a covered layer's weight functionally *in addition to* calling the
+  layer cannot be detected.
 """
 
 from __future__ import annotations
@@ -44,6 +53,9 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+#: Whether dynamo is tracing the caller (torch >= 2.3; older versions run the hooks as before).
+is_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", lambda: False)
 
 __all__ = [
     "LAYER_SETS",
@@ -646,7 +658,7 @@ class PerExampleNorms:
     # a compiled graph would break it. Only the flag is set, a side effect dynamo replays.
 
     def _on_forward_start(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
-        if torch.compiler.is_compiling():
+        if is_compiling():
             self.compiled = True
             return
         if not (model.training and torch.is_grad_enabled()):
@@ -666,7 +678,7 @@ class PerExampleNorms:
             tie.clear()
 
     def _on_mixer_forward(self, name: str, module: nn.Module, args: tuple) -> None:
-        if not torch.compiler.is_compiling() and self._in_forward and torch.is_grad_enabled() and _mixes_now(module):
+        if not is_compiling() and self._in_forward and torch.is_grad_enabled() and _mixes_now(module):
             if self._mixer is None:
                 self._mixer = f"{name} ({type(module).__name__})"
             self._invalidate(f"{name}: {type(module).__name__} mixes the samples of the batch")
@@ -676,13 +688,13 @@ class PerExampleNorms:
         return next((f"{name} ({type(m).__name__})" for name, m in self._mixers if _mixes_now(m)), None)
 
     def _on_forward_end(self, model: nn.Module, args: tuple, output: object) -> None:
-        if not torch.compiler.is_compiling():
+        if not is_compiling():
             self._in_forward = False
 
     def _on_layer_forward(
         self, tap: _Tap, module: nn.Module, args: tuple, kwargs: dict, output: object
     ) -> Tensor | None:
-        if torch.compiler.is_compiling():
+        if is_compiling():
             return None
         start = time.perf_counter()
         try:
