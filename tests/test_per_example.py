@@ -623,6 +623,18 @@ def test_tied_input_and_output_embedding_includes_the_cross_term(padding_idx):
     assert not torch.allclose(totals.sum(), covered_total(exact, probe), rtol=1e-3)
 
 
+def test_tied_weight_in_its_own_param_group():
+    model = TinyLM(tied=True)
+    ids, labels = lm_batch()
+    exact = exact_sq_norms(model, ids, labels, cross_entropy)
+    tied = [model.tok.weight]
+    rest = [p for p in model.parameters() if p is not model.tok.weight]
+    probe = PerExampleNorms(model, param_groups=[rest, tied])
+    _, totals = train_step(model, probe, ids, labels, cross_entropy)
+    want = [sum(exact[n].sum() for n in probe.covered_names if n != "tok.weight"), exact["tok.weight"].sum()]
+    torch.testing.assert_close(totals, torch.stack(want), rtol=RTOL, atol=0)
+
+
 def test_tied_embedding_when_the_head_sees_one_position():
     """The output projection applied to the last position only (a classifier over the vocabulary)."""
 
