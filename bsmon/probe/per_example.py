@@ -283,8 +283,8 @@ if hasattr(nn, "RMSNorm"):  # torch >= 2.4
 
 LAYER_SETS: dict[str, tuple[type[nn.Module] | str, ...]] = {
     "all": tuple(_SUPPORTED),
-    # The cheap choice: Gray et al. report that LayerNorm parameters alone track a
-    # transformer's noise scale.
+    # The cheap choice: Gray et al. report that LayerNorm parameters alone track a transformer's
+    # noise scale. watch() shows a number from it only where it covers every trainable parameter.
     "norm_embed": tuple(k for k in (nn.LayerNorm, getattr(nn, "RMSNorm", None), nn.Embedding) if k is not None),
 }
 
@@ -599,12 +599,10 @@ class PerExampleNorms:
                     )
                 )
         for pid in tied:
-            embedding, linear = sorted(
-                (tap for tap in self._taps if tap.weight is not None and id(tap.weight) == pid),
-                key=lambda tap: not isinstance(tap.module, nn.Embedding),
-            ) if sum(tap.weight is not None and id(tap.weight) == pid for tap in self._taps) == 2 else (None, None)
-            if embedding is None:
+            sharing = [tap for tap in self._taps if tap.weight is not None and id(tap.weight) == pid]
+            if not sharing:
                 continue  # not covered (outside the param_groups, say)
+            embedding, linear = sorted(sharing, key=lambda tap: not isinstance(tap.module, nn.Embedding))
             group = 0 if group_of is None else group_of[pid]
             tie = _Tie(param=embedding.weight, embedding=embedding, linear=linear, group=group)
             embedding.tie = linear.tie = tie
