@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from bsmon.stats.optimal import Recommendation, StableRecommendation, optimal_batch_size
-from bsmon.stats.throughput import ThroughputPoint
+from bsmon.stats.optimal import Recommendation, StableRecommendation, optimal_accumulation, optimal_batch_size
+from bsmon.stats.throughput import StepSplit, ThroughputPoint, split_step_time
 from bsmon.stats.noise import (
     DEFAULT_HORIZON_SAMPLES,
     GradNormPoints,
@@ -50,6 +50,20 @@ LOW_GPU_UTIL_PCT = 50.0
 LOW_UTIL_SAMPLES = 10
 NO_PROFILE_REASON = ("no throughput profile yet: call bsmon.profile(step_fn) in the job, run "
                      "`bsmon sweep -- python script.py` and pass --profile, or change the batch size during the run")
+#: Advice shared by every input-bound hint (GPU utilisation, the wait before each step's forward).
+DATA_LOADER_ADVICE = "Check the data loader (num_workers, pin_memory, prefetching) before raising the batch size"
+#: The one next action when nothing else gives an optimum, worded for the training library the job
+#: imported (the hello's "frameworks"; None: a plain loop).
+MEASURE_NOISE_ACTION = {
+    "lightning": "set Trainer(accumulate_grad_batches=2) to measure the noise scale",
+    "transformers": "set gradient_accumulation_steps=2 to measure the noise scale",
+    None: "accumulate 2 micro-batches per optimizer step to measure the noise scale",
+}
+PROFILE_ACTION = {
+    "lightning": "add BsmonCallback(profile=True) (bsmon.integrations.lightning) to measure micro-batch sizes",
+    "transformers": "add BsmonCallback(profile=True) (bsmon.integrations.transformers) to measure micro-batch sizes",
+    None: NO_PROFILE_REASON,
+}
 
 
 @dataclass(frozen=True)
@@ -91,6 +105,11 @@ class Stats:
     lr_factor_adam: float | None = None
     b_opt_micro_batch: int | None = None
     b_opt_accumulation: int | None = None
+    #: Where b_opt comes from: "profile" (a throughput sweep), "live" (batch sizes the run changed
+    #: through) or "in-run" (the step-time split: accumulation at the job's micro-batch size).
+    b_opt_source: str | None = None
+    step_split: StepSplit | None = None  # the job's step time, alpha + k*beta_mb, at its micro-batch
+    input_hint: str | None = None  # the wait before each step's first forward rivals a micro-batch
     # Multi-process jobs. batch_size, samples_per_s and samples_seen above are global: rank 0's
     # local figures times the data-parallel size (equal shards assumed; uneven_rank_batches
     # says when the ranks' last local batches differ).
@@ -264,11 +283,15 @@ class SessionModel:
         self._batch_size: int | None = None
         self._steps_at_size = 0
         self._points_version = 0
+        self._phase_config: tuple[int, int] | None = None  # (samples, micro-batches) of the timed steps
+        self._phase_steps = 0  # steps at _phase_config, warm-up included
+        self._phases: collections.deque = collections.deque(maxlen=RECENT_STEPS)  # (measured, marks)
         self._recommended_version = -1
         self._recommend_due = False
         self._stable = StableRecommendation()
         self.recommendation: Recommendation | None = None
         self._recommend_reason: str | None = NO_PROFILE_REASON
+        self._recommend_source: str | None = None
 
     # -- ingestion ------------------------------------------------------------
     def ingest(self, record: dict[str, Any]) -> None:
@@ -365,6 +388,7 @@ class SessionModel:
             # samples trained, so the next measured step carries the samples of these.
             self._unmeasured_samples += samples
         self._track_live_throughput(record)
+        self._track_phases(record)
         if record["step"] % RECOMMEND_EVERY == 0 or self._points_version != self._recommended_version:
             self._recommend_due = True
         if self.history is not None:
@@ -385,6 +409,73 @@ class SessionModel:
         times.append(record["dt"])
         if len(times) == LIVE_MIN_STEPS:
             self._points_version += 1  # a new size became a point
+
+    def _track_phases(self, record: dict[str, Any]) -> None:
+        """The phase marks of steady steps at the current configuration (after LIVE_WARMUP_STEPS)."""
+        config = (record["n"], record["mb"])
+        if config != self._phase_config:
+            self._phase_config, self._phase_steps = config, 0
+            self._phases.clear()
+        self._phase_steps += 1
+        if "ph" not in record:
+            return
+        if self._phase_steps > LIVE_WARMUP_STEPS:
+            self._phases.append(("noise" in record, record["ph"]))
+        if len(self._phases) <= LIVE_MIN_STEPS:
+            self._recommend_due = True  # the timing progress, then the first split, show at once
+
+    def step_split(self) -> StepSplit | None:
+        """The job's step time split into per-step and per-micro-batch parts, once LIVE_MIN_STEPS are timed.
+
+        Steps the noise probe did not measure are used when there are enough of them, so its own
+        cost stays out; a job whose measurement is cheap enough to run every step has only measured
+        steps, and their times include that cost (at most the noise budget, 1% by default).
+        """
+        if self._phase_config is None:
+            return None
+        samples, micro_batches = self._phase_config
+        if samples <= 0 or samples % micro_batches:
+            return None  # unequal micro-batches: no single micro-batch size to accumulate
+        rows = [marks for measured, marks in self._phases if not measured]
+        if len(rows) < LIVE_MIN_STEPS:
+            rows = [marks for _, marks in self._phases]
+        if len(rows) < LIVE_MIN_STEPS:
+            return None
+        micro = samples // micro_batches * self._data_parallel * self._unit_scale
+        try:
+            return split_step_time(rows, micro, micro_batches)
+        except ValueError:
+            return None
+
+    def input_hint(self, split: StepSplit | None = None) -> str | None:
+        """Says so when the wait before each step's first forward (data loading) rivals a micro-batch."""
+        split = split or self.step_split()
+        if split is None or not split.input_bound:
+            return None
+        return (f"input-bound? {split.before_forward_s * 1e3:.3g} ms before each step's first forward vs "
+                f"{split.beta_mb_s * 1e3:.3g} ms per micro-batch. {DATA_LOADER_ADVICE}")
+
+    def _framework(self) -> str | None:
+        names = (self.hello or {}).get("frameworks") or ()
+        if "lightning" in names or "pytorch_lightning" in names:
+            return "lightning"
+        return "transformers" if "transformers" in names else None
+
+    def next_action(self) -> str:
+        """Why there is no optimum yet, and the single most useful thing to do about it, in one line."""
+        noise = self._noise.result()
+        estimator = self.estimator or {}
+        if noise.b_simple is None or noise.b_simple <= 0:
+            if self.estimator is not None and estimator.get("name") is None:
+                if self._last is not None and self._last["mb"] == 1:
+                    return MEASURE_NOISE_ACTION[self._framework()]
+                return f"no noise scale: {estimator.get('reason')}"
+            return f"needs the noise scale, which is not available yet: {noise.reason}"
+        samples, micro_batches = self._phase_config or (0, 1)
+        timed = len(self._phases)
+        if "ph" in (self._last or {}) and samples % micro_batches == 0 and timed < LIVE_MIN_STEPS:
+            return f"timing this job's steps for the in-run optimum ({timed}/{LIVE_MIN_STEPS} steps)"
+        return PROFILE_ACTION[self._framework()]
 
     def memory_limit(self) -> str | None:
         """The batch-size memory limit in words: known from the profile, or only what was measured."""
@@ -425,8 +516,7 @@ class SessionModel:
             recent = np.array(util[-LOW_UTIL_SAMPLES:])
             mean = float(np.nanmean(recent)) if np.isfinite(recent).any() else math.nan
             if mean < LOW_GPU_UTIL_PCT:
-                hints.append(f"GPU busy only {mean:.0f}% of the time while training: input-bound? Check the data "
-                             "loader (num_workers, pin_memory, prefetching) before raising the batch size")
+                hints.append(f"GPU busy only {mean:.0f}% of the time while training: input-bound? {DATA_LOADER_ADVICE}")
         return tuple(hints)
 
     def throughput_points(self) -> list[ThroughputPoint]:
@@ -455,15 +545,19 @@ class SessionModel:
             self._recommend()
 
     def _recommend(self) -> None:
+        """From a throughput profile or live points (>= 2 sizes) if any, else from the in-run split.
+
+        With a profile, the in-run alpha is the per-update overhead that accumulation does not
+        repeat: the profile covers the micro-batch size, the split the accumulation.
+        """
         self._recommended_version = self._points_version
         noise = self._noise.result()
         points = self.throughput_points()
         current = self._last["n"] * self._data_parallel * self._unit_scale if self._last else None
-        if len({p.batch_size for p in points}) < 2:
-            self._recommend_reason = NO_PROFILE_REASON
-            return
-        if noise.b_simple is None or noise.b_simple <= 0:
-            self._recommend_reason = f"needs the noise scale, which is not available yet: {noise.reason}"
+        split = self.step_split()
+        profiled = len({p.batch_size for p in points}) >= 2
+        if noise.b_simple is None or noise.b_simple <= 0 or not (profiled or split is not None):
+            self._recommend_reason = self.next_action()
             return
         low, high = noise.b_simple_low, noise.b_simple_high
         if low is not None and high is not None:
@@ -473,13 +567,31 @@ class SessionModel:
         else:
             low = high = None
         try:
-            rec = optimal_batch_size(points, noise.b_simple, current_batch=current,
-                                     b_noise_low=low, b_noise_high=high)
+            if not profiled:
+                rec, self._recommend_source = optimal_accumulation(
+                    split, noise.b_simple, b_noise_low=low, b_noise_high=high), "in-run"
+            else:
+                rec = self._profiled_recommendation(points, noise.b_simple, current, low, high, split)
+                self._recommend_source = "profile" if any(p.source == "profile" for p in points) else "live"
         except ValueError as exc:
             self._recommend_reason = f"cannot recommend: {exc}"
             return
         self.recommendation = self._stable.update(rec)
         self._recommend_reason = None
+
+    def _profiled_recommendation(self, points, b_noise, current, low, high, split) -> Recommendation:
+        profile = self.profile is not None or bool(self.profile_points)
+        # A finished profile knows the largest micro-batch that fits; live points (steps of the job,
+        # accumulation included) do not raise it.
+        limit = self.profile.memory_limit_batch if self.profile is not None else None
+        if profile and split is not None and split.alpha_s > 0:
+            try:
+                return optimal_batch_size(points, b_noise, max_batch=limit, current_batch=current, b_noise_low=low,
+                                          b_noise_high=high, update_overhead_s=split.alpha_s)
+            except ValueError:
+                pass  # the in-run alpha exceeds the profile's step at its limit: leave it out
+        return optimal_batch_size(points, b_noise, max_batch=limit, current_batch=current, b_noise_low=low,
+                                  b_noise_high=high)
 
     def _reset_noise(self) -> None:
         self._noise = NoiseScaleTracker(self._horizon)
@@ -603,9 +715,11 @@ class SessionModel:
 
     def _recommendation_fields(self) -> dict[str, Any]:
         rec = self.recommendation
+        split = self.step_split()
+        fields = {"step_split": split, "input_hint": self.input_hint(split)}
         if rec is None or self._recommend_reason is not None:
-            return {"b_opt_reason": self._recommend_reason}
-        return {"b_opt": rec.batch_size, "b_opt_speedup": rec.speedup, "b_opt_speedup_low": rec.speedup_low,
+            return {**fields, "b_opt_reason": self._recommend_reason}
+        return {**fields, "b_opt_source": self._recommend_source,"b_opt": rec.batch_size, "b_opt_speedup": rec.speedup, "b_opt_speedup_low": rec.speedup_low,
                 "b_opt_speedup_high": rec.speedup_high, "b_opt_reason": rec.reason, "lr_advice": rec.lr_advice,
                 "lr_factor_sgd": rec.lr_factor_sgd, "lr_factor_adam": rec.lr_factor_adam,
                 "b_opt_micro_batch": rec.micro_batch, "b_opt_accumulation": rec.accumulation}

@@ -35,7 +35,8 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
               "command": (list,), "host": (str,), "user": (str,), "unit": (str,)},
     # A monitor's first (and only) frame to the probe.
     "attach": {"v": (int,), "client": (str,)},
-    # One optimizer step. Optional "noise" holds the raw norms (see bsmon.probe.noise).
+    # One optimizer step. Optional "noise" holds the raw norms (see bsmon.probe.noise), optional
+    # "ph" the step's phase marks (see bsmon.probe.phases).
     "step": {"step": (int,), "t": _NUM, "dt": _NUM, "n": (int,), "mb": (int,), "dropped": (int,)},
     # Values from Monitor.log(), tagged with the step they belong to.
     "scalars": {"step": (int,), "values": (dict,)},
@@ -103,6 +104,11 @@ def validate(record: Any) -> dict[str, Any]:
             "the job and the monitor run different bsmon releases")
     if kind == "ranks":
         _validate_rank_columns(record)
+    if kind == "step" and "ph" in record:
+        phases = record["ph"]
+        if not (isinstance(phases, list) and len(phases) == 4
+                and all(isinstance(v, _NUM) and not isinstance(v, bool) for v in phases)):
+            raise ProtocolError("step.ph is not a list of 4 numbers")
     if kind == "scalars":
         for name, value in record["values"].items():
             if not isinstance(value, _NUM) or isinstance(value, bool):

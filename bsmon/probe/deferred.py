@@ -46,6 +46,28 @@ class Deferred:
         return {**(self._known or {}), **dict(zip(self._names, values))}
 
 
+class DeferredElapsed:
+    """Seconds from one CUDA event to each of several later ones, read once they have completed.
+
+    The training thread only records events on the device's stream (no sync); like
+    :class:`Deferred`, :meth:`ready` asks without waiting and :meth:`values` may wait (the
+    publisher's background thread).
+    """
+
+    __slots__ = ("_start", "_marks")
+
+    def __init__(self, start: torch.cuda.Event, marks: list[torch.cuda.Event]) -> None:
+        self._start = start
+        self._marks = marks
+
+    def ready(self) -> bool:
+        return self._marks[-1].query()
+
+    def values(self) -> list[float]:
+        self._marks[-1].synchronize()
+        return [round(self._start.elapsed_time(mark) / 1e3, 7) for mark in self._marks]
+
+
 def resolve(record: dict, *, wait: bool = True) -> bool:
     """Replace Deferred values (at any depth) in ``record`` by their host values.
 
@@ -54,7 +76,7 @@ def resolve(record: dict, *, wait: bool = True) -> bool:
     """
     complete = True
     for key, value in record.items():
-        if isinstance(value, Deferred):
+        if isinstance(value, (Deferred, DeferredElapsed)):
             if wait or value.ready():
                 record[key] = value.values()
             else:

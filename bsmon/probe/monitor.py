@@ -22,6 +22,7 @@ its steps to rank 0 through the job's key-value store (docs/distributed.md).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import getpass
 import json
@@ -44,6 +45,7 @@ from bsmon.probe import distributed
 from bsmon.probe.deferred import Deferred
 from bsmon.probe.noise import MEASURE_BUDGET, NoiseProbe, check_mode
 from bsmon.probe.per_example import is_compiling
+from bsmon.probe.phases import StepPhases
 from bsmon.probe.publisher import Publisher
 
 UNITS = ("samples", "tokens")
@@ -56,6 +58,9 @@ INGEST_BATCH = 1024
 #: stats() recomputes at most this often while the job runs: a computation takes about 0.5 ms
 #: on a CPU, so a loop that asks every step (recommended_batch_size()) pays for four a second.
 STATS_REFRESH_S = 0.25
+#: Training libraries named in the hello when the job has imported them: the session model words
+#: its advice for them (e.g. gradient_accumulation_steps for a Hugging Face Trainer).
+FRAMEWORKS = ("transformers", "lightning", "pytorch_lightning", "accelerate")
 
 _active_lock = threading.Lock()
 _active: "Monitor | None" = None
@@ -91,6 +96,10 @@ def _output_tensors(output: Any) -> list[torch.Tensor]:
     else:
         return []
     return [t for item in items for t in _output_tensors(item)]
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    return next((p.device for p in model.parameters()), None)
 
 
 def _device_info(model: nn.Module) -> list[dict[str, Any]]:
@@ -141,6 +150,8 @@ class Monitor:
         self._mid_iteration = False
         self._rejected_names: set[str] = set()
         self._closed = False
+        self._paused = False
+        self._phases = StepPhases(_model_device(model))
         self._model_state = SessionModel(keep_history=False, horizon_samples=horizon_samples)
         self._state_lock = threading.Lock()
         self._latest = Stats()
@@ -166,7 +177,7 @@ class Monitor:
             "data_parallel": distributed.data_parallel_size(model, identity.world_size),
             "unit": unit, "tokens_per_sample": tokens_per_sample,
             "batch_size": batch_size, "noise_mode": noise, "horizon_samples": horizon_samples,
-            "socket": socket_path,
+            "socket": socket_path, "frameworks": [name for name in FRAMEWORKS if name in sys.modules],
         }
         self._model_state.ingest(hello)
         self._publisher = Publisher(hello, writer, socket_path, self._on_published)
@@ -181,6 +192,7 @@ class Monitor:
             self.record_profile(profile)
         self._handles = [
             model.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True),
+            optimizer.register_step_pre_hook(self._on_step_pre),
             optimizer.register_step_post_hook(self._on_step),
         ]
         self._output_hook = None
@@ -223,7 +235,7 @@ class Monitor:
 
     # -- hooks (training thread) ----------------------------------------------
     def _on_forward_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not (module.training and torch.is_grad_enabled()):
+        if self._paused or not (module.training and torch.is_grad_enabled()):
             return
         size = first_batch_dim(args, kwargs)
         self._mid_iteration = True
@@ -237,6 +249,7 @@ class Monitor:
             return
         if self._step_started is None:
             self._step_started = time.perf_counter()
+        self._phases.forward()
         if size is not None:
             self._micro_sizes.append(size)
 
@@ -266,7 +279,7 @@ class Monitor:
         self._grad_hooks = []
 
     def _on_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if is_compiling() or not (module.training and torch.is_grad_enabled()):
+        if self._paused or is_compiling() or not (module.training and torch.is_grad_enabled()):
             return
         start = time.perf_counter()
         for tensor in _output_tensors(output):
@@ -289,7 +302,13 @@ class Monitor:
         self._backward_end = time.perf_counter()
         self._noise.after_backward()
 
+    def _on_step_pre(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if not self._paused:
+            self._phases.optimizer()
+
     def _on_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if self._paused:
+            return
         now = time.perf_counter()
         start = self._last_step_end or self._step_started or now
         self._last_step_end = now
@@ -300,6 +319,9 @@ class Monitor:
         samples = self._fixed_batch if self._fixed_batch is not None else sum(micro)
         record = {"k": "step", "step": self._step, "t": time.time(), "dt": now - start,
                   "n": samples, "mb": max(1, len(micro)), "dropped": self._publisher.dropped}
+        phases = self._phases.end()
+        if phases is not None:
+            record["ph"] = phases
         noise = self._noise.end_step(micro, now - start)
         if noise is not None:
             record["noise"] = noise
@@ -392,6 +414,30 @@ class Monitor:
         says why there is none (no throughput profile yet, no noise estimate yet).
         """
         return self.stats().b_opt
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Steps run inside are not training steps (a throughput sweep): nothing records or measures them.
+
+        The first step after it is timed from the end of the block, not from the last step before.
+        """
+        if self._paused:
+            raise RuntimeError("this monitor is already paused")
+        self._paused = True
+        self._noise.pause()
+        try:
+            yield
+        finally:
+            self._noise.resume()
+            self._micro_sizes = []
+            self._mid_iteration = False
+            self._phases.restart()
+            self._last_step_end = time.perf_counter()
+            self._paused = False
+
+    def record_event(self, level: str, message: str) -> None:
+        """Record something a person should see (a profile's cost, say)."""
+        self._publisher.submit({"k": "event", "t": time.time(), "level": level, "msg": message})
 
     def record_profile_point(self, point: dict[str, Any]) -> None:
         """Stream one throughput-profile point (bsmon.profile calls this)."""

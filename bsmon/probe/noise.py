@@ -203,10 +203,7 @@ class NoiseProbe:
         self._measured_steps += measured
         self._measuring = (self._measured_steps < WARMUP_MEASUREMENTS
                            or self._measuring_cost() <= self.budget * self._trained_s)
-        if self._per_example is not None:
-            self._per_example.active = self._measuring
-        if self._ddp_hook is not None:
-            self._ddp_hook.active = self._measuring
+        self._set_hooks_active(self._measuring)
         return payload
 
     def _measuring_cost(self) -> float:
@@ -249,6 +246,19 @@ class NoiseProbe:
         elif m >= 2:
             self._set_estimator(None, REASON_NEEDS_SINGLE_PASS.format(m=m))
         return None
+
+    def pause(self) -> None:
+        """Measure nothing until resume() (steps that are not training steps, e.g. a throughput sweep)."""
+        self._set_hooks_active(False)
+
+    def resume(self) -> None:
+        self._set_hooks_active(self._measuring)
+
+    def _set_hooks_active(self, active: bool) -> None:
+        if self._per_example is not None:
+            self._per_example.active = active
+        if self._ddp_hook is not None:
+            self._ddp_hook.active = active
 
     def close(self) -> None:
         self._remove_per_example()

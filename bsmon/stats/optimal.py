@@ -14,6 +14,11 @@ gradient all-reduce). With tau = 0 throughput stays flat past the cap while E ke
 accumulation never helps; with tau > 0 the accumulated regime is again linear, t = tau + (u/c)*B with
 u = t(c) - tau, and it helps exactly when its own optimum lies past the cap: for "mccandlish" when
 B_noise > c*u/tau, for "sqrt" when tau > u. See docs/optimal-batch.md.
+
+Without a profile, ``optimal_accumulation`` answers the question a running job can answer by
+itself: at its own micro-batch size b, how many micro-batches to accumulate. Its step time splits
+into t = alpha + k*beta_mb (bsmon.stats.throughput.split_step_time), the same accumulated line
+with tau = alpha, so B* = sqrt(alpha*B_noise/beta) with beta = beta_mb/b, in whole micro-batches.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Protocol
 import numpy as np
 
 from bsmon.stats.noise import statistical_efficiency
-from bsmon.stats.throughput import ThroughputFit, ThroughputPoint, fit_step_time, mean_step_times
+from bsmon.stats.throughput import StepSplit, ThroughputFit, ThroughputPoint, fit_step_time, mean_step_times
 
 MODELS = ("mccandlish", "sqrt")
 #: Recommended sizes from 8 up are multiples of 8 (measured sizes and the memory limit are allowed
@@ -60,7 +65,8 @@ class Recommendation:
 
     ``speedup`` is goodput(batch_size)/goodput(current_batch); ``speedup_low``/``speedup_high``
     bound it over the B_noise band (the ratio is monotone in B_noise, so the band's ends bound it).
-    ``micro_batch``/``accumulation`` are set only when the batch exceeds the micro-batch limit.
+    ``micro_batch``/``accumulation`` are set when the batch exceeds the micro-batch limit, and
+    always for an in-run recommendation (``split`` set: the job's own micro-batch, accumulated).
     """
 
     batch_size: int
@@ -80,6 +86,11 @@ class Recommendation:
     def goodput_at(self, batch_size: int) -> float:
         """The maximised quantity r(B)*E(B) at any batch size, under this recommendation's inputs."""
         return float(self._problem.goodput(_check_batch("batch_size", batch_size)))
+
+    @property
+    def split(self) -> StepSplit | None:
+        """The in-run step-time split this recommendation comes from (None: from throughput points)."""
+        return self._problem.split
 
 
 def optimal_batch_size(
@@ -110,6 +121,31 @@ def optimal_batch_size(
     return problem.recommend(batch_size, problem.explain_choice(batch_size))
 
 
+def optimal_accumulation(
+    split: StepSplit,
+    b_noise: float,
+    *,
+    b_noise_low: float | None = None,
+    b_noise_high: float | None = None,
+) -> Recommendation:
+    """The goodput-optimal number of micro-batches per optimizer step at the job's micro-batch size.
+
+    ``split`` is the job's own step time, t = alpha + k*beta_mb at micro-batch b = split.micro_batch
+    (in the unit and scope of ``b_noise``: global samples or tokens). Candidates are whole
+    micro-batches, B = m*b; 1/goodput is convex in m, so the best m is 1 or an integer neighbour of
+    sqrt(alpha*B_noise/beta)/b. The current batch is b times the current accumulation. Other
+    micro-batch sizes are not compared: that needs a profile.
+    """
+    if not isinstance(split, StepSplit):
+        raise TypeError(f"split must be a StepSplit, got {type(split).__name__}")
+    b = split.micro_batch
+    points = [ThroughputPoint(b, split.alpha_s + split.beta_mb_s, b / (split.alpha_s + split.beta_mb_s))]
+    problem = _Problem.build(points, b_noise, b, "mccandlish", b * split.accumulation, b_noise_low,
+                             b_noise_high, split.alpha_s, split=split)
+    batch_size = problem.best(problem.b_noise)
+    return problem.recommend(batch_size, problem.explain_choice(batch_size))
+
+
 class StableRecommendation:
     """Shows a recommendation that changes only when switching is predicted to gain >= min_gain.
 
@@ -130,7 +166,7 @@ class StableRecommendation:
 
     def update(self, rec: Recommendation) -> Recommendation:
         shown = self._shown
-        if shown is None or shown.model != rec.model or shown.batch_size == rec.batch_size:
+        if shown is None or shown.batch_size == rec.batch_size or not _comparable(shown, rec):
             self._shown = rec
             return rec
         gain = rec.goodput_at(rec.batch_size) / rec.goodput_at(shown.batch_size) - 1.0
@@ -145,13 +181,20 @@ class StableRecommendation:
         return self._shown
 
 
+def _comparable(shown: Recommendation, new: Recommendation) -> bool:
+    """Whether the shown size is still a candidate of the new recommendation's problem."""
+    if shown.model != new.model or (shown.split is None) != (new.split is None):
+        return False
+    return new.split is None or shown.batch_size % new.split.micro_batch == 0
+
+
 @dataclass(frozen=True, eq=False)
 class _Problem:
     """Everything a recommendation depends on, validated; evaluates goodput at any batch size."""
 
     sizes: np.ndarray  # distinct measured batch sizes, ascending
     times: np.ndarray  # mean step time at each
-    fit: ThroughputFit
+    fit: ThroughputFit | None  # None for an in-run split (one micro-batch size)
     micro_limit: int
     b_noise: float | None
     band: tuple[float, float] | None
@@ -160,10 +203,12 @@ class _Problem:
     update_overhead_s: float
     #: True when micro_limit is only the largest size measured, not a known memory limit.
     limit_unmeasured: bool = False
+    #: An in-run split: the micro-batch is fixed at micro_limit and only accumulation varies.
+    split: StepSplit | None = None
 
     @classmethod
     def build(cls, data, b_noise, max_batch, model, current_batch, b_noise_low, b_noise_high,
-              update_overhead_s) -> _Problem:
+              update_overhead_s, split: StepSplit | None = None) -> _Problem:
         if model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {model!r}")
         if model == "mccandlish":
@@ -187,18 +232,19 @@ class _Problem:
             raise ValueError(f"update_overhead_s must be a finite number >= 0, got {update_overhead_s!r}")
 
         points, profile_limit = _points_of(data)
-        fit = fit_step_time(points)  # raises for fewer than two distinct sizes
+        # An in-run split has one micro-batch size; a profile needs two (fit_step_time raises).
+        fit = None if split is not None else fit_step_time(points)
         sizes, times = mean_step_times(points)
         largest = int(sizes[-1])
         if max_batch is not None:
             micro_limit = _check_batch("max_batch", max_batch)
         else:
             micro_limit = profile_limit if profile_limit is not None else largest
-        if not fit.fits:  # measured points are trusted only within the measured range
+        if fit is None or not fit.fits:  # measured points are trusted only within the measured range
             micro_limit = min(micro_limit, largest)
         problem = cls(sizes, times, fit, micro_limit, None if b_noise is None else float(b_noise), band,
                       model, current_batch, float(update_overhead_s),
-                      limit_unmeasured=max_batch is None and profile_limit is None)
+                      limit_unmeasured=max_batch is None and profile_limit is None, split=split)
         limit_time = float(problem.step_time(micro_limit))
         if update_overhead_s >= limit_time:
             raise ValueError(
@@ -216,7 +262,7 @@ class _Problem:
         measured sizes; below the smallest one the step time is held, a pessimistic throughput.
         """
         batch = np.asarray(batch, dtype=float)
-        if self.fit.fits:
+        if self.fit is not None and self.fit.fits:
             return self.fit.step_time(batch)
         return np.interp(batch, self.sizes, self.times)
 
@@ -247,6 +293,10 @@ class _Problem:
 
     def candidates(self, b_noise) -> np.ndarray:
         limit = self.micro_limit
+        if self.split is not None:  # whole micro-batches of the job's own size
+            optimum = self.accumulated_optimum(b_noise) / limit
+            steps = {1, self.split.accumulation, max(1, math.floor(optimum)), max(1, math.ceil(optimum))}
+            return np.array(sorted(steps)) * limit
         single = np.concatenate([
             np.arange(1, min(GRID_STEP - 1, limit) + 1),
             np.arange(GRID_STEP, limit + 1, GRID_STEP),
@@ -276,6 +326,8 @@ class _Problem:
     # -- words ----------------------------------------------------------------------------------
 
     def explain_choice(self, batch_size: int) -> str:
+        if self.split is not None:
+            return self.explain_accumulation(batch_size)
         fit = self.fit
         if fit.fits:
             source = (
@@ -329,6 +381,31 @@ class _Problem:
                 parts.append(f"Across the B_noise band {band} the optimum is {low}-{high}.")
         return " ".join(parts)
 
+    def explain_accumulation(self, batch_size: int) -> str:
+        split, b = self.split, self.micro_limit
+        steps = batch_size // b
+        alpha = f"alpha = {_ms(split.alpha_s)} per optimizer step"
+        if split.gap_per_micro_batch:
+            alpha += (f" (optimizer.step() {_ms(split.optimizer_s)}; with one micro-batch a step, the "
+                      f"{_ms(split.before_forward_s)} before each forward is counted per micro-batch)")
+        else:
+            alpha += f" (optimizer.step() {_ms(split.optimizer_s)}, before the first forward {_ms(split.before_forward_s)})"
+        parts = [
+            f"In-run fit over {split.steps} steps: {alpha}, beta = {_ms(split.beta_mb_s)} per micro-batch of {b}.",
+            self.describe_objective() + f" B* = sqrt(alpha*B_noise/beta) = {split.optimal_batch(self.b_noise):.4g}.",
+            f"At micro-batch {b}: accumulate {steps} (batch {batch_size}).",
+        ]
+        if self.band is not None:
+            low_noise, high_noise = self.band
+            low = self.best(low_noise) // b
+            if math.isinf(high_noise):  # more accumulation pays without bound as B_noise grows
+                parts.append(f"With B_noise anywhere above {low_noise:.4g}: accumulate {low} or more.")
+            elif low != (high := self.best(high_noise) // b):
+                parts.append(f"Across the B_noise band: accumulate {low}-{high}.")
+        parts.append("A larger micro-batch may do better if it fits in memory: profile micro-batch sizes "
+                     "(bsmon.profile(step_fn), `bsmon sweep`, or an integration's profile=True) to find out.")
+        return " ".join(parts)
+
     def describe_objective(self) -> str:
         if self.model == "sqrt":
             return "Maximising r(B)/sqrt(B) (per-sample efficiency falling as 1/sqrt(B))."
@@ -373,7 +450,9 @@ class _Problem:
             if self.model == "mccandlish":
                 factor_sgd = (1 + self.b_noise / current) / (1 + self.b_noise / batch_size)
         micro_batch = accumulation = None
-        if batch_size > self.micro_limit:
+        if self.split is not None:
+            micro_batch, accumulation = self.micro_limit, batch_size // self.micro_limit
+        elif batch_size > self.micro_limit:
             accumulation = math.ceil(batch_size / self.micro_limit)
             micro_batch = math.ceil(batch_size / accumulation)
         return Recommendation(
@@ -403,6 +482,10 @@ class _Problem:
         if factor_sgd is None:
             return start + adam + "; this model has no B_noise, so no SGD rule."
         return start + f"SGD x{factor_sgd:.3g} (optimal step ~ 1/(1 + B_noise/B)); " + adam + "."
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g} ms"
 
 
 def _points_of(data) -> tuple[list[ThroughputPoint], int | None]:

@@ -186,3 +186,96 @@ def _misfit_reason(distinct: np.ndarray, beta: float, relative: np.ndarray, size
     if distinct.size == 2:
         return "only two batch sizes measured: a line passes through any two points; measure a third"
     return None
+
+
+# -- the in-run split: per optimizer step and per micro-batch ---------------------------------------
+
+#: Input-bound: the wait before a step's first forward is at least this share of one micro-batch's
+#: time. With data fetched per micro-batch that is fetching taking as long as forward and backward.
+INPUT_BOUND_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class StepSplit:
+    """A running job's step time, t = alpha + k * beta_mb, at k micro-batches of ``micro_batch``.
+
+    ``alpha_s`` is what an optimizer step costs once however many micro-batches it accumulates: the
+    optimizer update, DDP's all-reduce wait, zero_grad, and the time between steps (data loading,
+    logging) beyond what one micro-batch repeats. ``beta_mb_s`` is one micro-batch: forward,
+    backward and whatever the loop repeats with it (fetching the next micro-batch).
+    ``before_forward_s``, ``optimizer_s`` and ``step_time_s`` are medians of the time from the
+    previous step's end to the first forward, inside optimizer.step(), and of the whole step.
+    With one micro-batch a step (``gap_per_micro_batch``), nothing in the step repeats, so the time
+    before the first forward is assumed to repeat with each micro-batch, as when every micro-batch
+    is fetched from the data loader: alpha is then the optimizer step alone, the cautious choice.
+    """
+
+    micro_batch: int
+    accumulation: int
+    alpha_s: float
+    beta_mb_s: float
+    before_forward_s: float
+    optimizer_s: float
+    step_time_s: float
+    steps: int
+    gap_per_micro_batch: bool
+
+    @property
+    def beta_s_per_sample(self) -> float:
+        return self.beta_mb_s / self.micro_batch
+
+    @property
+    def b_half(self) -> float:
+        """alpha/beta in samples: the batch at which accumulation reaches half its saturated throughput."""
+        return self.alpha_s / self.beta_s_per_sample
+
+    def optimal_batch(self, b_noise: float) -> float:
+        """The continuous optimum over accumulation, B* = sqrt(alpha * B_noise / beta)."""
+        return math.sqrt(self.b_half * b_noise)
+
+    @property
+    def input_share(self) -> float:
+        """The wait before a step's first forward (mostly data loading) over one micro-batch's time."""
+        return self.before_forward_s / self.beta_mb_s
+
+    @property
+    def input_bound(self) -> bool:
+        return self.input_share >= INPUT_BOUND_SHARE
+
+
+def split_step_time(phases, micro_batch: int, accumulation: int) -> StepSplit:
+    """Fit t = alpha + k*beta_mb from steps' phase marks, robustly (medians over steps).
+
+    ``phases``: one row per step, (first forward, last forward, optimizer.step() start, end) in
+    seconds from the previous step's end, all at ``accumulation`` micro-batches of ``micro_batch``.
+    With k >= 2 micro-batches one micro-batch is the interval between two forward starts,
+    (last - first)/(k - 1), and alpha is the rest of the step, t - k*beta_mb. With k = 1 one
+    micro-batch is everything before optimizer.step() (see StepSplit.gap_per_micro_batch).
+    """
+    marks = np.asarray(phases, dtype=float)
+    if marks.ndim != 2 or marks.shape[1] != 4 or len(marks) == 0:
+        raise ValueError("phases must be rows of (first forward, last forward, optimizer start, end)")
+    if not (isinstance(micro_batch, (int, np.integer)) and micro_batch >= 1):
+        raise ValueError(f"micro_batch must be an integer >= 1, got {micro_batch!r}")
+    if not (isinstance(accumulation, (int, np.integer)) and accumulation >= 1):
+        raise ValueError(f"accumulation must be an integer >= 1, got {accumulation!r}")
+    first, last, optimizer, end = marks.T
+    if accumulation >= 2:
+        per_micro = (last - first) / (accumulation - 1)
+    else:
+        per_micro = optimizer
+    per_step = end - accumulation * per_micro
+    beta_mb = float(np.median(per_micro))
+    if not beta_mb > 0:
+        raise ValueError("the micro-batches take no measurable time: no step-time split")
+    return StepSplit(
+        micro_batch=int(micro_batch),
+        accumulation=int(accumulation),
+        alpha_s=max(0.0, float(np.median(per_step))),
+        beta_mb_s=beta_mb,
+        before_forward_s=float(np.median(first)),
+        optimizer_s=float(np.median(end - optimizer)),
+        step_time_s=float(np.median(end)),
+        steps=len(marks),
+        gap_per_micro_batch=accumulation == 1,
+    )
