@@ -233,6 +233,9 @@ def status_line(model: SessionModel, state: str) -> str:
         parts.append(f"B_simple {fmt.band(s.b_simple, s.b_simple_low, s.b_simple_high)} ({s.noise_estimator}{coverage})")
     elif s.noise_reason:
         parts.append(f"B_simple N/A{coverage}: {s.noise_reason}")
+    parts.append(fmt.optimum(s))
+    if s.input_hint:
+        parts.append("input-bound?")
     if "loss" in model.last_scalars:
         parts.append(f"loss {model.last_scalars['loss']:.4g}")
     if s.dropped:

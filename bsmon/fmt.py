@@ -40,3 +40,17 @@ def band(value: float | None, low: float | None, high: float | None) -> str:
     if low is None or high is None:
         return si(value)
     return f"{si(value)} [{si(low)}, {si(high)}]"
+
+
+def optimum(stats) -> str:
+    """The optimal batch in one line (a ``bsmon.model.Stats``), or why there is none and what to do."""
+    if stats.b_opt is None:
+        return f"B* N/A: {stats.b_opt_reason or 'no recommendation yet'}"
+    text = f"B* {stats.b_opt}"
+    if stats.b_opt_source == "in-run":
+        text += f" (at micro-batch {stats.b_opt_micro_batch}: accumulate {stats.b_opt_accumulation})"
+    elif stats.b_opt_accumulation:
+        text += f" = {stats.b_opt_accumulation}x{stats.b_opt_micro_batch} (accumulate)"
+    if stats.b_opt_speedup is not None:
+        text += f" {band(stats.b_opt_speedup, stats.b_opt_speedup_low, stats.b_opt_speedup_high)}x speedup"
+    return text

@@ -341,18 +341,25 @@ class BatchPanel(Lines):
 
 class OptimalPanel(Lines):
     TITLE = "Optimal batch size"
+    LINE_STYLES = {"input": "$text-warning"}
 
-    def show(self, recommendation: Recommendation | None, reason: str | None, memory: str | None = None) -> None:
-        """The recommendation, or why there is none yet (``reason``, from the model), and the memory limit."""
+    def show(self, recommendation: Recommendation | None, reason: str | None, memory: str | None = None,
+             input_hint: str | None = None) -> None:
+        """The recommendation, or why there is none yet (``reason``, from the model), the memory limit,
+        and whether the job waits for its input (``input_hint``)."""
         memory = escape(memory) if memory else None
+        input_hint = escape(input_hint) if input_hint else None
         if recommendation is None:
-            self.show_lines(optimal=escape(reason or "no recommendation yet"), memory=memory)
+            self.show_lines(optimal=escape(reason or "no recommendation yet"), memory=memory, input=input_hint)
             return
         r = recommendation
         optimal = f"B* [b]{r.batch_size:,}[/b]"
         if r.current_batch is not None:
             optimal += f" (now {r.current_batch:,})"
-        if r.accumulation and r.micro_batch:
+        if r.split is not None:
+            optimal += f": at micro-batch {r.micro_batch:,}: accumulate [b]{r.accumulation}[/b]"
+            memory = "a larger micro-batch may do better: profile micro-batch sizes to find out"
+        elif r.accumulation and r.micro_batch:
             optimal += f" = {r.accumulation} x {r.micro_batch:,} (accumulate)"
         speedup = None
         if r.speedup is not None and r.current_batch is not None:
@@ -363,7 +370,7 @@ class OptimalPanel(Lines):
         if r.lr_factor_sgd is not None and r.batch_size != r.current_batch:
             lr = f"lr: SGD x{r.lr_factor_sgd:.3g}, Adam x{r.lr_factor_adam:.3g}"
         roomy = not self.screen.has_class("-short")  # at 80x24 the reason would push the GPU panel away
-        self.show_lines(optimal=optimal, speedup=speedup, lr=lr, memory=memory,
+        self.show_lines(optimal=optimal, speedup=speedup, lr=lr, memory=memory, input=input_hint,
                         why=escape(r.reason) if roomy else None)
 
 
