@@ -23,6 +23,7 @@ _LAZY = {
     "Stats": "bsmon.model",
     "profile": "bsmon.profiling",
     "Profile": "bsmon.profiling",
+    "profile_training": "bsmon.profiling",
     "optimal_batch_size": "bsmon.stats.optimal",
     "Recommendation": "bsmon.stats.optimal",
 }

@@ -24,7 +24,7 @@ from bsmon.cli import ChildJob
 from bsmon.client import Feed
 from bsmon.export import export_to_file
 from bsmon.gpu import GpuSampler
-from bsmon.model import NO_PROFILE_REASON, SessionModel
+from bsmon.model import SessionModel
 from bsmon.probe.monitor import watch
 from bsmon.stats.optimal import optimal_batch_size
 from bsmon.tui import BsmonApp
@@ -176,7 +176,11 @@ async def test_panels_show_the_numbers_of_the_model(sessions):
             f"{label}: {fmt.band(noise.b_simple, noise.b_simple_low, noise.b_simple_high)}"
             for label, noise in stats.noise_groups]
         assert shown(app, BatchPanel, "groups").startswith("group 0 (288 params, lr=0.05): ")
-        assert shown(app, OptimalPanel, "optimal") == NO_PROFILE_REASON
+        # no profile: the optimum from the run's own step times, over accumulation at its micro-batch
+        assert stats.b_opt_source == "in-run" and stats.b_opt_micro_batch == 16
+        assert shown(app, OptimalPanel, "optimal") == (
+            f"B* {stats.b_opt} (now 64): at micro-batch 16: accumulate {stats.b_opt_accumulation}")
+        assert shown(app, OptimalPanel, "memory").startswith("a larger micro-batch may do better")
         assert shown(app, ScalarsPanel, "scalars") == f"loss {feed.model.last_scalars['loss']:.4g}  lr 0.05"
         on_screen = str(app.query_one(BatchPanel).query_one(Static).visual)
         assert f"B_simple {band}" in on_screen.splitlines()

@@ -410,8 +410,9 @@ class Monitor:
     def recommended_batch_size(self) -> int | None:
         """The batch size that maximises goodput now (with 5% hysteresis), or None while unknown.
 
-        For jobs that adapt their batch size as they train. ``stats().b_opt_reason``
-        says why there is none (no throughput profile yet, no noise estimate yet).
+        For jobs that adapt their batch size as they train. Without a throughput profile it is
+        the job's micro-batch times the best accumulation (``stats().b_opt_source == "in-run"``).
+        ``stats().b_opt_reason`` says why there is none and what to do.
         """
         return self.stats().b_opt
 
