@@ -298,3 +298,55 @@ def test_a_real_job_recovers_alpha_and_beta_and_the_closed_form_accumulation():
     true = math.sqrt(alpha * stats.b_simple / beta) / MICRO
     assert abs(stats.b_opt_accumulation - true) <= 1
     assert stats.b_opt == MICRO * stats.b_opt_accumulation
+
+
+# -- the probe's marks ------------------------------------------------------------------------------
+
+
+def test_the_probe_marks_each_step_in_order_and_in_step_with_dt():
+    from bsmon import store
+
+    torch.manual_seed(0)
+    net = nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+    with bsmon.watch(net, optimizer, name="marks", noise=None) as monitor:
+        for _ in range(6):
+            for _ in range(3):
+                net(torch.randn(8, 4)).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        session = monitor.session_id
+    steps = [r for r in store.read_records(store.resolve_session(session).records_path)[0] if r["k"] == "step"]
+    assert "ph" not in steps[0]  # no previous step to measure from
+    for record in steps[1:]:
+        first, last, opt, end = record["ph"]
+        assert 0 <= first <= last <= opt <= end
+        assert end == pytest.approx(record["dt"], abs=1e-3)
+
+
+class StubEvent:
+    """Stands in for torch.cuda.Event (no GPU here): a device timestamp in ms, complete or not."""
+
+    def __init__(self, ms, done=True):
+        self.ms, self.done = ms, done
+
+    def query(self):
+        return self.done
+
+    def synchronize(self):
+        self.done = True
+
+    def elapsed_time(self, other):
+        return other.ms - self.ms
+
+
+def test_event_marks_are_read_without_waiting_until_complete():
+    from bsmon.probe.deferred import DeferredElapsed, resolve
+
+    end = StubEvent(140.0, done=False)
+    record = {"k": "step", "ph": DeferredElapsed(StubEvent(100.0), [StubEvent(105.0), StubEvent(121.0),
+                                                                     StubEvent(137.0), end])}
+    assert not resolve(record, wait=False) and isinstance(record["ph"], DeferredElapsed)
+    end.done = True
+    assert resolve(record, wait=False)
+    assert record["ph"] == pytest.approx([0.005, 0.021, 0.037, 0.040])

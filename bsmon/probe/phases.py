@@ -18,7 +18,7 @@ waits for it (DDP's all-reduce is: the stream waits for it before the optimizer 
 
 from __future__ import annotations
 
-import time
+from time import perf_counter
 
 import torch
 
@@ -31,45 +31,41 @@ class StepPhases:
     def __init__(self, device: torch.device | None) -> None:
         self._cuda = device if device is not None and device.type == "cuda" else None
         self._previous_end = None  # a float (CPU) or a CUDA event
-        self._clear()
-
-    def _clear(self) -> None:
         self._first = self._last = self._optimizer = None
 
-    def _mark(self, event=None):
-        if self._cuda is None:
-            return time.perf_counter()
+    def _event(self, event=None) -> torch.cuda.Event:
         event = event or torch.cuda.Event(enable_timing=True)
         event.record(torch.cuda.current_stream(self._cuda))
         return event
 
     def forward(self) -> None:
         """The start of a training forward (a micro-batch)."""
-        if self._first is None:
-            self._first = self._mark()
-        elif self._cuda is None:
-            self._last = self._mark()
+        if self._cuda is None:
+            self._last = perf_counter()
+            if self._first is None:
+                self._first = self._last
+        elif self._first is None:
+            self._first = self._event()
         else:
-            self._last = self._mark(self._last)  # re-recording one event keeps a step to four
+            self._last = self._event(self._last)  # re-recording one event keeps a step to four
 
     def optimizer(self) -> None:
         """The start of optimizer.step()."""
-        self._optimizer = self._mark()
+        self._optimizer = perf_counter() if self._cuda is None else self._event()
 
     def restart(self) -> None:
         """Forget the current step and the previous end (the next step starts a new interval)."""
-        self._previous_end = None
-        self._clear()
+        self._previous_end = self._first = self._last = self._optimizer = None
 
     def end(self) -> list[float] | DeferredElapsed | None:
         """The step's marks relative to the previous step's end, or None when one is missing."""
-        end = self._mark()
+        end = perf_counter() if self._cuda is None else self._event()
         start, first, optimizer = self._previous_end, self._first, self._optimizer
         last = self._last if self._last is not None else first
         self._previous_end = end
-        self._clear()
+        self._first = self._last = self._optimizer = None
         if start is None or first is None or optimizer is None:
             return None
         if self._cuda is not None:
             return DeferredElapsed(start, [first, last, optimizer, end])
-        return [round(mark - start, 7) for mark in (first, last, optimizer, end)]
+        return [first - start, last - start, optimizer - start, end - start]
