@@ -38,6 +38,8 @@ THROUGHPUT_WINDOW_S = 2.0
 #: steady steps a size needs before it counts as a point.
 LIVE_WARMUP_STEPS = 5
 LIVE_MIN_STEPS = 10
+#: Step-time splits are kept for this many (samples, micro-batches) configurations, the latest.
+MAX_PHASE_CONFIGS = 8
 #: The optimal batch size is re-evaluated every this many steps (and when the points change).
 RECOMMEND_EVERY = 10
 #: A rank is stalled when its step has not advanced, and lost when it has not reported at all,
@@ -283,9 +285,10 @@ class SessionModel:
         self._batch_size: int | None = None
         self._steps_at_size = 0
         self._points_version = 0
-        self._phase_config: tuple[int, int] | None = None  # (samples, micro-batches) of the timed steps
-        self._phase_steps = 0  # steps at _phase_config, warm-up included
-        self._phases: collections.deque = collections.deque(maxlen=RECENT_STEPS)  # (measured, marks)
+        self._phase_config: tuple[int, int] | None = None  # (samples, micro-batches) of the latest step
+        self._phase_steps = 0  # steps in a row at _phase_config, warm-up included
+        #: (samples, micro-batches) -> recent (measured, marks) of steady steps, most recently used last
+        self._phases: dict[tuple[int, int], collections.deque] = {}
         self._recommended_version = -1
         self._recommend_due = False
         self._stable = StableRecommendation()
@@ -411,17 +414,23 @@ class SessionModel:
             self._points_version += 1  # a new size became a point
 
     def _track_phases(self, record: dict[str, Any]) -> None:
-        """The phase marks of steady steps at the current configuration (after LIVE_WARMUP_STEPS)."""
+        """The phase marks of steady steps per configuration (after LIVE_WARMUP_STEPS at it).
+
+        Kept per configuration, so a one-off step of another size (an epoch's short last batch)
+        neither erases nor pollutes the split of the usual one.
+        """
         config = (record["n"], record["mb"])
         if config != self._phase_config:
             self._phase_config, self._phase_steps = config, 0
-            self._phases.clear()
         self._phase_steps += 1
-        if "ph" not in record:
+        if "ph" not in record or self._phase_steps <= LIVE_WARMUP_STEPS:
             return
-        if self._phase_steps > LIVE_WARMUP_STEPS:
-            self._phases.append(("noise" in record, record["ph"]))
-        if len(self._phases) <= LIVE_MIN_STEPS:
+        rows = self._phases.pop(config, None) or collections.deque(maxlen=RECENT_STEPS)
+        self._phases[config] = rows  # most recently used last
+        if len(self._phases) > MAX_PHASE_CONFIGS:
+            del self._phases[next(iter(self._phases))]
+        rows.append(("noise" in record, record["ph"]))
+        if len(rows) <= LIVE_MIN_STEPS:
             self._recommend_due = True  # the timing progress, then the first split, show at once
 
     def step_split(self) -> StepSplit | None:
@@ -431,21 +440,18 @@ class SessionModel:
         cost stays out; a job whose measurement is cheap enough to run every step has only measured
         steps, and their times include that cost (at most the noise budget, 1% by default).
         """
-        if self._phase_config is None:
-            return None
-        samples, micro_batches = self._phase_config
-        if samples <= 0 or samples % micro_batches:
-            return None  # unequal micro-batches: no single micro-batch size to accumulate
-        rows = [marks for measured, marks in self._phases if not measured]
-        if len(rows) < LIVE_MIN_STEPS:
-            rows = [marks for _, marks in self._phases]
-        if len(rows) < LIVE_MIN_STEPS:
-            return None
-        micro = samples // micro_batches * self._data_parallel * self._unit_scale
-        try:
-            return split_step_time(rows, micro, micro_batches)
-        except ValueError:
-            return None
+        for (samples, micro_batches), timed in reversed(self._phases.items()):  # the latest first
+            if samples <= 0 or samples % micro_batches or len(timed) < LIVE_MIN_STEPS:
+                continue  # unequal micro-batches have no single size to accumulate
+            rows = [marks for measured, marks in timed if not measured]
+            if len(rows) < LIVE_MIN_STEPS:
+                rows = [marks for _, marks in timed]
+            micro = samples // micro_batches * self._data_parallel * self._unit_scale
+            try:
+                return split_step_time(rows, micro, micro_batches)
+            except ValueError:
+                continue
+        return None
 
     def input_hint(self, split: StepSplit | None = None) -> str | None:
         """Says so when the wait before each step's first forward (data loading) rivals a micro-batch."""
@@ -467,12 +473,13 @@ class SessionModel:
         estimator = self.estimator or {}
         if noise.b_simple is None or noise.b_simple <= 0:
             if self.estimator is not None and estimator.get("name") is None:
-                if self._last is not None and self._last["mb"] == 1:
+                switched_off = "noise_mode" in (self.hello or {}) and self.hello["noise_mode"] is None
+                if self._last is not None and self._last["mb"] == 1 and not switched_off:
                     return MEASURE_NOISE_ACTION[self._framework()]
                 return f"no noise scale: {estimator.get('reason')}"
             return f"needs the noise scale, which is not available yet: {noise.reason}"
         samples, micro_batches = self._phase_config or (0, 1)
-        timed = len(self._phases)
+        timed = len(self._phases.get(self._phase_config, ()))
         if "ph" in (self._last or {}) and samples % micro_batches == 0 and timed < LIVE_MIN_STEPS:
             return f"timing this job's steps for the in-run optimum ({timed}/{LIVE_MIN_STEPS} steps)"
         return PROFILE_ACTION[self._framework()]
