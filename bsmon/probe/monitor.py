@@ -3,7 +3,9 @@
 Hot path, per training step, on the training thread:
 
 * a forward pre-hook on the model reads the first dimension of the first
-  tensor argument (samples of this micro-batch);
+  tensor argument (samples of this micro-batch) and marks the micro-batch's
+  start, and an optimizer step pre-hook marks the optimizer's (a perf_counter
+  each, or a CUDA event for a model on a GPU: bsmon/probe/phases.py);
 * on steps the noise estimator measures (and in a multi-process job, on one
   step every 50 ms at most), a forward hook puts a gradient hook on the output,
   which queues one callback on the autograd engine: that callback marks the end

@@ -13,5 +13,18 @@ from bsmon.stats.noise import (
     step_estimate,
     student_t_quantile,
 )
-from bsmon.stats.optimal import Recommendation, StableRecommendation, goodput, optimal_batch_size
-from bsmon.stats.throughput import ThroughputFit, ThroughputPoint, fit_step_time, mean_step_times
+from bsmon.stats.optimal import (
+    Recommendation,
+    StableRecommendation,
+    goodput,
+    optimal_accumulation,
+    optimal_batch_size,
+)
+from bsmon.stats.throughput import (
+    StepSplit,
+    ThroughputFit,
+    ThroughputPoint,
+    fit_step_time,
+    mean_step_times,
+    split_step_time,
+)
