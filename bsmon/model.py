@@ -574,16 +574,17 @@ class SessionModel:
         else:
             low = high = None
         try:
-            if not profiled:
-                rec, self._recommend_source = optimal_accumulation(
-                    split, noise.b_simple, b_noise_low=low, b_noise_high=high), "in-run"
-            else:
+            if profiled:
                 rec = self._profiled_recommendation(points, noise.b_simple, current, low, high, split)
-                self._recommend_source = "profile" if any(p.source == "profile" for p in points) else "live"
+                source = "profile" if any(p.source == "profile" for p in points) else "live"
+            else:
+                rec = optimal_accumulation(split, noise.b_simple, b_noise_low=low, b_noise_high=high)
+                source = "in-run"
         except ValueError as exc:
             self._recommend_reason = f"cannot recommend: {exc}"
             return
         self.recommendation = self._stable.update(rec)
+        self._recommend_source = source
         self._recommend_reason = None
 
     def _profiled_recommendation(self, points, b_noise, current, low, high, split) -> Recommendation:
@@ -726,8 +727,8 @@ class SessionModel:
         fields = {"step_split": split, "input_hint": self.input_hint(split)}
         if rec is None or self._recommend_reason is not None:
             return {**fields, "b_opt_reason": self._recommend_reason}
-        return {**fields, "b_opt_source": self._recommend_source,"b_opt": rec.batch_size, "b_opt_speedup": rec.speedup, "b_opt_speedup_low": rec.speedup_low,
-                "b_opt_speedup_high": rec.speedup_high, "b_opt_reason": rec.reason, "lr_advice": rec.lr_advice,
+        return {**fields, "b_opt_source": self._recommend_source, "b_opt": rec.batch_size,
+                "b_opt_speedup": rec.speedup, "b_opt_speedup_low": rec.speedup_low, "b_opt_speedup_high": rec.speedup_high, "b_opt_reason": rec.reason, "lr_advice": rec.lr_advice,
                 "lr_factor_sgd": rec.lr_factor_sgd, "lr_factor_adam": rec.lr_factor_adam,
                 "b_opt_micro_batch": rec.micro_batch, "b_opt_accumulation": rec.accumulation}
 

@@ -389,7 +389,8 @@ class _Problem:
             alpha += (f" (optimizer.step() {_ms(split.optimizer_s)}; with one micro-batch a step, the "
                       f"{_ms(split.before_forward_s)} before each forward is counted per micro-batch)")
         else:
-            alpha += f" (optimizer.step() {_ms(split.optimizer_s)}, before the first forward {_ms(split.before_forward_s)})"
+            alpha += (f" (of which optimizer.step() {_ms(split.optimizer_s)}, "
+                      f"before the first forward {_ms(split.before_forward_s)})")
         parts = [
             f"In-run fit over {split.steps} steps: {alpha}, beta = {_ms(split.beta_mb_s)} per micro-batch of {b}.",
             self.describe_objective() + f" B* = sqrt(alpha*B_noise/beta) = {split.optimal_batch(self.b_noise):.4g}.",
