@@ -377,3 +377,20 @@ def test_event_marks_are_read_without_waiting_until_complete():
     end.done = True
     assert resolve(record, wait=False)
     assert record["ph"] == pytest.approx([0.005, 0.021, 0.037, 0.040])
+
+
+def test_the_headless_line_shows_the_in_run_optimum_or_the_next_action():
+    from bsmon.cli import status_line
+
+    model = SessionModel()
+    model.ingest(_hello())
+    model.ingest({"k": "estimator", "name": "microbatch", "reason": None, "groups": ["all"]})
+    _feed(model, LIVE_WARMUP_STEPS + LIVE_MIN_STEPS + 20, 16, 2, _phases(2, 0.005, 0.015, 0.032))
+    stats = model.stats()
+    line = status_line(model, "running")
+    assert (f"B* 64 (at micro-batch 16: accumulate 4) {stats.b_opt_speedup:.3g} "
+            f"[{stats.b_opt_speedup_low:.3g}, {stats.b_opt_speedup_high:.3g}]x speedup") in line
+    assert "input-bound?" not in line
+    waiting = _single_pass_job(("transformers",), reason="one backward pass per step: ...")
+    _feed(waiting, 30, 16, 1, _phases(1, 0.005, 0.015, 0.032), noise=False)
+    assert "B* N/A: set gradient_accumulation_steps=2 to measure the noise scale" in status_line(waiting, "running")
