@@ -24,7 +24,7 @@ from bsmon.cli import ChildJob
 from bsmon.client import Feed
 from bsmon.export import export_to_file
 from bsmon.gpu import GpuSampler
-from bsmon.model import SessionModel
+from bsmon.model import MEASURE_NOISE_ACTION, SessionModel
 from bsmon.probe.monitor import watch
 from bsmon.stats.optimal import optimal_batch_size
 from bsmon.tui import BsmonApp
@@ -181,6 +181,8 @@ async def test_panels_show_the_numbers_of_the_model(sessions):
         assert shown(app, OptimalPanel, "optimal") == (
             f"B* {stats.b_opt} (now 64): at micro-batch 16: accumulate {stats.b_opt_accumulation}")
         assert shown(app, OptimalPanel, "memory").startswith("a larger micro-batch may do better")
+        sizes, _, _, goodput, _, _, current, optimal = app.query_one(BatchSizeChart)._data
+        assert (current, optimal) == (64, stats.b_opt) and all(size % 16 == 0 for size in sizes)  # whole micro-batches
         assert shown(app, ScalarsPanel, "scalars") == f"loss {feed.model.last_scalars['loss']:.4g}  lr 0.05"
         on_screen = str(app.query_one(BatchPanel).query_one(Static).visual)
         assert f"B_simple {band}" in on_screen.splitlines()
@@ -250,6 +252,8 @@ async def test_without_noise_data_the_reason_is_shown_and_never_a_number(session
         assert shown(app, BatchPanel, "reason") == reason
         assert shown(app, BatchPanel, "efficiency") == shown(app, BatchPanel, "regime") == ""
         assert not any(ch.isdigit() for ch in shown(app, BatchPanel, "b_simple"))
+        # never a dead end: the one next action for this job
+        assert shown(app, OptimalPanel, "optimal") == MEASURE_NOISE_ACTION[None]
 
 
 def test_regime_wording_covers_below_near_and_above_the_noise_scale():

@@ -640,14 +640,19 @@ class BatchSizeChart(Chart):
 
     def show(self, recommendation: Recommendation | None, b_noise: float | None,
              points: Sequence[ThroughputPoint]) -> None:
-        if recommendation is None or not b_noise or not points:
+        in_run = recommendation is not None and recommendation.split is not None
+        if recommendation is None or not b_noise or not (points or in_run):
             self._store(None)
             return
         measured = np.array([p.batch_size for p in points], dtype=float)
         rates = np.array([p.samples_per_s for p in points])
         marks = [recommendation.batch_size] + ([recommendation.current_batch] if recommendation.current_batch else [])
-        low, high = min(measured.min(), *marks) / 2, max(measured.max(), *marks) * 2
-        sizes = np.unique(np.geomspace(max(1.0, low), high, 64).round())
+        low, high = min(*measured, *marks) / 2, max(*measured, *marks) * 2
+        if in_run:  # the run's own step times cover whole micro-batches only
+            micro = recommendation.micro_batch
+            sizes = micro * np.unique(np.geomspace(1, max(2.0, high / micro), 64).round())
+        else:
+            sizes = np.unique(np.geomspace(max(1.0, low), high, 64).round())
         goodput = np.array([recommendation.goodput_at(int(b)) for b in sizes])
         efficiency = statistical_efficiency(sizes, b_noise)
         throughput = goodput / efficiency
