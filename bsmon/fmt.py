@@ -42,13 +42,27 @@ def band(value: float | None, low: float | None, high: float | None) -> str:
     return f"{si(value)} [{si(low)}, {si(high)}]"
 
 
+def data_parallel(stats) -> int:
+    """The data-parallel size of a ``bsmon.model.Stats``: its global batch over rank 0's."""
+    if stats.batch_size and stats.local_batch_size:
+        return max(1, stats.batch_size // stats.local_batch_size)
+    return 1
+
+
+def accumulate(micro_batch: int, accumulation: int, ranks: int = 1) -> str:
+    """'at micro-batch 16: accumulate 4', per rank under data parallelism (micro_batch is global)."""
+    if ranks > 1:
+        return f"at micro-batch {micro_batch // ranks:,} per rank x {ranks} ranks: accumulate {accumulation}"
+    return f"at micro-batch {micro_batch:,}: accumulate {accumulation}"
+
+
 def optimum(stats) -> str:
     """The optimal batch in one line (a ``bsmon.model.Stats``), or why there is none and what to do."""
     if stats.b_opt is None:
         return f"B* N/A: {stats.b_opt_reason or 'no recommendation yet'}"
     text = f"B* {stats.b_opt}"
     if stats.b_opt_source == "in-run":
-        text += f" (at micro-batch {stats.b_opt_micro_batch}: accumulate {stats.b_opt_accumulation})"
+        text += f" ({accumulate(stats.b_opt_micro_batch, stats.b_opt_accumulation, data_parallel(stats))})"
     elif stats.b_opt_accumulation:
         text += f" = {stats.b_opt_accumulation}x{stats.b_opt_micro_batch} (accumulate)"
     if stats.b_opt_speedup is not None:

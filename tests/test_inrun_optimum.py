@@ -394,3 +394,15 @@ def test_the_headless_line_shows_the_in_run_optimum_or_the_next_action():
     waiting = _single_pass_job(("transformers",), reason="one backward pass per step: ...")
     _feed(waiting, 30, 16, 1, _phases(1, 0.005, 0.015, 0.032), noise=False)
     assert "B* N/A: set gradient_accumulation_steps=2 to measure the noise scale" in status_line(waiting, "running")
+
+
+def test_under_data_parallelism_the_label_is_per_rank():
+    from bsmon import fmt
+
+    model = SessionModel()
+    model.ingest(_hello(world_size=2, data_parallel=2))
+    model.ingest({"k": "estimator", "name": "microbatch", "reason": None, "groups": ["all"]})
+    _feed(model, LIVE_WARMUP_STEPS + LIVE_MIN_STEPS, 8, 2, _phases(2, 0.005, 0.015, 0.032))
+    stats = model.stats()
+    assert fmt.data_parallel(stats) == 2 and stats.b_opt_micro_batch == 16
+    assert f"(at micro-batch 8 per rank x 2 ranks: accumulate {stats.b_opt_accumulation})" in fmt.optimum(stats)

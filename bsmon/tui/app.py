@@ -23,7 +23,7 @@ from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.widgets import Footer
 
-from bsmon import store
+from bsmon import fmt, store
 from bsmon.client import Feed
 from bsmon.gpu import GpuSnapshot
 from bsmon.model import SessionModel, Stats
@@ -315,7 +315,7 @@ class BsmonApp(App):
         self.query_one(RanksPanel).show(numbers.stats)
         self.query_one(BatchPanel).show(numbers.stats)
         self.query_one(OptimalPanel).show(numbers.recommendation, numbers.stats.b_opt_reason, numbers.memory_limit,
-                                          numbers.stats.input_hint)
+                                          numbers.stats.input_hint, fmt.data_parallel(numbers.stats))
         self.query_one(BatchSizeChart).show(numbers.recommendation, numbers.stats.b_simple, numbers.points)
         self.query_one(GpuPanel).show(numbers.gpu, numbers.stats.gpu_hints, live=self._live(returncode, numbers.bye))
         self.query_one(ScalarsPanel).show(numbers.scalars)

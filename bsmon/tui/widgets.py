@@ -344,9 +344,9 @@ class OptimalPanel(Lines):
     LINE_STYLES = {"input": "$text-warning"}
 
     def show(self, recommendation: Recommendation | None, reason: str | None, memory: str | None = None,
-             input_hint: str | None = None) -> None:
+             input_hint: str | None = None, ranks: int = 1) -> None:
         """The recommendation, or why there is none yet (``reason``, from the model), the memory limit,
-        and whether the job waits for its input (``input_hint``)."""
+        whether the job waits for its input (``input_hint``), and the data-parallel size (``ranks``)."""
         memory = escape(memory) if memory else None
         input_hint = escape(input_hint) if input_hint else None
         if recommendation is None:
@@ -357,7 +357,7 @@ class OptimalPanel(Lines):
         if r.current_batch is not None:
             optimal += f" (now {r.current_batch:,})"
         if r.split is not None:
-            optimal += f": at micro-batch {r.micro_batch:,}: accumulate [b]{r.accumulation}[/b]"
+            optimal += f": {fmt.accumulate(r.micro_batch, r.accumulation, ranks)}"
             memory = "a larger micro-batch may do better: profile micro-batch sizes to find out"
         elif r.accumulation and r.micro_batch:
             optimal += f" = {r.accumulation} x {r.micro_batch:,} (accumulate)"
