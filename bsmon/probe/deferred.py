@@ -65,7 +65,7 @@ class DeferredElapsed:
 
     def values(self) -> list[float]:
         self._marks[-1].synchronize()
-        return [round(self._start.elapsed_time(mark) / 1e3, 7) for mark in self._marks]
+        return [round(self._start.elapsed_time(mark) / 1e3, 6) for mark in self._marks]
 
 
 def resolve(record: dict, *, wait: bool = True) -> bool:
