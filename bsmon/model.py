@@ -728,7 +728,8 @@ class SessionModel:
         if rec is None or self._recommend_reason is not None:
             return {**fields, "b_opt_reason": self._recommend_reason}
         return {**fields, "b_opt_source": self._recommend_source, "b_opt": rec.batch_size,
-                "b_opt_speedup": rec.speedup, "b_opt_speedup_low": rec.speedup_low, "b_opt_speedup_high": rec.speedup_high, "b_opt_reason": rec.reason, "lr_advice": rec.lr_advice,
+                "b_opt_speedup": rec.speedup, "b_opt_speedup_low": rec.speedup_low,
+                "b_opt_speedup_high": rec.speedup_high, "b_opt_reason": rec.reason, "lr_advice": rec.lr_advice,
                 "lr_factor_sgd": rec.lr_factor_sgd, "lr_factor_adam": rec.lr_factor_adam,
                 "b_opt_micro_batch": rec.micro_batch, "b_opt_accumulation": rec.accumulation}
 
