@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from bsmon import fmt, store, wire
+from bsmon import fmt, store, terminal, wire
 from bsmon.client import Feed, wait_for_session
 from bsmon.model import SessionModel
 
@@ -32,18 +32,38 @@ def _fail(message: str, code: int = 1) -> int:
 
 
 # -- the job under `bsmon run` -------------------------------------------------
+HANGUP_POLICIES = ("detach", "forward")
+
+
 class ChildJob:
-    """The wrapped training process; signals to bsmon are forwarded to it."""
+    """The wrapped training process; SIGINT and SIGTERM to bsmon are forwarded to it.
 
-    FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    SIGHUP (the terminal went away) sets ``hung_up`` and sends bsmon's own output to
+    /dev/null, so the view leaves at once. The job is sent SIGHUP only with
+    ``on_hangup="forward"``; by default it keeps running, as after ``q``.
+    """
 
-    def __init__(self, process: subprocess.Popen) -> None:
+    FORWARDED = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, process: subprocess.Popen, *, on_hangup: str = "detach") -> None:
+        if on_hangup not in HANGUP_POLICIES:
+            raise ValueError(f"on_hangup={on_hangup!r}: use one of {', '.join(HANGUP_POLICIES)}")
         self.process = process
         self.pid = process.pid
+        self.on_hangup = on_hangup
+        self.hung_up = False
         self._previous = {sig: signal.signal(sig, self._forward) for sig in self.FORWARDED}
+        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # under nohup, hang-ups stay ignored
+            self._previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._hang_up)
 
     def _forward(self, signum: int, frame: Any) -> None:
         self.send(signum)
+
+    def _hang_up(self, signum: int, frame: Any) -> None:
+        self.hung_up = True
+        terminal.silence_output()
+        if self.on_hangup == "forward":
+            self.send(signum)
 
     def send(self, signum: int) -> None:
         if self.process.poll() is None:
@@ -51,6 +71,11 @@ class ChildJob:
                 self.process.send_signal(signum)
             except ProcessLookupError:
                 pass
+
+    @property
+    def detached_by_hangup(self) -> bool:
+        """The terminal went away and the job is to keep running."""
+        return self.hung_up and self.on_hangup == "detach"
 
     def interrupt(self) -> None:
         self.send(signal.SIGINT)
@@ -77,10 +102,27 @@ def shell_exit_code(returncode: int) -> int:
 
 
 def _start_job(command: list[str], env: dict[str, str], output: Any) -> subprocess.Popen:
-    # A new session: the terminal's Ctrl-C reaches bsmon only, which forwards it once.
+    # A new session: the terminal's Ctrl-C and hang-up reach bsmon only, which decides.
     return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL if output else None,
                             stdout=output, stderr=subprocess.STDOUT if output else None,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=default_signal_dispositions)
+
+
+def default_signal_dispositions() -> None:
+    """In the job, before exec: every signal at its default and none blocked.
+
+    Whatever bsmon inherited: under ``nohup bsmon run ... &`` (or a script without job
+    control) SIGINT is ignored, an ignore survives exec, and the forwarded Ctrl-C would
+    silently do nothing. bsmon has no other thread yet when it starts the job, so this
+    runs safely between fork and exec.
+    """
+    for sig in signal.valid_signals():
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            try:
+                signal.signal(sig, signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass  # signals the C library reserves
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
 def record_exit(info: store.SessionInfo, code: int) -> None:
@@ -107,7 +149,7 @@ def record_exit(info: store.SessionInfo, code: int) -> None:
 
 
 def run_job(command: list[str], *, name: str | None, headless: bool, json_lines: bool,
-            profile: str | None = None) -> int:
+            profile: str | None = None, on_hangup: str = "detach") -> int:
     home = store.bsmon_home().resolve()
     session_id = store.new_session_id()
     session_dir = store.sessions_dir(home) / session_id
@@ -133,7 +175,7 @@ def run_job(command: list[str], *, name: str | None, headless: bool, json_lines:
         return _fail(f"permission denied: {command[0]}", 126)
     except OSError as exc:
         return _fail(f"cannot start {command[0]}: {exc}", 126)
-    job = ChildJob(process)
+    job = ChildJob(process, on_hangup=on_hangup)
     try:
         info = wait_for_session(session_id, alive=lambda: process.poll() is None, home=home)
         if info is None:
@@ -146,9 +188,11 @@ def run_job(command: list[str], *, name: str | None, headless: bool, json_lines:
             _headless(feed, json_lines, job)
         else:
             _tui(feed, "run", info, job)
-        if process.poll() is None and not headless:
+        leaves_job_running = job.detached_by_hangup or (not headless and not job.hung_up)  # or `q`
+        if process.poll() is None and leaves_job_running:
+            to_log = f"; its output goes to {session_dir / store.OUTPUT_FILE}" if output and output is not sys.stderr else ""
             print(f"bsmon: detached; the job (pid {process.pid}) keeps running and is still recorded. "
-                  f"Re-attach with `bsmon attach {session_id}`; its output goes to {session_dir / store.OUTPUT_FILE}.")
+                  f"Re-attach with `bsmon attach {session_id}`{to_log}.")
             return 0
         code = shell_exit_code(process.wait())
         feed.wait(timeout=5.0)
@@ -270,6 +314,8 @@ def _headless(feed: Feed, json_lines: bool, job: ChildJob | None = None) -> None
     while True:
         stream_over = feed.wait(timeout=HEADLESS_INTERVAL_S)
         job_over = job is None or job.wait(timeout=HEADLESS_INTERVAL_S if stream_over else 0)
+        if job is not None and job.detached_by_hangup:
+            return
         emit()
         if stream_over and job_over:
             break
@@ -288,7 +334,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.profile:
         profile = json.dumps(store.load_profile(args.profile))
     return run_job(command, name=args.name, headless=_headless_wanted(args), json_lines=args.json,
-                   profile=profile)
+                   profile=profile, on_hangup=args.on_hangup)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -376,7 +422,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _headless_wanted(args: argparse.Namespace) -> bool:
-    return args.headless or args.json or not sys.stdout.isatty()
+    """The TUI needs a terminal on both sides: keys in, screen out."""
+    return args.headless or args.json or not (sys.stdout.isatty() and sys.stdin.isatty())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -393,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a training command under the monitor")
     p.add_argument("--name", help="session name (default: the script's name)")
     p.add_argument("--profile", help="a throughput profile saved by `bsmon sweep` (id, name prefix or path)")
+    p.add_argument("--on-hangup", choices=HANGUP_POLICIES, default="detach",
+                   help="when the terminal goes away (SSH drop): detach and keep the job running (default), "
+                   "or forward SIGHUP to the job")
     views(p)
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ...")
     p.set_defaults(func=cmd_run)

@@ -8,20 +8,12 @@ import resource
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from bsmon import store
-from conftest import bsmon_cli, start_job, train_command
-
-
-def _wait_for(path, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
+from conftest import WAIT_S, bsmon_cli, spawn, start_job, train_command, wait_for
 
 
 def test_run_headless_passes_the_exit_code_and_records_it():
@@ -53,9 +45,9 @@ def test_json_lines_keep_stdout_machine_readable():
 def test_attach_to_a_plain_job_then_export_csv(tmp_path):
     ready = tmp_path / "ready"
     job = start_job("--steps", "60", "--sleep", "0.03", "--ready-file", str(ready))
-    _wait_for(ready)
+    wait_for(ready.exists, "the job's first step", job)
     attached = bsmon_cli("attach", "--headless")
-    assert job.wait(timeout=60) == 0
+    assert job.wait(timeout=WAIT_S) == 0
     assert attached.returncode == 0, attached.stderr
     assert "step 60" in attached.stdout.splitlines()[-1]
     out = tmp_path / "run.csv"
@@ -107,8 +99,7 @@ def test_unknown_sessions_get_a_clear_message(args):
 def test_killed_job_shows_as_lost_and_its_stale_socket_is_cleaned(tmp_path):
     ready = tmp_path / "ready"
     job = start_job("--steps", "100000", "--sleep", "0.01", "--ready-file", str(ready))
-    _wait_for(ready)
-    time.sleep(0.3)
+    wait_for(lambda: ready.exists() and store.list_sessions()[0].steps >= 1, "a recorded step", job)
     job.send_signal(signal.SIGKILL)
     job.wait()
     (info,) = store.list_sessions()
@@ -120,14 +111,16 @@ def test_killed_job_shows_as_lost_and_its_stale_socket_is_cleaned(tmp_path):
     assert bsmon_cli("export", info.id).returncode == 0  # what was recorded is still there
 
 
-def test_sigint_is_forwarded_to_the_job(tmp_path):
+@pytest.mark.parametrize("ignore_sigint", [False, True], ids=["plain", "started-with-sigint-ignored"])
+def test_sigint_is_forwarded_to_the_job(tmp_path, ignore_sigint):
+    """Also when bsmon inherited SIGINT ignored (`nohup bsmon run ... &`): the job gets the default."""
     ready = tmp_path / "ready"
-    wrapper = subprocess.Popen([sys.executable, "-m", "bsmon.cli", "run", "--headless", "--",
-                                *train_command("--steps", "100000", "--sleep", "0.01", "--ready-file", str(ready))],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(ready)
+    wrapper = spawn([sys.executable, "-m", "bsmon.cli", "run", "--headless", "--",
+                     *train_command("--steps", "100000", "--sleep", "0.01", "--ready-file", str(ready))],
+                    ignore_sigint=ignore_sigint)
+    wait_for(ready.exists, "the job's first step", wrapper)
     wrapper.send_signal(signal.SIGINT)
-    out, err = wrapper.communicate(timeout=60)
+    out, err = wrapper.communicate(timeout=WAIT_S)
     assert wrapper.returncode == 130, err  # Python re-raises SIGINT on an uncaught KeyboardInterrupt: 128 + 2
     assert "KeyboardInterrupt" in err
     (info,) = store.list_sessions()

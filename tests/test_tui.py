@@ -11,7 +11,7 @@ import asyncio
 import functools
 import math
 import signal
-import subprocess
+import time
 
 import numpy as np
 import pynvml
@@ -34,6 +34,7 @@ from bsmon.tui.widgets import (
     BatchPanel, BatchSizeChart, GpuPanel, JobHeader, LossChart, OptimalPanel, RanksPanel, ScalarsPanel,
     ThroughputPanel, regime,
 )
+from conftest import WAIT_S, spawn
 from fake_nvml import FakeDriver, FakeGpu
 
 SIZE = (100, 40)
@@ -282,7 +283,7 @@ async def test_pause_freezes_the_numbers_while_records_keep_arriving(sessions):
         await pilot.press("p")
         assert "PAUSED" in shown(app, JobHeader, "title")
         ingest(feed, rest)
-        await pilot.pause(0.3)  # at least one redraw tick
+        app._redraw()  # what the redraw timer does
         assert "step 30" in shown(app, JobHeader, "title")
         assert app.refresh_numbers() is False and app.refresh_charts() is False
         await pilot.press("p")
@@ -342,38 +343,58 @@ async def test_an_export_that_fails_shows_the_error(sessions, tmp_path):
 
 @pytest.fixture
 def sleeping_job():
-    job = ChildJob(subprocess.Popen(["sleep", "30"]))
+    job = ChildJob(spawn(["sleep", "30"]))  # default signal dispositions, whatever pytest inherited
     yield job
     job.restore_signals()
     job.process.kill()
     job.process.wait()
 
 
+async def until(pilot, condition, what, timeout=WAIT_S):
+    """Let the app run until ``condition()`` holds (its timers tick on their own schedule)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout} s"
+        await pilot.pause(0.05)
+
+
 @pilot_test
 async def test_ctrl_c_in_run_mode_interrupts_the_job_and_stays_open(sessions, sleeping_job):
     async with BsmonApp(replay(sessions["noise"]), mode="run", job=sleeping_job).run_test(size=SIZE) as pilot:
         await pilot.press("ctrl+c")
-        assert sleeping_job.process.wait(timeout=5) == -signal.SIGINT
-        await pilot.pause(0.2)
+        assert sleeping_job.process.wait(timeout=WAIT_S) == -signal.SIGINT
+        await until(pilot, lambda: "failed (SIGINT)" in shown(pilot.app, JobHeader, "title"), "the header update")
         assert pilot.app.is_running
-        assert "failed (SIGINT)" in shown(pilot.app, JobHeader, "title")
 
 
 @pilot_test
 async def test_q_in_run_mode_detaches_and_leaves_the_job_running(sessions, sleeping_job):
-    app = BsmonApp(replay(sessions["noise"]), mode="run", job=sleeping_job)
-    async with app.run_test(size=SIZE) as pilot:
+    async with BsmonApp(replay(sessions["noise"]), mode="run", job=sleeping_job).run_test(size=SIZE) as pilot:
+        await pilot.press("p")  # any other key leaves it running
+        await pilot.pause()
+        assert pilot.app.is_running
         await pilot.press("q")
-    assert not app.is_running
+        await pilot.pause()
+        assert not pilot.app.is_running
+    assert sleeping_job.returncode() is None
+
+
+@pilot_test
+async def test_the_run_view_leaves_when_the_terminal_hangs_up(sessions, sleeping_job):
+    async with BsmonApp(replay(sessions["noise"]), mode="run", job=sleeping_job).run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert pilot.app.is_running
+        sleeping_job.hung_up = True  # what bsmon run's SIGHUP handler sets
+        await until(pilot, lambda: not pilot.app.is_running, "leaving")
     assert sleeping_job.returncode() is None
 
 
 @pilot_test
 async def test_ctrl_c_quits_a_replay():
-    app = BsmonApp(synthetic_feed(), mode="replay")
-    async with app.run_test(size=SIZE) as pilot:
+    async with BsmonApp(synthetic_feed(), mode="replay").run_test(size=SIZE) as pilot:
         await pilot.press("ctrl+c")
-    assert not app.is_running
+        await pilot.pause()
+        assert not pilot.app.is_running
 
 
 def test_bad_arguments_are_refused_with_a_sentence(sleeping_job):

@@ -11,6 +11,7 @@ is released, and panels repaint only when their text changed.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.widgets import Footer
 
-from bsmon import fmt, store
+from bsmon import fmt, store, terminal
 from bsmon.client import Feed
 from bsmon.gpu import GpuSnapshot
 from bsmon.model import SessionModel, Stats
@@ -54,6 +55,8 @@ class JobControl(Protocol):
     """The job started by ``bsmon run`` (only in that mode)."""
 
     pid: int
+    #: The terminal went away (SIGHUP): the view leaves at once.
+    hung_up: bool
 
     def returncode(self) -> int | None:
         """The exit code, or None while the job runs."""
@@ -272,9 +275,22 @@ class BsmonApp(App):
 
     # -- redraws -----------------------------------------------------------------------------------
     def _redraw(self) -> None:
+        if self._terminal_lost():
+            self.exit()  # in run mode a detach: the CLI decides what happens to the job
+            return
         with self.batch_update():
             self.refresh_numbers()
             self.refresh_charts()
+
+    def _terminal_lost(self) -> bool:
+        """SIGHUP reached ``bsmon run``, or the terminal hung up under any view (then output is
+        silenced first, so the screen's last writes cannot fail)."""
+        if self.job is not None and self.job.hung_up:
+            return True
+        if self.is_headless or not terminal.hung_up(sys.__stdin__.fileno()):
+            return False
+        terminal.silence_output()
+        return True
 
     def _live(self, returncode: int | None, bye: Mapping[str, Any] | None) -> bool:
         return self.feed.state in ("connecting", "live") and returncode is None and bye is None
