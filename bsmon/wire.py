@@ -42,7 +42,8 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "scalars": {"step": (int,), "values": (dict,)},
     # Which noise estimator is active, what it covers, or why none applies.
     "estimator": {"name": _OPT_STR, "reason": _OPT_STR},
-    # Something a person should see: a recording failure, a rejected log value.
+    # Something a person should see: a recording failure, a rejected log value. Optional "traceback":
+    # the Python traceback of a bug inside bsmon that turned it off (bsmon/probe/guard.py).
     "event": {"t": _NUM, "level": (str,), "msg": (str,)},
     # One measured point of a throughput profile, and a finished profile.
     "profile_point": {"batch_size": (int,), "step_time_s": _NUM, "samples_per_s": _NUM},

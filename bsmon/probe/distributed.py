@@ -121,8 +121,9 @@ class RankReporter:
 
     def __init__(self, identity: RankIdentity, submit: Callable[[dict[str, Any]], None] | None, *,
                  store: dist.Store | None = None, interval_s: float = REPORT_INTERVAL_S,
-                 key_prefix: str | None = None) -> None:
-        """``store`` defaults to the default process group's; ``key_prefix`` to one per watch()."""
+                 key_prefix: str | None = None, guard: Callable[[Callable], Callable] = lambda f: f) -> None:
+        """``store`` defaults to the default process group's; ``key_prefix`` to one per watch();
+        ``guard`` wraps the thread (bsmon/probe/guard.py)."""
         self.identity = identity
         self._submit = submit
         self._store = store
@@ -137,7 +138,7 @@ class RankReporter:
         self._ticks = 0
         self._said_unavailable = False
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bsmon-ranks", daemon=True)
+        self._thread = threading.Thread(target=guard(self._run), name="bsmon-ranks", daemon=True)
         self._thread.start()
 
     def observe(self, records: list[dict[str, Any]]) -> None:

@@ -45,6 +45,7 @@ from bsmon import store, wire
 from bsmon.model import SessionModel, Stats
 from bsmon.probe import distributed
 from bsmon.probe.deferred import Deferred
+from bsmon.probe.guard import Guard
 from bsmon.probe.noise import MEASURE_BUDGET, NoiseProbe, check_mode
 from bsmon.probe.per_example import is_compiling
 from bsmon.probe.phases import StepPhases
@@ -57,6 +58,8 @@ BUSY_SAMPLE_INTERVAL_S = 0.05
 #: The job's own model ingests published records when stats() asks, or once this many wait.
 #: In batches the ingest runs warm, several times cheaper per record than a flush at a time.
 INGEST_BATCH = 1024
+#: The end of a traceback kept in the session's error event (the frame limit is far above it).
+TRACEBACK_CHARS = 20000
 #: stats() recomputes at most this often while the job runs: a computation takes about 0.5 ms
 #: on a CPU, so a loop that asks every step (recommended_batch_size()) pays for four a second.
 STATS_REFRESH_S = 0.25
@@ -160,6 +163,7 @@ class Monitor:
         self._unread: list[dict] = []  # published, not yet ingested into _model_state
         self._stale = False  # ingested records newer than _latest
         self._latest_at = -STATS_REFRESH_S  # monotonic time _latest was last brought up to date
+        self._guard = Guard(self._on_internal_error)  # wraps every hook and thread below
 
         home = store.bsmon_home()
         identity = distributed.rank_identity()
@@ -182,26 +186,29 @@ class Monitor:
             "socket": socket_path, "frameworks": [name for name in FRAMEWORKS if name in sys.modules],
         }
         self._model_state.ingest(hello)
-        self._publisher = Publisher(hello, writer, socket_path, self._on_published)
+        self._publisher = Publisher(hello, writer, socket_path, self._on_published, guard=self._guard)
         if writer is not None and writer.error is not None:
             self._warn(f"cannot record the session in {writer.path.parent}: {writer.error}. "
                        "Training continues; attach a monitor to watch it live.")
         self._noise = NoiseProbe(model, optimizer, noise, layers, self._publisher.submit, noise_budget,
-                                 mixes_samples=mixes_samples)
-        self._ranks = (distributed.RankReporter(identity, self._publisher.submit if leader else None)
+                                 mixes_samples=mixes_samples, guard=self._guard)
+        self._ranks = (distributed.RankReporter(identity, self._publisher.submit if leader else None,
+                                                guard=self._guard)
                        if identity.world_size > 1 else None)
         if profile is not None:
             self.record_profile(profile)
         self._handles = [
-            model.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True),
-            optimizer.register_step_pre_hook(self._on_step_pre),
-            optimizer.register_step_post_hook(self._on_step),
+            model.register_forward_pre_hook(self._guard(self._on_forward_pre), with_kwargs=True),
+            optimizer.register_step_pre_hook(self._guard(self._on_step_pre)),
+            optimizer.register_step_post_hook(self._guard(self._on_step)),
         ]
         self._output_hook = None
         self._compiled = False  # the model's forward has run under torch.compile
         self._compiled_size: int | None = None  # samples in the last compiled forward
         self._trainable = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
         self._grad_hooks: list = []
+        self._guarded_output_grad = self._guard(self._on_output_grad)  # wrapped once, used every measured step
+        self._guarded_backward_end = self._guard(self._on_backward_end)
         self._follow_backward_ends(time.perf_counter())
         self._previous_excepthook = sys.excepthook
         self._failure: str | None = None
@@ -235,6 +242,16 @@ class Monitor:
     def _warn(self, message: str) -> None:
         warnings.warn(f"bsmon: {message}", BsmonWarning, stacklevel=4)
 
+    def _on_internal_error(self, where: str, details: str) -> None:
+        """The guard tripped (once): say so on stderr and in the session; the hooks are already off."""
+        last_line = details.strip().splitlines()[-1]
+        message = (f"internal error in {where} ({last_line}): bsmon turned itself off for the rest of this job; "
+                   "training continues unchanged. This is a bug in bsmon: please report it with the traceback "
+                   "recorded in the session.")
+        print(f"bsmon: {message}", file=sys.stderr, flush=True)
+        self._publisher.report({"k": "event", "t": time.time(), "level": "error", "msg": message,
+                                "traceback": details[-TRACEBACK_CHARS:]})
+
     # -- hooks (training thread) ----------------------------------------------
     def _on_forward_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._paused or not (module.training and torch.is_grad_enabled()):
@@ -266,11 +283,11 @@ class Monitor:
             # hook would recompile. Hooks on the parameters' accumulated gradients run outside
             # the graph and recompile nothing; they stay, as each backward's end counts a micro-batch.
             if not self._grad_hooks:
-                self._grad_hooks = [p.register_post_accumulate_grad_hook(self._on_param_grad)
+                self._grad_hooks = [p.register_post_accumulate_grad_hook(self._guard(self._on_param_grad))
                                     for p in self._trainable]
             return
         if needed and self._output_hook is None:
-            self._output_hook = self._model.register_forward_hook(self._on_forward)
+            self._output_hook = self._model.register_forward_hook(self._guard(self._on_forward))
         elif not needed and self._output_hook is not None:
             self._output_hook.remove()
             self._output_hook = None
@@ -285,7 +302,7 @@ class Monitor:
             return
         start = time.perf_counter()
         for tensor in _output_tensors(output):
-            tensor.register_hook(self._on_output_grad)
+            tensor.register_hook(self._guarded_output_grad)
         if self._noise.measuring:
             self._noise.charge(time.perf_counter() - start)
 
@@ -295,7 +312,7 @@ class Monitor:
     def _on_output_grad(self, grad: torch.Tensor | None) -> None:
         if not self._backward_queued:
             self._backward_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+            torch.autograd.Variable._execution_engine.queue_callback(self._guarded_backward_end)
 
     def _on_backward_end(self) -> None:
         self._backward_queued = False

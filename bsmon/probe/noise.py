@@ -132,10 +132,12 @@ class NoiseProbe:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, mode: str | None,
                  layers: str | tuple[type, ...], announce: Callable[[dict], None],
-                 budget: float = MEASURE_BUDGET, mixes_samples: tuple[type, ...] = ()) -> None:
+                 budget: float = MEASURE_BUDGET, mixes_samples: tuple[type, ...] = (),
+                 guard: Callable[[Callable], Callable] = lambda f: f) -> None:
         check_mode(model, mode)
         self.mode = mode
         self._model = model
+        self._guard = guard
         self._layers = layers
         self._mixes_samples = mixes_samples
         self._refusal: tuple[str, dict[str, Any]] | None = None  # why per-example norms cannot serve, for good
@@ -297,7 +299,7 @@ class NoiseProbe:
         from bsmon.probe.per_example import PerExampleNorms
 
         self._per_example = PerExampleNorms(self._model, layers=self._layers, param_groups=self._group_params,
-                                            mixes_samples=self._mixes_samples)
+                                            mixes_samples=self._mixes_samples, guard=self._guard)
         self._announce_per_example()
 
     def _announce_per_example(self) -> None:

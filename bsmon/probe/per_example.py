@@ -479,7 +479,9 @@ class PerExampleNorms:
         layers: str | tuple[type[nn.Module], ...] = "all",
         param_groups: Sequence[Iterable[nn.Parameter] | Mapping] | None = None,
         mixes_samples: tuple[type[nn.Module], ...] = (),
+        guard: Callable[[Callable], Callable] = lambda f: f,
     ) -> None:
+        """``guard`` wraps every hook (bsmon/probe/guard.py)."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         layer_types = _resolve_layers(layers)
@@ -500,6 +502,7 @@ class PerExampleNorms:
         #: host seconds spent inside the hooks, for the probe's cost budget
         self.spent_s = 0.0
         self._model = model
+        self._guard = guard
         self._removed = False
         self._generation = 0  # counts training forwards of ``model``
         self._in_forward = False
@@ -526,13 +529,15 @@ class PerExampleNorms:
             self._remove_hooks()
             return
         model = self._model
-        self._handles = [model.register_forward_pre_hook(self._on_forward_start, with_kwargs=True)]
-        self._handles += [m.register_forward_pre_hook(partial(self._on_mixer_forward, name)) for name, m in self._mixers]
+        guard = self._guard
+        self._handles = [model.register_forward_pre_hook(guard(self._on_forward_start), with_kwargs=True)]
+        self._handles += [m.register_forward_pre_hook(guard(partial(self._on_mixer_forward, name)))
+                          for name, m in self._mixers]
         for tap in self._taps:
-            hook = partial(self._on_layer_forward, tap)
+            hook = guard(partial(self._on_layer_forward, tap))
             tap.handle = tap.module.register_forward_hook(hook, with_kwargs=True)
         # Registered last so that, when ``model`` is itself a covered layer, its tap runs first.
-        self._handles.append(model.register_forward_hook(self._on_forward_end, always_call=True))
+        self._handles.append(model.register_forward_hook(guard(self._on_forward_end), always_call=True))
 
     def _remove_hooks(self) -> None:
         for handle in self._handles:
@@ -749,7 +754,7 @@ class PerExampleNorms:
         if tap.tie is not None:
             tap.tie.forward(tap, x)
         hook = partial(self._on_layer_backward, tap, kept, self._generation, x.shape[0], weight, bias)
-        output.register_hook(hook)
+        output.register_hook(self._guard(hook))
         return replaced
 
     def _on_layer_backward(

@@ -52,8 +52,10 @@ HANDSHAKE_TIMEOUT_S = 5.0
 
 class Publisher:
     def __init__(self, hello: dict[str, Any], writer: RecordWriter | None, socket_path: str | None,
-                 on_records: Callable[[list[dict]], None]) -> None:
+                 on_records: Callable[[list[dict]], None], guard: Callable[[Callable], Callable] = lambda f: f) -> None:
+        """``guard`` wraps the background thread and every monitor's sender thread (bsmon/probe/guard.py)."""
         self.dropped = 0
+        self._guard = guard
         self._buffer: collections.deque = collections.deque()
         self._on_records = on_records
         self._writer = writer
@@ -75,7 +77,7 @@ class Publisher:
         os.set_blocking(self._wake_read, False)
         os.set_blocking(self._wake_write, False)
         self._server = self._listen(socket_path) if socket_path else None
-        self._thread = threading.Thread(target=self._background_loop, name="bsmon-publisher", daemon=True)
+        self._thread = threading.Thread(target=guard(self._background_loop), name="bsmon-publisher", daemon=True)
         self._thread.start()
 
     # -- any thread -----------------------------------------------------------
@@ -101,6 +103,14 @@ class Publisher:
             self._encode_buffered(wait=False)
         finally:
             self._flush_lock.release()
+
+    def report(self, record: dict[str, Any]) -> None:
+        """Queue ``record`` and deliver what is queued now, on the calling thread: the guard's
+        failure event, which must reach the session even when the background thread failed."""
+        self.submit(record)
+        with self._flush_lock:
+            self._encode_buffered(wait=False)
+        self._deliver()
 
     # -- lifecycle ------------------------------------------------------------
     def close(self, bye: dict[str, Any]) -> None:
@@ -298,6 +308,9 @@ class _Client(threading.Thread):
             self._wake.notify()
 
     def run(self) -> None:
+        self._publisher._guard(self._run)()
+
+    def _run(self) -> None:
         try:
             if self._handshake():
                 self._stream()
