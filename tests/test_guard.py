@@ -1,7 +1,10 @@
 """A bug inside bsmon never reaches the training: each hook and thread, made to fail, leaves the
 loss curve bitwise identical to an unwatched run, and the failure is recorded and said once."""
 
+import atexit
 import functools
+import os
+import sys
 import threading
 
 import pytest
@@ -13,6 +16,7 @@ from bsmon import store
 from bsmon.probe.monitor import Monitor
 from bsmon.probe.per_example import PerExampleNorms
 from bsmon.probe.publisher import Publisher
+from bsmon.profiling import Profile
 
 STEPS = 40
 INJECTED = "injected bsmon bug"
@@ -98,3 +102,49 @@ def test_an_unwatched_and_a_watched_run_train_identically():
     """The premise of the test above: watching alone changes nothing."""
     for accumulate in (1, 2):
         assert train(watch=True, accumulate=accumulate)[0] == train(watch=False, accumulate=accumulate)[0]
+
+
+# -- watch() is all or nothing ---------------------------------------------------------------------
+
+def _fail(*args, **kwargs):
+    raise RuntimeError(INJECTED)
+
+
+#: Where set-up fails: early (session file open), after the publisher started (thread, socket),
+#: after the per-example hooks went in, between the two training hooks, and last of all.
+SET_UP_FAILURES = {
+    "user name": lambda mp, model, optimizer: mp.setattr("bsmon.probe.monitor.getpass.getuser", _fail),
+    "noise probe": lambda mp, model, optimizer: mp.setattr("bsmon.probe.monitor.NoiseProbe", _fail),
+    "profile": lambda mp, model, optimizer: mp.setattr(Monitor, "record_profile", _fail),
+    "step hook": lambda mp, model, optimizer: mp.setattr(optimizer, "register_step_post_hook", _fail),
+    "atexit": lambda mp, model, optimizer: mp.setattr("bsmon.probe.monitor.atexit.register", _fail),
+}
+
+
+def _footprint(model, optimizer, home):
+    """What watch() can leave behind."""
+    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules())
+    files = sorted(str(p.relative_to(home)) for p in home.rglob("*") if p.is_file() or p.is_socket()) \
+        if home.exists() else []
+    return {"hooks": hooks, "step hooks": len(optimizer._optimizer_step_post_hooks),
+            "threads": sorted(t.name for t in threading.enumerate() if t.name.startswith("bsmon")),
+            "fds": len(os.listdir("/proc/self/fd")), "files": files, "atexit": atexit._ncallbacks(),
+            "excepthook": sys.excepthook}
+
+
+@pytest.mark.parametrize("where", list(SET_UP_FAILURES))
+def test_a_watch_that_raises_leaves_nothing_behind(where, monkeypatch, bsmon_home):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = _footprint(model, optimizer, bsmon_home)
+    with monkeypatch.context() as patch:
+        SET_UP_FAILURES[where](patch, model, optimizer)
+        with pytest.raises(RuntimeError, match=INJECTED):
+            bsmon.watch(model, optimizer, noise="per_example", profile=Profile([], None, "cpu", "all_sizes"))
+    assert _footprint(model, optimizer, bsmon_home) == before
+    with bsmon.watch(model, optimizer) as monitor:  # and watching again works
+        model(torch.randn(4, 4)).sum().backward()
+        optimizer.step()
+    assert monitor.stats().step == 1
+

@@ -137,11 +137,27 @@ class Monitor:
     names and records the session. ``stats()`` gives this rank's own numbers.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int | None,
-                 unit: str, tokens_per_sample: int | None, name: str | None, noise: str | None,
-                 layers: str | tuple[type, ...], horizon_samples: float | None,
-                 profile: dict[str, Any] | None, noise_budget: float,
-                 mixes_samples: tuple[type, ...] = ()) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, **options: Any) -> None:
+        """All or nothing: a set-up that raises undoes what it had done (hooks, threads, socket,
+        session files, excepthook, atexit handler) before the exception reaches the caller."""
+        # What _undo_set_up() looks at, in place before _set_up() creates any of it.
+        self._writer: store.RecordWriter | None = None
+        self._publisher: Publisher | None = None
+        self._noise: NoiseProbe | None = None
+        self._ranks: distributed.RankReporter | None = None
+        self._handles: list = []
+        self._output_hook = None
+        try:
+            self._set_up(model, optimizer, **options)
+        except BaseException:
+            self._undo_set_up()
+            raise
+
+    def _set_up(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int | None,
+                unit: str, tokens_per_sample: int | None, name: str | None, noise: str | None,
+                layers: str | tuple[type, ...], horizon_samples: float | None,
+                profile: dict[str, Any] | None, noise_budget: float,
+                mixes_samples: tuple[type, ...] = ()) -> None:
         self._model = model
         self._optimizer = optimizer
         self._fixed_batch = batch_size
@@ -170,7 +186,7 @@ class Monitor:
         leader = identity.rank == 0
         self.session_id = os.environ.get("BSMON_SESSION_ID") or (store.new_session_id() if leader else None)
         self.name = name or os.environ.get("BSMON_NAME") or Path(sys.argv[0] or "python").stem or "job"
-        writer = self._open_record(home) if leader else None
+        writer = self._writer = self._open_record(home) if leader else None
         socket_path = self._socket_path(home) if leader else None
         command = json.loads(os.environ["BSMON_COMMAND"]) if os.environ.get("BSMON_COMMAND") else list(sys.orig_argv)
         hello = {
@@ -197,12 +213,10 @@ class Monitor:
                        if identity.world_size > 1 else None)
         if profile is not None:
             self.record_profile(profile)
-        self._handles = [
-            model.register_forward_pre_hook(self._guard(self._on_forward_pre), with_kwargs=True),
-            optimizer.register_step_pre_hook(self._guard(self._on_step_pre)),
-            optimizer.register_step_post_hook(self._guard(self._on_step)),
-        ]
-        self._output_hook = None
+        # One at a time, so a failed set-up knows each hook to remove.
+        self._handles.append(model.register_forward_pre_hook(self._guard(self._on_forward_pre), with_kwargs=True))
+        self._handles.append(optimizer.register_step_pre_hook(self._guard(self._on_step_pre)))
+        self._handles.append(optimizer.register_step_post_hook(self._guard(self._on_step)))
         self._compiled = False  # the model's forward has run under torch.compile
         self._compiled_size: int | None = None  # samples in the last compiled forward
         self._trainable = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
@@ -214,6 +228,29 @@ class Monitor:
         self._failure: str | None = None
         sys.excepthook = self._excepthook
         atexit.register(self._atexit)
+
+    def _undo_set_up(self) -> None:
+        """Remove whatever a failed ``_set_up()`` had put in place, in reverse order."""
+        atexit.unregister(self._atexit)
+        if sys.excepthook == self._excepthook:
+            sys.excepthook = self._previous_excepthook
+        for handle in [*self._handles, self._output_hook]:
+            if handle is not None:
+                handle.remove()
+        if self._ranks is not None:
+            self._ranks.close()
+        if self._noise is not None:
+            self._noise.close()
+        if self._publisher is not None:
+            self._publisher.close({"k": "bye", "t": time.time(), "status": "failed", "code": None,
+                                   "error": "bsmon.watch() failed"})
+        if self._writer is not None:
+            self._writer.close()
+            try:
+                self._writer.path.unlink(missing_ok=True)
+                self._writer.path.parent.rmdir()  # only if empty: `bsmon run` keeps output.log there
+            except OSError:
+                pass
 
     # -- set-up helpers -------------------------------------------------------
     def _open_record(self, home: Path) -> store.RecordWriter | None:
@@ -485,7 +522,7 @@ class Monitor:
         self._noise.close()
         if self._ranks is not None:
             self._ranks.close()
-        if sys.excepthook is self._excepthook:
+        if sys.excepthook == self._excepthook:  # bound methods: equal, never identical
             sys.excepthook = self._previous_excepthook
         atexit.unregister(self._atexit)
         bye = {"k": "bye", "t": time.time(), "status": status, "code": code, "error": error}
