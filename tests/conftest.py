@@ -150,12 +150,14 @@ def wait_for(condition, what, process=None, timeout=WAIT_S, output=None):
 
 
 def _stderr(process) -> str:
-    if process.stderr is None:
+    """The rest of a dead process's stderr (its stdout when stderr went there)."""
+    if process.stderr is None and process.stdout is None:
         return "(not captured)"
     try:
-        return process.communicate(timeout=10)[1] or ""
+        stdout, stderr = process.communicate(timeout=10)
     except (ValueError, subprocess.TimeoutExpired):
         return "(unreadable)"
+    return (stderr if process.stderr is not None else stdout) or ""
 
 
 class Terminal:
@@ -220,3 +222,16 @@ class Terminal:
     def close(self) -> None:
         if self.master is not None:
             self.hang_up()
+
+
+def wait_for_line(process, text, timeout=WAIT_S) -> str:
+    """Read ``process``'s stdout until a line contains ``text``; fail if it exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([process.stdout], [], [], 0.1)[0]:
+            line = process.stdout.readline()
+            if text in line:
+                return line
+            if not line:
+                break  # end of output: the process is gone
+    wait_for(lambda: False, f"a line with {text!r} on stdout", process, max(0.0, deadline - time.monotonic()))

@@ -31,7 +31,7 @@ from bsmon.client import Feed
 from bsmon.model import RANK_SILENCE_S, SessionModel
 from bsmon.probe.distributed import RankIdentity, RankReporter
 from bsmon.stats.noise import ddp_points, step_estimate
-from conftest import ROOT, bsmon_cli
+from conftest import ROOT, bsmon_cli, spawn, wait_for
 
 JOB = ROOT / "tests" / "jobs" / "train_ddp.py"
 _spec = importlib.util.spec_from_file_location("train_ddp", JOB)
@@ -47,18 +47,6 @@ def torchrun(nproc, *args):
 def exact_b_simple():
     grad_sq, trace = train_ddp.exact_noise()
     return trace / grad_sq
-
-
-def _wait_for(predicate, what, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what} never happened"
-        time.sleep(0.05)
-
-
-def _wait_for_first_step(job, ready):
-    _wait_for(lambda: ready.exists() or job.poll() is not None, "the job's first step")
-    assert ready.exists(), f"the job exited early: {job.communicate()[0][-3000:]}"
 
 
 def _only_session():
@@ -126,10 +114,9 @@ def _microbatch_estimate(steps, micro_batches, micro_batch):
 def test_plain_torchrun_with_four_ranks_and_a_user_hook_is_one_session_to_attach_to(tmp_path):
     """One pass per step: the local and averaged gradients alone; the user's hook runs inside bsmon's."""
     ready = tmp_path / "ready"
-    job = subprocess.Popen(torchrun(4, "--steps", "400", "--micro-batch", "256", "--comm-hook", "after",
-                                    "--ready-file", str(ready)),
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for_first_step(job, ready)
+    job = spawn(torchrun(4, "--steps", "400", "--micro-batch", "256", "--comm-hook", "after",
+                         "--ready-file", str(ready)), stderr=subprocess.STDOUT)
+    wait_for(ready.exists, "the job's first step", job)
     attached = bsmon_cli("attach", "--json", timeout=240)
     output, _ = job.communicate(timeout=240)
     assert job.returncode == 0, output[-3000:]
@@ -151,13 +138,12 @@ def test_plain_torchrun_with_four_ranks_and_a_user_hook_is_one_session_to_attach
 def test_a_killed_rank_ends_the_job_and_leaves_a_readable_session(tmp_path):
     """Also: noise='auto' explains why a hook registered before watch() leaves no estimate."""
     ready = tmp_path / "ready"
-    job = subprocess.Popen(torchrun(2, "--steps", "100000", "--sleep", "0.01", "--comm-hook", "before",
-                                    "--ready-file", str(ready), "--pid-dir", str(tmp_path)),
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for_first_step(job, ready)
+    job = spawn(torchrun(2, "--steps", "100000", "--sleep", "0.01", "--comm-hook", "before",
+                         "--ready-file", str(ready), "--pid-dir", str(tmp_path)), stderr=subprocess.STDOUT)
+    wait_for(ready.exists, "the job's first step", job)
     info = _only_session()
-    _wait_for(lambda: any(r["k"] == "ranks" for r in store.read_records(info.records_path)[0]),
-              "a ranks record")
+    wait_for(lambda: any(r["k"] == "ranks" for r in store.read_records(info.records_path)[0]),
+             "a ranks record", job)
     os.kill(int((tmp_path / "rank1.pid").read_text()), signal.SIGKILL)
     output, _ = job.communicate(timeout=120)
     assert job.returncode != 0 and "Signal 9 (SIGKILL)" in output
@@ -295,7 +281,7 @@ def test_ranks_reach_rank_zero_through_the_store_and_silent_ranks_age():
             # rank r: 9 steps of 10(r+1) ms and one of 100 ms, busy for half of each
             records = _step_records(1, 9, 0.01 * (rank + 1), 0.005 * (rank + 1)) + _step_records(10, 1, 0.1, 0.05)
             reporter.observe(records)
-        _wait_for(lambda: any(r["k"] == "ranks" and None not in r["step"] for r in submitted), "every rank")
+        wait_for(lambda: any(r["k"] == "ranks" and None not in r["step"] for r in submitted), "every rank")
         first = next(r for r in submitted if r["k"] == "ranks" and None not in r["step"])
         assert first["step"] == [10, 10, 10] and first["n"] == [32, 32, 32]
         assert first["dt"] == pytest.approx([0.01, 0.02, 0.03])  # medians of the interval
@@ -307,7 +293,7 @@ def test_ranks_reach_rank_zero_through_the_store_and_silent_ranks_age():
         time.sleep(1.2)
         reporters[0].observe(_step_records(11, 1, 0.01, 0.005))
         count = len(submitted)
-        _wait_for(lambda: len(submitted) > count + 1, "two more ranks records")
+        wait_for(lambda: len(submitted) > count + 1, "two more ranks records")
         latest = submitted[-1]
         assert latest["step"] == [11, 10, 10]
         assert latest["since_report"][0] < 0.5 and latest["since_report"][1] < 0.5
@@ -421,7 +407,9 @@ def test_a_64_rank_stream_stays_cheap_to_ingest_and_read():
     print(f"64 ranks: {ingest_s * 1e6:.0f} us per ranks record + step (decode and ingest), "
           f"stats() {stats_s * 1e6:.0f} us")
     assert stats.world_size == world and len(stats.rank_step_time_s) == world and stats.step == 2000
-    assert ingest_s < 2e-3 and stats_s < 5e-3  # the TUI redraws at <= 10 Hz; a ranks record comes at 1 Hz
+    # The TUI redraws at <= 10 Hz and a ranks record comes at 1 Hz: these ceilings (5x the ~2 ms and
+    # ~5 ms of a busy CI machine) still catch a cost that grows with the run, not a loaded machine.
+    assert ingest_s < 10e-3 and stats_s < 25e-3
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from bsmon import cli, store
 from bsmon.client import Feed
 from bsmon.export import write_csv
 from bsmon.gpu import processes
-from conftest import start_job
+from conftest import start_job, wait_for
 from fake_nvml import FakeDriver, FakeGpu, FakeProcess
 
 UUID = "GPU-11111111-2222-3333-4444-555555555555"
@@ -22,8 +22,7 @@ def test_gpu_samples_are_recorded_and_exported_per_step(tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     ready = tmp_path / "ready"
     job = start_job("--steps", "40", "--sleep", "0.05", "--ready-file", str(ready))
-    while not ready.exists():
-        time.sleep(0.05)
+    wait_for(ready.exists, "the job's first step", job)
     info = store.resolve_session(None, running=True)
     driver = FakeDriver([FakeGpu(UUID, compute=[FakeProcess(job.pid, 1234, sm_util=80)])])
     made = []

@@ -55,6 +55,7 @@ class Publisher:
                  on_records: Callable[[list[dict]], None], guard: Callable[[Callable], Callable] = lambda f: f) -> None:
         """``guard`` wraps the background thread and every monitor's sender thread (bsmon/probe/guard.py)."""
         self.dropped = 0
+        self.dropped_monitors = 0  # disconnected for falling CLIENT_BACKLOG_LIMIT behind
         self._guard = guard
         self._buffer: collections.deque = collections.deque()
         self._on_records = on_records
@@ -295,11 +296,28 @@ class _Client(threading.Thread):
         self._queued_bytes = 0
         self._wake = threading.Condition()
         self._finished = False
+        self._dropped = False
 
     def push(self, data: bytes) -> None:
+        """Queue ``data`` for this monitor; one that stopped reading is dropped once it falls
+        CLIENT_BACKLOG_LIMIT behind (its socket is shut, which also frees a blocked send)."""
         with self._wake:
+            if self._dropped:
+                return
             self._queue.append(data)
             self._queued_bytes += len(data)
+            if self._queued_bytes > CLIENT_BACKLOG_LIMIT:
+                self._dropped = True
+                self._queue.clear()
+                self._queued_bytes = 0
+                self._publisher.dropped_monitors += 1
+                self._publisher.submit(_event(
+                    "warning", f"a monitor stopped reading and was disconnected "
+                    f"({self._publisher.dropped_monitors} so far); it can re-attach and catch up from the file"))
+                try:
+                    self._conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
             self._wake.notify()
 
     def finish(self) -> None:
@@ -354,9 +372,7 @@ class _Client(threading.Thread):
                     return
                 chunks = list(self._queue)
                 self._queue.clear()
-                size, self._queued_bytes = self._queued_bytes, 0
-            if size > CLIENT_BACKLOG_LIMIT:
-                return  # hopelessly behind: drop this monitor, it can re-attach
+                self._queued_bytes = 0
             self._conn.sendall(b"".join(chunks))
 
     def _send_file(self, path: Path, start: int, end: int) -> None:
