@@ -169,3 +169,19 @@ def test_sweep_refuses_scripts_without_the_convention(tmp_path):
     assert bsmon_cli("sweep", "--", "torchrun", "x.py").returncode == 2
     missing = bsmon_cli("run", "--headless", "--profile", "nope", "--", sys.executable, SWEEP_SMALL)
     assert missing.returncode == 1 and "profile 'nope' matches 0 saved profiles" in missing.stderr
+
+
+def test_demo_runs_headless_to_the_end():
+    result = bsmon_cli("demo", "--headless", "--steps", "60")
+    assert result.returncode == 0, result.stderr
+    assert "step 60" in result.stdout.splitlines()[-1] and "ended" in result.stdout.splitlines()[-1]
+
+
+def test_export_into_a_closed_pipe_exits_quietly():
+    """`bsmon export | head -1`: the reader leaves early; bsmon exits 141 without a traceback."""
+    assert bsmon_cli("run", "--headless", "--", *train_command("--steps", "1500", "--accumulate", "1")).returncode == 0
+    export = spawn([sys.executable, "-m", "bsmon.cli", "export"])
+    assert export.stdout.readline().startswith("step,")
+    export.stdout.close()  # far more than a pipe buffer is still to come
+    assert export.wait(timeout=WAIT_S) == 141
+    assert "Traceback" not in export.stderr.read()

@@ -116,3 +116,13 @@ def test_attach_in_a_terminal_exports_and_q_leaves_the_job_alone(tmp_path, termi
     term.press("q")
     assert term.process.wait(timeout=WAIT_S) == 0
     assert job.poll() is None
+
+
+def test_replay_in_a_terminal_shows_the_record_and_q_quits(tmp_path, terminals):
+    recorded = spawn([*BSMON, "run", "--headless", "--", *train_command("--steps", "30")])
+    assert recorded.wait(timeout=WAIT_S) == 0
+    (info,) = store.list_sessions()
+    term = terminals([*BSMON, "replay", info.id], cwd=tmp_path)
+    term.wait_for_text("step 30")
+    term.press("q")
+    assert term.process.wait(timeout=WAIT_S) == 0
