@@ -69,6 +69,7 @@ HOOKS = {
     "forward pre": (Monitor, "_on_forward_pre", {}, 2, "Monitor._on_forward_pre"),
     "forward": (Monitor, "_on_forward", {}, 2, "Monitor._on_forward"),
     "backward end": (Monitor, "_on_backward_end", {}, 2, "Monitor._on_backward_end"),
+    "step pre": (Monitor, "_on_step_pre", {}, 2, "Monitor._on_step_pre"),
     "step post": (Monitor, "_on_step", {}, 2, "Monitor._on_step"),
     "publisher thread": (Publisher, "_deliver", {"thread": "bsmon-publisher", "call": 2}, 2,
                          "Publisher._background_loop"),
