@@ -46,10 +46,13 @@ def no_process_left_behind(monkeypatch):
     kill_tagged(token)
 
 
+_listdir = os.listdir  # teardown runs before the test's monkeypatches are undone (test_gpu patches this)
+
+
 def _tagged(token: str) -> list[int]:
     mark = f"{TEST_TOKEN}={token}".encode()
     found = []
-    for entry in os.listdir("/proc"):
+    for entry in _listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
