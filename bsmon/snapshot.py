@@ -15,7 +15,7 @@ A :class:`Snapshot` holds copies of
 ``to_host=True`` keeps the copies in host memory, so the snapshot does not take a second copy of
 the model and optimizer on the GPU; ``restore`` copies them back (one host-to-device copy per
 tensor). Anything else the detour changes (a data iterator's position, an EMA of the weights held
-outside the model) is the caller's to keep. Used by ``bsmon.branch_check``; torch, numpy and the
+outside the model) is the caller's to keep. Used by ``bsmon.branch_check`` and ``bsmon.profile_training``; torch, numpy and the
 standard library only.
 """
 
@@ -112,6 +112,9 @@ class Snapshot:
             self.optimizer.load_state_dict(_copy_tensors(self._optimizer, None))
         if self.scaler is not None:
             _set(self.scaler, self._scaler)
+            # A step the detour abandoned mid-way (out of memory after unscale_) leaves per-optimizer
+            # stages behind that would make the next real step refuse to unscale again.
+            getattr(self.scaler, "_per_optimizer_states", {}).clear()
         for obj, state in zip(self.extra, self._extra):
             _set(obj, state)
         set_rng_state(self._rng)
