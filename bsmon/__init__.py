@@ -29,6 +29,7 @@ _LAZY = {
     "branch_check": "bsmon.branch",
     "BranchCheck": "bsmon.stats.branch",
     "Snapshot": "bsmon.snapshot",
+    "load": "bsmon.export",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -1,6 +1,8 @@
-"""CSV export: one row per optimizer step, from the same SessionModel the views use.
+"""CSV export and ``bsmon.load()``: one row per optimizer step, from the same SessionModel
+the views use.
 
-The columns are documented in docs/csv.md. Missing values (no estimate yet, a
+The columns are documented in docs/csv.md; ``rows()`` makes every row, for the CSV and
+for the DataFrame alike. Missing values (no estimate yet, a
 scalar not logged at that step) are empty cells, never a made-up number.
 """
 
@@ -9,13 +11,17 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import math
+import os
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, Iterator, TextIO
 
 import numpy as np
 
 from bsmon.gpu import CSV_COLUMNS
-from bsmon.model import SessionModel
+from bsmon.model import History, SessionModel
+
+if TYPE_CHECKING:
+    import pandas
 
 BASE_COLUMNS = ["step", "time", "elapsed_s", "batch_size", "micro_batches", "step_time_s", "samples_per_s", "loss"]
 NOISE_COLUMNS = ["b_simple", "b_simple_low", "b_simple_high", "grad_sq", "trace_sigma", "noise_coverage"]
@@ -48,16 +54,19 @@ def columns(model: SessionModel) -> list[str]:
     return BASE_COLUMNS + scalars + NOISE_COLUMNS + OPTIMAL_COLUMNS + BRANCH_COLUMNS + RANK_COLUMNS + GPU_COLUMNS
 
 
-def write_csv(model: SessionModel, out: TextIO) -> int:
-    """Write the session as CSV to ``out``; returns the number of step rows."""
-    history = model.history
-    if history is None:
+def rows(model: SessionModel) -> Iterator[list]:
+    """One list of values per optimizer step, in the order of :func:`columns` (None: no value).
+
+    The one place a row is made: the CSV and :func:`bsmon.load`'s DataFrame both come from here.
+    """
+    if model.history is None:
         raise ValueError("this SessionModel keeps no history (keep_history=False); nothing to export")
-    names = columns(model)
+    return _rows(model, model.history)
+
+
+def _rows(model: SessionModel, history: History) -> Iterator[list]:
     scalar_names = [name for name in history.scalar_names if name != "loss"]
     t0 = model.hello["t0"] if model.hello else (history.time[0] if len(history) else 0.0)
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(names)
     step_times = np.frombuffer(history.time, dtype=float) if len(history) else np.empty(0)
     gpu_index = history.nearest_gpu_sample(step_times, GPU_MAX_GAP_S)
     ranks_index = history.nearest_ranks_record(step_times, RANKS_MAX_GAP_S)
@@ -70,7 +79,7 @@ def write_csv(model: SessionModel, out: TextIO) -> int:
         batch = history.batch_size[i]
         logged = history.scalars.get(step, {})
         check = checks.get(step)
-        row = [
+        yield [
             step,
             dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="milliseconds"),
             t - t0,
@@ -89,8 +98,18 @@ def write_csv(model: SessionModel, out: TextIO) -> int:
             *(history.gpu_fields[name][gpu_index[i]] if gpu_index[i] >= 0 and name in history.gpu_fields
               else None for name in GPU_COLUMNS),
         ]
+
+
+def write_csv(model: SessionModel, out: TextIO) -> int:
+    """Write the session as CSV to ``out``; returns the number of step rows."""
+    values = rows(model)
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(columns(model))
+    count = 0
+    for row in values:
         writer.writerow([value if isinstance(value, str) else _cell(value) for value in row])
-    return len(history)
+        count += 1
+    return count
 
 
 def export_to_file(model: SessionModel, path: Path) -> int:
@@ -104,3 +123,42 @@ def export_to_file(model: SessionModel, path: Path) -> int:
         tmp.unlink(missing_ok=True)
         raise
     return rows
+
+
+def load(session: str | os.PathLike | None = None, *, home: Path | None = None) -> "pandas.DataFrame":
+    """A recorded session as a pandas DataFrame: one row per optimizer step, the CSV's columns.
+
+    ``session`` is an id, unique id prefix or name (as for ``bsmon export``), or a session
+    directory; None means the newest session. ``time`` is a UTC timestamp, missing values
+    are NaN, and ``df.attrs`` holds the session's metadata: ``session``, ``name``,
+    ``unit``, ``status``, ``exit_code``, ``command``, ``hello`` (the job's first record),
+    ``estimator`` (the noise estimator in use and its caveats) and ``events``.
+    Needs pandas (``pip install 'bsmon[pandas]'``).
+    """
+    try:
+        import pandas as pd
+    except ImportError:
+        raise ImportError("bsmon.load() needs pandas: pip install 'bsmon[pandas]' (or pip install pandas)") from None
+    from bsmon import store
+    from bsmon.client import Feed
+
+    directory = Path(session) if session is not None else None
+    if directory is not None and (directory / store.RECORDS_FILE).is_file():
+        info = store.session_info(directory)
+        if info is None:
+            raise store.SessionError(f"{directory} holds no session record yet (no hello record).")
+    else:
+        info = store.resolve_session(None if session is None else str(session), home)
+    model = Feed().replay(info).model
+    names = columns(model)
+    frame = pd.DataFrame(list(rows(model)), columns=names)
+    for name in names:
+        frame[name] = (pd.to_datetime(frame[name], utc=True, format="ISO8601") if name == "time"
+                       else pd.to_numeric(frame[name]))
+    bye = model.bye or {}
+    frame.attrs = {
+        "session": info.id, "name": info.name, "unit": model.unit, "status": info.status,
+        "exit_code": bye.get("code"), "command": list(info.command), "hello": dict(model.hello or {}),
+        "estimator": dict(model.estimator or {}), "events": [dict(e) for e in model.events],
+    }
+    return frame

@@ -764,6 +764,34 @@ class SessionModel:
                 "b_opt_micro_batch": rec.micro_batch, "b_opt_accumulation": rec.accumulation}
 
 
+#: The numbers sent to a tracker (W&B, TensorBoard, a Trainer's loggers), by their name there,
+#: and the Stats field each comes from. ``{unit}`` is "samples" or "tokens".
+TRACKER_FIELDS = {
+    "b_simple": "b_simple",
+    "b_simple_low": "b_simple_low",
+    "b_simple_high": "b_simple_high",
+    "b_opt": "b_opt",
+    "b_opt_speedup": "b_opt_speedup",
+    "batch_size": "batch_size",
+    "{unit}_per_s": "samples_per_s",
+    "noise_coverage": "noise_covered_fraction",
+}
+
+
+def tracker_metrics(stats: Stats, prefix: str = "bsmon/") -> dict[str, float]:
+    """The headline numbers of ``stats`` as ``{prefix + name: value}`` for a tracker.
+
+    A number bsmon has no value for (no estimate yet, withheld, or an open band's infinite
+    end) is left out rather than sent as a placeholder: a tracker's chart then shows a gap.
+    """
+    metrics = {}
+    for name, field_name in TRACKER_FIELDS.items():
+        value = getattr(stats, field_name)
+        if value is not None and math.isfinite(value):
+            metrics[prefix + name.format(unit=stats.unit)] = float(value)
+    return metrics
+
+
 def _scaled(points: GradNormPoints, scale: int) -> GradNormPoints:
     if scale == 1:
         return points

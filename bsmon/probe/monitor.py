@@ -42,9 +42,10 @@ import torch
 from torch import nn
 
 from bsmon import store, wire
-from bsmon.model import SessionModel, Stats
+from bsmon.model import SessionModel, Stats, tracker_metrics
 from bsmon.probe import distributed
 from bsmon.probe.deferred import Deferred
+from bsmon.probe.entry import EntryFinder, first_batch_dim
 from bsmon.probe.noise import MEASURE_BUDGET, NoiseProbe, check_mode
 from bsmon.probe.per_example import is_compiling
 from bsmon.probe.phases import StepPhases
@@ -64,6 +65,16 @@ STATS_REFRESH_S = 0.25
 #: its advice for them (e.g. gradient_accumulation_steps for a Hugging Face Trainer).
 FRAMEWORKS = ("transformers", "lightning", "pytorch_lightning", "accelerate")
 
+ENTRY_FOUND = (
+    "the watched model's forward did not run before optimizer step {step} (a training step that calls "
+    "a submodule, such as Lightning's training_step calling self.net(x)): bsmon counts samples, "
+    "micro-batches and backward passes at '{name}' ({kind}), the first submodule with trainable "
+    "parameters that ran. If it runs more than once per micro-batch, pass batch_size= to bsmon.watch()")
+ENTRY_MISSING = (
+    "neither the watched model nor any of its trainable submodules ran a training forward before "
+    "optimizer step {step}: bsmon cannot count samples or find the backward passes. Pass bsmon.watch() "
+    "the module that is trained with this optimizer")
+
 _active_lock = threading.Lock()
 _active: "Monitor | None" = None
 
@@ -77,12 +88,25 @@ def active_monitor() -> "Monitor | None":
     return _active
 
 
-def first_batch_dim(args: tuple, kwargs: dict) -> int | None:
-    """Samples in a forward call: the first dimension of the first tensor argument."""
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor):
-            return int(value.shape[0]) if value.dim() > 0 else None
-    return None
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside a wrapper: accelerate's ``AcceleratedOptimizer``,
+    Lightning's ``LightningOptimizer``, or any object holding it as ``.optimizer``.
+
+    A wrapper's ``step()`` calls the inner optimizer's, so hooking the inner one sees
+    every real step (and not one that accelerate's GradScaler skips). An optimizer is
+    taken as it is once it is a fully initialised torch optimizer (AcceleratedOptimizer
+    subclasses Optimizer without initialising it, so it has no hook registry).
+    """
+    found = optimizer
+    for _ in range(8):  # wrappers of wrappers; a cycle ends here
+        if isinstance(found, torch.optim.Optimizer) and hasattr(found, "_optimizer_step_post_hooks"):
+            return found
+        inner = getattr(found, "optimizer", None)
+        if inner is None or inner is found:
+            break
+        found = inner
+    raise TypeError(f"bsmon.watch(..., optimizer) needs a torch.optim.Optimizer, or a wrapper that holds one "
+                    f"as .optimizer (accelerate, Lightning); got {type(optimizer).__name__}")
 
 
 def _output_tensors(output: Any) -> list[torch.Tensor]:
@@ -192,8 +216,12 @@ class Monitor:
                        if identity.world_size > 1 else None)
         if profile is not None:
             self.record_profile(profile)
+        self._entry = model  # where samples are counted: the model, or the submodule a step calls
+        self._entry_hook = model.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True)
+        self._finder: EntryFinder | None = EntryFinder(model)  # until the model's forward runs
+        self._forward_ran = False
+        self._entry_missing_warned = False
         self._handles = [
-            model.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True),
             optimizer.register_step_pre_hook(self._on_step_pre),
             optimizer.register_step_post_hook(self._on_step),
         ]
@@ -241,6 +269,7 @@ class Monitor:
             return
         size = first_batch_dim(args, kwargs)
         self._mid_iteration = True
+        self._forward_ran = True
         if is_compiling():
             # Traced into a compiled graph: dynamo replays attribute stores after each call
             # without a graph break (time.perf_counter() would break it), but it guards on a
@@ -249,6 +278,9 @@ class Monitor:
             self._compiled = True
             self._compiled_size = size
             return
+        if self._finder is not None:  # the watched forward runs: no entry to look for
+            self._finder.remove()
+            self._finder = None
         if self._step_started is None:
             self._step_started = time.perf_counter()
         self._phases.forward()
@@ -270,7 +302,7 @@ class Monitor:
                                     for p in self._trainable]
             return
         if needed and self._output_hook is None:
-            self._output_hook = self._model.register_forward_hook(self._on_forward)
+            self._output_hook = self._entry.register_forward_hook(self._on_forward)
         elif not needed and self._output_hook is not None:
             self._output_hook.remove()
             self._output_hook = None
@@ -312,9 +344,13 @@ class Monitor:
         if self._paused:
             return
         now = time.perf_counter()
+        if self._finder is not None and self._step_started is None:
+            self._step_started = self._finder.started  # a forward-less first step began there
         start = self._last_step_end or self._step_started or now
         self._last_step_end = now
         self._step += 1
+        if self._finder is not None:
+            self._settle_entry()
         micro = self._micro_sizes
         self._micro_sizes = []
         self._mid_iteration = False
@@ -334,6 +370,34 @@ class Monitor:
         self._follow_backward_ends(now)
         self._publisher.submit(record)
         self._publisher.poll()
+
+    def _settle_entry(self) -> None:
+        """The first step(s): keep counting at the model if its forward ran (under torch.compile
+        the traced pre-hook could not remove the finder's hooks: that happens here), else count
+        from now on at the first trainable submodule the step called, this step included."""
+        if self._forward_ran:
+            self._finder.remove()
+            self._finder = None
+            return
+        found = self._finder.entry()
+        if found is None:
+            if not self._entry_missing_warned:
+                self._entry_missing_warned = True
+                self.record_event("warning", ENTRY_MISSING.format(step=self._step))
+            self._finder.reset()
+            return
+        name, module, sizes = found
+        self._finder.remove()
+        self._finder = None
+        self._entry_hook.remove()
+        self._entry = module
+        self._entry_hook = module.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True)
+        if self._output_hook is not None:
+            self._output_hook.remove()
+            self._output_hook = None
+        self._noise.set_entry(module)
+        self._micro_sizes = sizes
+        self.record_event("warning", ENTRY_FOUND.format(step=self._step, name=name, kind=type(module).__name__))
 
     # -- flushes (usually the training thread, between steps) -----------------
     def _on_published(self, records: list[dict]) -> None:
@@ -389,6 +453,13 @@ class Monitor:
             self._rejected_names.add(key)
             warnings.warn(f"bsmon: {message}", BsmonWarning, stacklevel=3)
 
+    def warn(self, message: str) -> None:
+        """Record a warning in the session (the TUI's events, headless replay) and warn once here.
+
+        For integrations that must say what they did: "watching the first of 2 optimizers"."""
+        self.record_event("warning", message)
+        self._warn(message)
+
     def stats(self) -> Stats:
         """The latest numbers: up to the last step, or at most STATS_REFRESH_S old when
         asked again sooner than that (after close(), always up to the end).
@@ -433,6 +504,8 @@ class Monitor:
         finally:
             self._noise.resume()
             self._micro_sizes = []
+            if self._finder is not None:
+                self._finder.reset()  # the sweep's calls say nothing about the training step
             self._mid_iteration = False
             self._phases.restart()
             self._last_step_end = time.perf_counter()
@@ -441,6 +514,13 @@ class Monitor:
     def record_event(self, level: str, message: str) -> None:
         """Record something a person should see (a profile's cost, say)."""
         self._publisher.submit({"k": "event", "t": time.time(), "level": level, "msg": message})
+
+    def metrics(self, prefix: str = "bsmon/") -> dict[str, float]:
+        """The headline numbers, named ``prefix + name``, for a tracker: ``wandb.log(monitor.metrics())``.
+
+        See :func:`bsmon.model.tracker_metrics`: numbers bsmon has no value for are left out.
+        """
+        return tracker_metrics(self.stats(), prefix)
 
     def record_profile_point(self, point: dict[str, Any]) -> None:
         """Stream one throughput-profile point (bsmon.profile calls this)."""
@@ -482,6 +562,9 @@ class Monitor:
         self._closed = True
         for handle in self._handles:
             handle.remove()
+        self._entry_hook.remove()
+        if self._finder is not None:
+            self._finder.remove()
         if self._output_hook is not None:
             self._output_hook.remove()
         self._remove_grad_hooks()
@@ -544,12 +627,16 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int
     ``mixes_samples`` declares module types whose forward mixes the samples of a batch (like
     BatchNorm in training mode, which bsmon detects itself: in-batch negatives, say): per-example
     norms are not used in a step where one runs (docs/noise-scale.md).
+
+    ``optimizer`` may be a wrapper (accelerate's AcceleratedOptimizer, Lightning's
+    LightningOptimizer, anything holding the torch optimizer as ``.optimizer``). When
+    ``model``'s own forward never runs (a training step that calls ``model.net(x)``),
+    samples are counted at the first trainable submodule that does run (bsmon/probe/entry.py).
     """
     global _active
     if not isinstance(model, nn.Module):
         raise TypeError(f"bsmon.watch(model, ...) needs a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"bsmon.watch(..., optimizer) needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    optimizer = unwrap_optimizer(optimizer)
     if unit not in UNITS:
         raise ValueError(f"unit={unit!r}: use 'samples' or 'tokens'")
     if unit == "tokens" and not (isinstance(tokens_per_sample, int) and tokens_per_sample > 0):

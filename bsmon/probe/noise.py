@@ -260,6 +260,14 @@ class NoiseProbe:
         if self._ddp_hook is not None:
             self._ddp_hook.active = active
 
+    def set_entry(self, module: nn.Module) -> None:
+        """Measure at ``module``, the submodule a forward-less training step calls
+        (bsmon/probe/entry.py): per-example norms need its forward to run."""
+        self._model = module
+        if self._per_example is not None:
+            self._remove_per_example()
+            self._install_per_example()
+
     def close(self) -> None:
         self._remove_per_example()
         if self._ddp_hook is not None:

@@ -1,0 +1,246 @@
+"""bsmon where people train: the Hugging Face Trainer, Lightning, accelerate and torch.compile,
+end to end with the real packages on the CPU (tiny models built from configs, nothing downloaded).
+
+Each run's session is read back with bsmon.load() (the CSV's rows) and replayed headless, and
+the tracker's TensorBoard event file is read back for the bsmon/ scalars.
+"""
+
+import math
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import bsmon
+from bsmon import store
+from conftest import bsmon_cli
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+
+#: What every integration must put in the tracker (b_simple and b_opt also, once they exist).
+TRACKER_KEYS = {"bsmon/samples_per_s", "bsmon/batch_size", "bsmon/noise_coverage", "bsmon/b_simple",
+                "bsmon/b_simple_low", "bsmon/b_simple_high"}
+
+
+def tensorboard_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files under ``logdir``: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    files = sorted(logdir.rglob("events.out.tfevents.*"))
+    assert files, f"no TensorBoard event file under {logdir}"
+    for path in files:
+        events = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in events.Scalars(tag))
+    return scalars
+
+
+def check_session(session: str, *, steps: int, batch_size: int, micro_batches: int):
+    """One row per optimizer step with the right batch and micro-batches, and throughput."""
+    frame = bsmon.load(session)
+    assert list(frame["step"]) == list(range(1, steps + 1))
+    assert (frame["batch_size"] == batch_size).all(), frame["batch_size"].tolist()
+    assert (frame["micro_batches"] == micro_batches).all(), frame["micro_batches"].tolist()
+    assert (frame["samples_per_s"] > 0).all()
+    assert frame.attrs["status"] == "finished"
+    return frame
+
+
+def headless_line(session: str) -> str:
+    result = bsmon_cli("replay", "--headless", session)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+# -- watch() takes wrapped optimizers ----------------------------------------------------------
+def test_watch_unwraps_optimizer_wrappers():
+    from accelerate import Accelerator
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    model = nn.Linear(4, 1)
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    class Holder:  # any wrapper exposing the torch optimizer as .optimizer
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+    accelerated = Accelerator(cpu=True).prepare_optimizer(inner)
+    assert isinstance(accelerated, torch.optim.Optimizer)  # a subclass, without the hook registry
+    for wrapper in (accelerated, LightningOptimizer(inner),
+                    Holder(Holder(inner))):
+        with bsmon.watch(model, wrapper, noise=None) as monitor:
+            model(torch.randn(3, 4)).sum().backward()
+            inner.step()
+            assert monitor.stats().step == 1
+    with pytest.raises(TypeError, match="wrapper that holds one as .optimizer"):
+        bsmon.watch(model, Holder(None))
+
+
+# -- a step that never runs the watched module's forward ------------------------------------------
+class Outer(nn.Module):
+    """A module whose training step calls ``self.net`` directly (Lightning's common pattern)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_forward_less_step_counts_samples_at_the_submodule_it_calls():
+    torch.manual_seed(0)
+    model = Outer()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing bsmon does here may warn in the job
+        with bsmon.watch(model, optimizer, noise_budget=1.0) as monitor:
+            w = torch.randn(6, 1)
+            for _ in range(12):
+                for _ in range(3):
+                    x = torch.randn(8, 6)
+                    nn.functional.mse_loss(model.net(x), x @ w + 0.5 * torch.randn(8, 1)).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+    frame = check_session(monitor.session_id, steps=12, batch_size=24, micro_batches=3)
+    assert frame["b_simple"].iloc[-1] > 0
+    messages = [e["msg"] for e in frame.attrs["events"]]
+    assert any("forward did not run before optimizer step 1" in m and "'net' (Sequential)" in m
+               for m in messages), messages
+
+
+def test_nothing_of_the_model_runs_is_said_once():
+    model, other = nn.Linear(4, 1), nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with bsmon.watch(model, optimizer, noise=None) as monitor:
+        for _ in range(3):
+            other(torch.randn(2, 4)).sum().backward()
+            optimizer.step()
+    events = [e["msg"] for e in bsmon.load(monitor.session_id).attrs["events"]]
+    assert len([m for m in events if m.startswith("neither the watched model")]) == 1, events
+    assert "Pass bsmon.watch() the module that is trained" in events[0]
+
+
+# -- trackers for a plain loop -------------------------------------------------------------------
+def test_metrics_go_into_a_real_summary_writer(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    w = torch.randn(6, 1)
+    with bsmon.watch(model, optimizer, noise_budget=1.0) as monitor:
+        for step in range(1, 31):
+            for _ in range(2):
+                x = torch.randn(8, 6)
+                nn.functional.mse_loss(model(x), x @ w + 0.5 * torch.randn(8, 1)).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            for name, value in monitor.metrics().items():
+                writer.add_scalar(name, value, step)
+    final = monitor.metrics()  # after close(): up to the last step
+    for name, value in final.items():
+        writer.add_scalar(name, value, 31)
+    writer.add_scalars("bsmon", monitor.metrics(prefix=""), 31)
+    writer.close()
+    assert TRACKER_KEYS <= set(final), final
+    assert final["bsmon/batch_size"] == 16 and final["bsmon/noise_coverage"] == 1.0
+    assert all(math.isfinite(v) for v in final.values())
+    scalars = tensorboard_scalars(tmp_path / "tb")
+    assert TRACKER_KEYS <= set(scalars)
+    assert scalars["bsmon/b_simple"][-1][1] == pytest.approx(final["bsmon/b_simple"], rel=1e-6)
+    assert {"bsmon", "bsmon_samples_per_s"} & {p.name for p in (tmp_path / "tb").iterdir()}  # add_scalars' runs
+
+
+# -- accelerate ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_accelerate_loop_with_accumulation(tmp_path):
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2, log_with="tensorboard",
+                              project_dir=str(tmp_path))
+    accelerator.init_trackers("tb")
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 1))
+    x = torch.randn(20 * 2 * 8, 6)
+    data = torch.utils.data.TensorDataset(x, x @ torch.randn(6, 1) + 0.5 * torch.randn(len(x), 1))
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    model, optimizer, loader = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.01), loader)
+    with bsmon.watch(model, optimizer, name="accelerate", noise_budget=1.0) as monitor:
+        for x, y in loader:
+            with accelerator.accumulate(model):
+                loss = nn.functional.mse_loss(model(x), y)
+                accelerator.backward(loss)
+                optimizer.step()  # accelerate skips it between accumulation boundaries
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                monitor.log(loss=loss.detach())
+                accelerator.log(monitor.metrics(), step=monitor.stats().step)
+    accelerator.end_training()
+    frame = check_session(monitor.session_id, steps=20, batch_size=16, micro_batches=2)
+    assert frame.attrs["estimator"]["name"] == "microbatch" and frame["b_simple"].notna().iloc[-1]
+    assert TRACKER_KEYS <= set(tensorboard_scalars(tmp_path / "tb"))
+    line = headless_line(monitor.session_id)
+    print(f"\naccelerate: {line}")
+    assert "B 16 = 2x8" in line
+
+
+# -- Hugging Face Trainer ---------------------------------------------------------------------------
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2))
+
+
+class TokenData(torch.utils.data.Dataset):
+    def __init__(self, n=512, length=16):
+        # Counting sequences from a random start: learnable, so |G|^2 stays well above the noise.
+        starts = torch.randint(0, 64, (n, 1), generator=torch.Generator().manual_seed(0))
+        self.ids = (starts + torch.arange(length)) % 64
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("unit", ["samples", "tokens"])
+def test_hugging_face_trainer_with_accumulation(tmp_path, unit):
+    from transformers import Trainer, TrainingArguments
+
+    from bsmon.integrations.transformers import BsmonCallback
+
+    steps = 10
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, gradient_accumulation_steps=4,
+        max_steps=steps, logging_steps=1, learning_rate=1e-3, report_to=["tensorboard"],
+        save_strategy="no", use_cpu=True, disable_tqdm=True,
+        dataloader_num_workers=0)
+    callback = BsmonCallback(name="hf", unit=unit, noise_budget=1.0)
+    trainer = Trainer(model=_tiny_gpt2(), args=args, train_dataset=TokenData(), callbacks=[callback])
+    trainer.train()
+    assert callback.monitor is None  # closed at train end
+    session = store.resolve_session("hf").id
+    scale = 16 if unit == "tokens" else 1
+    frame = check_session(session, steps=steps, batch_size=16 * scale, micro_batches=4)
+    assert frame.attrs["unit"] == unit and frame.attrs["estimator"]["name"] == "microbatch"
+    assert frame["loss"].notna().all() and frame["learning_rate"].notna().all()
+    line = headless_line(session)
+    print(f"\nHF Trainer ({unit}): {line}")
+    assert frame["b_simple"].notna().iloc[-1]
+    scalars = tensorboard_scalars(tmp_path / "out")  # the Trainer's default: output_dir/runs/<date>
+    rate = f"train/bsmon/{unit}_per_s"
+    wanted = {f"train/{key}" for key in TRACKER_KEYS} - {"train/bsmon/samples_per_s"} | {rate}
+    assert wanted <= set(scalars), sorted(scalars)
+    assert [step for step, _ in scalars["train/bsmon/batch_size"]] == list(range(1, steps + 1))
+    assert scalars["train/bsmon/batch_size"][-1][1] == 16 * scale
+    assert f"B {16 * scale} = 4x{4 * scale}" in line and "(microbatch)" in line
