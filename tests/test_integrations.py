@@ -5,8 +5,10 @@ Each run's session is read back with bsmon.load() (the CSV's rows) and replayed 
 the tracker's TensorBoard event file is read back for the bsmon/ scalars.
 """
 
+import importlib
 import math
-import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import bsmon
 from bsmon import store
 from conftest import bsmon_cli
 
+JOBS = Path(__file__).parent / "jobs"
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 
 #: What every integration puts in the tracker within a few steps. b_simple_high follows once |G|^2
@@ -228,29 +231,10 @@ def test_compiled_model_with_accumulation(tmp_path, order):
 
 
 # -- Hugging Face Trainer ---------------------------------------------------------------------------
-def _tiny_gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2))
-
-
-class TokenData(torch.utils.data.Dataset):
-    def __init__(self, n=512, length=16):
-        # Counting sequences from a random start: learnable, so |G|^2 stays well above the noise.
-        starts = torch.randint(0, 64, (n, 1), generator=torch.Generator().manual_seed(0))
-        self.ids = (starts + torch.arange(length)) % 64
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("unit", ["samples", "tokens"])
 def test_hugging_face_trainer_with_accumulation(tmp_path, unit):
+    from jobs.train_hf import CountingSequences, tiny_gpt2
     from transformers import Trainer, TrainingArguments
 
     from bsmon.integrations.transformers import BsmonCallback
@@ -262,7 +246,7 @@ def test_hugging_face_trainer_with_accumulation(tmp_path, unit):
         save_strategy="no", use_cpu=True, disable_tqdm=True,
         dataloader_num_workers=0)
     callback = BsmonCallback(name="hf", unit=unit, noise_budget=1.0)
-    trainer = Trainer(model=_tiny_gpt2(), args=args, train_dataset=TokenData(), callbacks=[callback])
+    trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=CountingSequences(), callbacks=[callback])
     trainer.train()
     assert callback.monitor is None  # closed at train end
     session = store.resolve_session("hf").id
@@ -283,51 +267,20 @@ def test_hugging_face_trainer_with_accumulation(tmp_path, unit):
 
 
 # -- Lightning ----------------------------------------------------------------------------------------
-def _lightning_module(package):
-    """A LightningModule whose training_step calls its submodule, not its own forward."""
-    pl = __import__(package if package == "pytorch_lightning" else "lightning.pytorch", fromlist=["x"])
-    torch.manual_seed(0)
-
-    class Regression(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 1))
-
-        def forward(self, x):  # never called in training: training_step uses self.net
-            raise AssertionError("training_step should not call forward here")
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            loss = nn.functional.mse_loss(self.net(x), y)
-            self.log("train_loss", loss)
-            return loss
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.01)
-
-    return pl, Regression()
-
-
-def _regression_loader(batches, batch_size=8):
-    torch.manual_seed(0)
-    x = torch.randn(batches * batch_size, 6)
-    y = x @ torch.randn(6, 1) + 0.5 * torch.randn(len(x), 1)
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("package", ["lightning", "pytorch_lightning"])
 def test_lightning_with_accumulation_and_a_training_step_that_calls_a_submodule(tmp_path, package):
-    pl, module = _lightning_module(package)
-    integration = __import__(f"bsmon.integrations.{package}", fromlist=["BsmonCallback"])
-    logger_module = __import__(f"{pl.__name__}.loggers", fromlist=["TensorBoardLogger"])
+    from jobs.train_lightning import regression_loader, regression_module
+
+    pl = importlib.import_module("lightning.pytorch" if package == "lightning" else package)
+    integration = importlib.import_module(f"bsmon.integrations.{package}")
     steps = 12
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_steps=steps, accumulate_grad_batches=2, log_every_n_steps=1,
-        logger=logger_module.TensorBoardLogger(str(tmp_path), name="tb"),
+        logger=pl.loggers.TensorBoardLogger(str(tmp_path), name="tb"),
         callbacks=[integration.BsmonCallback(name=f"{package}-run", noise_budget=1.0)],
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, _regression_loader(batches=2 * steps))
+    trainer.fit(regression_module(package), regression_loader(2 * steps * 8))
     session = store.resolve_session(f"{package}-run").id
     frame = check_session(session, steps=steps, batch_size=16, micro_batches=2)
     assert frame["train_loss"].notna().all()  # what self.log logged, one value per step
@@ -344,6 +297,7 @@ def test_lightning_with_accumulation_and_a_training_step_that_calls_a_submodule(
 @pytest.mark.slow
 def test_lightning_with_two_optimizers_watches_the_first_and_says_so():
     import lightning.pytorch as pl
+    from jobs.train_lightning import regression_loader
 
     from bsmon.integrations.lightning import BsmonCallback
 
@@ -368,6 +322,44 @@ def test_lightning_with_two_optimizers_watches_the_first_and_says_so():
                          callbacks=[BsmonCallback(name="two", noise=None)],
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.warns(bsmon.BsmonWarning, match="has 2 optimizers; bsmon watches the first"):
-        trainer.fit(TwoParts(), _regression_loader(batches=6))
+        trainer.fit(TwoParts(), regression_loader(6 * 8))
     frame = check_session(store.resolve_session("two").id, steps=6, batch_size=8, micro_batches=1)
     assert any("watches the first (SGD, 7 parameters)" in e["msg"] for e in frame.attrs["events"])
+
+
+@pytest.mark.slow
+def test_lightning_ddp_is_one_session_per_job(tmp_path, bsmon_home):
+    """Lightning's own DDP launcher (two CPU ranks, gloo): one session, recorded by rank 0."""
+    result = subprocess.run([sys.executable, str(JOBS / "train_lightning.py"), "--devices", "2",
+                             "--logdir", str(tmp_path)], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sessions = store.list_sessions()
+    assert len(sessions) == 1, [s.id for s in sessions]
+    info = sessions[0]
+    assert info.name == "lightning-job"
+    assert (info.hello["world_size"], info.hello["rank"], info.hello["data_parallel"]) == (2, 0, 2)
+    frame = check_session(info.id, steps=12, batch_size=2 * 2 * 8, micro_batches=2)
+    assert frame.attrs["estimator"]["name"] == "ddp" and (frame["world_size"] == 2).all()
+    assert frame["train_loss"].notna().all()
+    assert {"bsmon/samples_per_s", "bsmon/batch_size"} <= set(tensorboard_scalars(tmp_path / "tb"))
+    line = headless_line(info.id)
+    print(f"\nLightning DDP: {line}")
+    assert "B 32 = 2x8x2 ranks" in line
+
+
+@pytest.mark.slow
+def test_hugging_face_trainer_under_torchrun_is_one_session_with_the_ddp_estimator(tmp_path, bsmon_home):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(JOBS / "train_hf.py"), "--out", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sessions = store.list_sessions()
+    assert len(sessions) == 1, [s.id for s in sessions]
+    info = sessions[0]
+    assert (info.hello["world_size"], info.hello["data_parallel"]) == (2, 2)
+    frame = check_session(info.id, steps=10, batch_size=2 * 4 * 2, micro_batches=2)
+    assert frame.attrs["estimator"]["name"] == "ddp" and frame["loss"].notna().all()
+    assert {"train/bsmon/samples_per_s", "train/bsmon/b_simple"} <= set(tensorboard_scalars(tmp_path))
+    line = headless_line(info.id)
+    print(f"\nHF Trainer DDP: {line}")
+    assert "B 16 = 2x4x2 ranks" in line and "(ddp)" in line

@@ -4,7 +4,9 @@ What the Trainer does, and where the callback fits (transformers 5.x, ``Trainer.
 
 * the optimizer is created and wrapped by accelerate (``AcceleratedOptimizer``) *before*
   ``on_train_begin``; the callback watches the Trainer's model and that optimizer there
-  (``bsmon.watch`` unwraps it and hooks the torch optimizer inside);
+  (``bsmon.watch`` unwraps it and hooks the torch optimizer inside). Under DDP (torchrun)
+  it watches ``Trainer.model_wrapped``, the DistributedDataParallel wrapper, so the noise
+  scale comes from its all-reduce and rank 0 records the one session of the job;
 * each optimizer step runs ``gradient_accumulation_steps`` forward and backward passes of
   the model, so bsmon sees the micro-batches and uses the micro-batch noise estimator;
 * ``Trainer.log`` hands one ``logs`` dict to every callback in turn. The callback records
@@ -22,10 +24,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
 import bsmon
+from bsmon.probe import distributed
 
 #: The Trainer's closing summary (train_runtime, train_loss, ...) is not a step's numbers.
 SUMMARY_KEY = "train_runtime"
@@ -49,8 +52,11 @@ class BsmonCallback(TrainerCallback):
 
     # -- Trainer events ---------------------------------------------------------
     def on_train_begin(self, args, state, control, model: nn.Module = None, optimizer=None, **kwargs) -> None:
-        self._in_front = self._move_to_front(sys._getframe(1))
         self._close()
+        trainer = _calling_trainer(sys._getframe(1))
+        self._in_front = trainer is not None and self._move_to_front(trainer.callback_handler)
+        if trainer is not None and distributed.is_ddp(trainer.model_wrapped):
+            model = trainer.model_wrapped  # DDP: its all-reduce gives the noise scale, as under torchrun
         options = dict(self.watch_options)
         if options.get("unit") == "tokens" and options.get("tokens_per_sample") is None:
             self._pending = model.register_forward_pre_hook(
@@ -70,14 +76,13 @@ class BsmonCallback(TrainerCallback):
         self._close()
 
     # -- helpers ------------------------------------------------------------------
-    def _move_to_front(self, caller) -> bool:
+    def _move_to_front(self, handler: CallbackHandler) -> bool:
         """Put this callback first in the Trainer's list, so the logs it extends reach the loggers.
 
-        ``caller`` is ``CallbackHandler.call_event``'s frame, which is iterating over that list:
-        moving the current item to index 0 neither skips nor repeats a callback.
+        The handler is iterating over that list (this is its ``on_train_begin``): moving the
+        current item to index 0 neither skips nor repeats a callback.
         """
-        handler = caller.f_locals.get("self") if caller is not None else None
-        if not isinstance(handler, CallbackHandler) or self not in handler.callbacks:
+        if self not in handler.callbacks:
             return False
         handler.callbacks.remove(self)
         handler.callbacks.insert(0, self)
@@ -123,6 +128,22 @@ class BsmonCallback(TrainerCallback):
         if self.monitor is not None:
             self.monitor.close()
             self.monitor = None
+
+
+def _calling_trainer(frame) -> Trainer | None:
+    """The Trainer whose training loop called this event, found up the call stack.
+
+    Callbacks are not given the Trainer, and two things need it: its callback list (to
+    run before the loggers) and ``model_wrapped`` (the DDP wrapper). None if not found.
+    """
+    for _ in range(8):  # call_event <- CallbackHandler.on_train_begin <- Trainer._inner_training_loop
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, Trainer):
+            return owner
+        frame = frame.f_back
+    return None
 
 
 def _is_number(value: Any) -> bool:
