@@ -361,6 +361,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from bsmon.export import export_to_file, write_csv
 
+    if args.format == "parquet" and args.output is None:
+        return _fail("--format parquet writes a file: give it with -o FILE.parquet", 2)
     info = store.resolve_session(args.session)
     model = Feed().replay(info).model
     if args.output is None:
@@ -368,7 +370,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     path = Path(args.output)
     try:
-        rows = export_to_file(model, path)
+        rows = export_to_file(model, path, info=info, format=args.format)
+    except ImportError as exc:
+        return _fail(f"Parquet export needs pandas and pyarrow: pip install 'bsmon[parquet]' ({exc})")
     except OSError as exc:
         return _fail(f"cannot write {path}: {exc.strerror or exc}")
     print(f"bsmon: wrote {rows} steps of session {info.id} ({info.name}) to {path}", file=sys.stderr)
@@ -406,9 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ls)
 
-    p = sub.add_parser("export", help="write a session as CSV, one row per optimizer step")
+    p = sub.add_parser("export", help="write a session as CSV (or Parquet), one row per optimizer step")
     p.add_argument("session", nargs="?", help="id, unique id prefix or name (default: the newest)")
-    p.add_argument("-o", "--output", help="CSV file (default: stdout)")
+    p.add_argument("-o", "--output", help="output file (default: CSV to stdout)")
+    p.add_argument("--format", choices=("csv", "parquet"), default="csv",
+                   help="parquet: the same columns, typed, with the session's metadata (needs pandas and pyarrow)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("replay", help="open a recorded session in the TUI")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Iterator, TextIO
 
 import numpy as np
 
+from bsmon import store
 from bsmon.gpu import CSV_COLUMNS
 from bsmon.model import History, SessionModel
 
@@ -112,17 +113,50 @@ def write_csv(model: SessionModel, out: TextIO) -> int:
     return count
 
 
-def export_to_file(model: SessionModel, path: Path) -> int:
-    """Write the CSV atomically: a failure (full disk) leaves no half-written file behind."""
+def export_to_file(model: SessionModel, path: Path, *, info: "store.SessionInfo | None" = None,
+                   format: str = "csv") -> int:
+    """Write the session as CSV (or Parquet: ``format="parquet"``, with ``info`` for its metadata)
+    atomically: a failure (full disk) leaves no half-written file behind. Returns the step rows."""
     tmp = path.with_name(f".{path.name}.partial")
     try:
-        with open(tmp, "w", newline="") as handle:
-            rows = write_csv(model, handle)
+        if format == "parquet":
+            frame = dataframe(model, info)
+            frame.to_parquet(tmp, index=False)
+            rows = len(frame)
+        else:
+            with open(tmp, "w", newline="") as handle:
+                rows = write_csv(model, handle)
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return rows
+
+
+def _pandas():
+    try:
+        import pandas
+    except ImportError:
+        raise ImportError("bsmon.load() and Parquet export need pandas: pip install 'bsmon[pandas]'") from None
+    return pandas
+
+
+def dataframe(model: SessionModel, info: "store.SessionInfo | None" = None) -> "pandas.DataFrame":
+    """The session as a DataFrame: the CSV's columns and rows, its metadata in ``attrs``."""
+    pd = _pandas()
+    names = columns(model)
+    frame = pd.DataFrame(list(rows(model)), columns=names)
+    for name in names:
+        frame[name] = (pd.to_datetime(frame[name], utc=True, format="ISO8601") if name == "time"
+                       else pd.to_numeric(frame[name]))
+    hello, bye = model.hello or {}, model.bye or {}
+    frame.attrs = {
+        "session": hello.get("session"), "name": hello.get("name"), "unit": model.unit,
+        "status": info.status if info is not None else bye.get("status"), "exit_code": bye.get("code"),
+        "command": list(hello.get("command") or []), "hello": dict(hello),
+        "estimator": dict(model.estimator or {}), "events": [dict(e) for e in model.events],
+    }
+    return frame
 
 
 def load(session: str | os.PathLike | None = None, *, home: Path | None = None) -> "pandas.DataFrame":
@@ -135,11 +169,7 @@ def load(session: str | os.PathLike | None = None, *, home: Path | None = None) 
     ``estimator`` (the noise estimator in use and its caveats) and ``events``.
     Needs pandas (``pip install 'bsmon[pandas]'``).
     """
-    try:
-        import pandas as pd
-    except ImportError:
-        raise ImportError("bsmon.load() needs pandas: pip install 'bsmon[pandas]' (or pip install pandas)") from None
-    from bsmon import store
+    _pandas()
     from bsmon.client import Feed
 
     directory = Path(session) if session is not None else None
@@ -149,16 +179,4 @@ def load(session: str | os.PathLike | None = None, *, home: Path | None = None) 
             raise store.SessionError(f"{directory} holds no session record yet (no hello record).")
     else:
         info = store.resolve_session(None if session is None else str(session), home)
-    model = Feed().replay(info).model
-    names = columns(model)
-    frame = pd.DataFrame(list(rows(model)), columns=names)
-    for name in names:
-        frame[name] = (pd.to_datetime(frame[name], utc=True, format="ISO8601") if name == "time"
-                       else pd.to_numeric(frame[name]))
-    bye = model.bye or {}
-    frame.attrs = {
-        "session": info.id, "name": info.name, "unit": model.unit, "status": info.status,
-        "exit_code": bye.get("code"), "command": list(info.command), "hello": dict(model.hello or {}),
-        "estimator": dict(model.estimator or {}), "events": [dict(e) for e in model.events],
-    }
-    return frame
+    return dataframe(Feed().replay(info).model, info)

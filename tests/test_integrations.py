@@ -44,6 +44,48 @@ def tensorboard_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
     return scalars
 
 
+def wandb_history(directory: Path) -> list[dict]:
+    """The logged rows of the one offline W&B run under ``directory``, read from its .wandb file.
+
+    That file is a LevelDB-style log (a 7-byte header, then 32 KiB blocks of records, each with a
+    7-byte header: CRC, length, type 1 full / 2 first / 3 middle / 4 last) of wandb's protobuf Records.
+    """
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = directory.rglob("offline-run-*/run-*.wandb")
+    data, block, header = path.read_bytes(), 32768, 7
+    position, pending, history = header, b"", []
+    while position + header <= len(data):
+        if block - position % block < header:  # a block's tail too short for a header is padding
+            position += block - position % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + header])
+        pending += data[position + header:position + header + length]
+        position += header + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                                for item in record.history.item})
+    return history
+
+
+@pytest.fixture
+def wandb_offline(tmp_path, monkeypatch):
+    """W&B in offline mode, writing under tmp_path/wandb-runs (nothing leaves the machine)."""
+    directory = tmp_path / "wandb-runs"
+    directory.mkdir()
+    for name, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(directory), "WANDB_SILENT": "true",
+                        "WANDB_DISABLE_GIT": "true", "WANDB_PROJECT": "bsmon-test"}.items():
+        monkeypatch.setenv(name, value)
+    return directory
+
+
 def check_session(session: str, *, steps: int, batch_size: int, micro_batches: int):
     """One row per optimizer step with the right batch and micro-batches, and throughput."""
     frame = bsmon.load(session)
@@ -128,6 +170,74 @@ def test_nothing_of_the_model_runs_is_said_once():
     events = [e["msg"] for e in bsmon.load(monitor.session_id).attrs["events"]]
     assert len([m for m in events if m.startswith("neither the watched model")]) == 1, events
     assert "Pass bsmon.watch() the module that is trained" in events[0]
+
+
+@pytest.mark.slow
+def test_metrics_go_into_wandb_offline(wandb_offline):
+    import wandb
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    run = wandb.init()
+    w = torch.randn(6, 1)
+    with bsmon.watch(model, optimizer, noise_budget=1.0) as monitor:
+        for step in range(1, 21):
+            for _ in range(2):
+                x = torch.randn(8, 6)
+                nn.functional.mse_loss(model(x), x @ w + 0.5 * torch.randn(8, 1)).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            wandb.log(monitor.metrics(), step=step)
+    wandb.log(monitor.metrics(), step=21)  # after close(): up to the last step
+    run.finish()
+    history = wandb_history(wandb_offline)
+    assert [row["_step"] for row in history] == list(range(1, 22))
+    assert TRACKER_KEYS <= set(history[-1]) and history[-1]["bsmon/batch_size"] == 16
+    assert history[-1]["bsmon/b_simple"] == pytest.approx(monitor.stats().b_simple)
+
+
+# -- the session in a notebook -------------------------------------------------------------------------
+def test_load_gives_the_csv_as_a_dataframe_and_parquet_keeps_it(tmp_path, monkeypatch):
+    import pandas as pd
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with bsmon.watch(model, optimizer, name="notebook", noise_budget=1.0) as monitor:
+        for _ in range(8):
+            for _ in range(2):
+                x = torch.randn(4, 6)
+                loss = nn.functional.mse_loss(model(x), x.sum(1, keepdim=True))
+                loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            monitor.log(loss=loss, lr=0.01)
+    frame = bsmon.load("notebook")
+    assert bsmon.load(store.resolve_session("notebook").directory).equals(frame)  # by directory too
+    csv_file, parquet_file = tmp_path / "run.csv", tmp_path / "run.parquet"
+    assert bsmon_cli("export", "notebook", "-o", str(csv_file)).returncode == 0
+    from_csv = pd.read_csv(csv_file)
+    assert list(frame.columns) == list(from_csv.columns)
+    assert list(frame.columns[:9]) == ["step", "time", "elapsed_s", "batch_size", "micro_batches", "step_time_s",
+                                      "samples_per_s", "loss", "lr"]
+    assert str(frame["time"].dtype) .startswith("datetime64") and frame["time"].dt.tz is not None
+    numeric = [c for c in frame.columns if c != "time"]
+    pd.testing.assert_frame_equal(frame[numeric], from_csv[numeric], check_dtype=False)
+    assert frame.attrs["session"] == monitor.session_id and frame.attrs["unit"] == "samples"
+    assert frame.attrs["status"] == "finished" and frame.attrs["estimator"]["name"] == "microbatch"
+
+    result = bsmon_cli("export", "notebook", "--format", "parquet", "-o", str(parquet_file))
+    assert result.returncode == 0 and "wrote 8 steps" in result.stderr
+    back = pd.read_parquet(parquet_file)
+    pd.testing.assert_frame_equal(back, frame)
+    assert back.attrs["session"] == monitor.session_id and back.attrs["hello"]["name"] == "notebook"
+    result = bsmon_cli("export", "notebook", "--format", "parquet")
+    assert result.returncode == 2 and "give it with -o" in result.stderr
+
+    monkeypatch.setitem(sys.modules, "pandas", None)  # as if pandas were not installed
+    with pytest.raises(ImportError, match=r"pip install 'bsmon\[pandas\]'"):
+        bsmon.load("notebook")
 
 
 # -- trackers for a plain loop -------------------------------------------------------------------
@@ -233,7 +343,7 @@ def test_compiled_model_with_accumulation(tmp_path, order):
 # -- Hugging Face Trainer ---------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("unit", ["samples", "tokens"])
-def test_hugging_face_trainer_with_accumulation(tmp_path, unit):
+def test_hugging_face_trainer_with_accumulation(tmp_path, unit, wandb_offline):
     from jobs.train_hf import CountingSequences, tiny_gpt2
     from transformers import Trainer, TrainingArguments
 
@@ -242,7 +352,8 @@ def test_hugging_face_trainer_with_accumulation(tmp_path, unit):
     steps = 10
     args = TrainingArguments(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, gradient_accumulation_steps=4,
-        max_steps=steps, logging_steps=1, learning_rate=1e-3, report_to=["tensorboard"],
+        max_steps=steps, logging_steps=1, learning_rate=1e-3,
+        report_to=["tensorboard", "wandb"] if unit == "samples" else ["tensorboard"],
         save_strategy="no", use_cpu=True, disable_tqdm=True,
         dataloader_num_workers=0)
     callback = BsmonCallback(name="hf", unit=unit, noise_budget=1.0)
@@ -263,6 +374,12 @@ def test_hugging_face_trainer_with_accumulation(tmp_path, unit):
     assert wanted <= set(scalars), sorted(scalars)
     assert [step for step, _ in scalars["train/bsmon/batch_size"]] == list(range(1, steps + 1))
     assert scalars["train/bsmon/batch_size"][-1][1] == 16 * scale
+    if unit == "samples":  # the same numbers reached W&B, the other logger
+        import wandb
+
+        wandb.finish()  # the Trainer leaves its run open; finishing it writes the rest
+        logged = [row for row in wandb_history(wandb_offline) if "train/bsmon/batch_size" in row]
+        assert len(logged) == steps and wanted <= set(logged[-1])
     assert f"B {16 * scale} = 4x{4 * scale}" in line and "(microbatch)" in line
 
 
