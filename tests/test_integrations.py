@@ -445,6 +445,41 @@ def test_lightning_with_two_optimizers_watches_the_first_and_says_so():
 
 
 @pytest.mark.slow
+def test_lightning_run_that_raises_is_recorded_as_failed():
+    import lightning.pytorch as pl
+    from jobs.train_lightning import regression_loader
+
+    from bsmon.integrations.lightning import BsmonCallback
+
+    class Failing(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(6, 1)
+
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 3:
+                raise RuntimeError("out of data")
+            x, y = batch
+            return nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    callback = BsmonCallback(name="failing", noise=None)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=10, logger=False, callbacks=[callback],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(RuntimeError, match="out of data"):
+        trainer.fit(Failing(), regression_loader(10 * 8))
+    assert callback.monitor is None
+    frame = bsmon.load("failing")
+    assert frame.attrs["status"] == "failed" and len(frame) == 3
+    assert frame.attrs["hello"]["name"] == "failing"
+    info = store.resolve_session("failing")
+    records = store.read_records(info.records_path)[0]
+    assert records[-1]["k"] == "bye" and records[-1]["error"] == "RuntimeError: out of data"
+
+
+@pytest.mark.slow
 def test_lightning_ddp_is_one_session_per_job(tmp_path, bsmon_home):
     """Lightning's own DDP launcher (two CPU ranks, gloo): one session, recorded by rank 0."""
     result = subprocess.run([sys.executable, str(JOBS / "train_lightning.py"), "--devices", "2",
@@ -480,3 +515,31 @@ def test_hugging_face_trainer_under_torchrun_is_one_session_with_the_ddp_estimat
     line = headless_line(info.id)
     print(f"\nHF Trainer DDP: {line}")
     assert "B 16 = 2x4x2 ranks" in line and "(ddp)" in line
+
+
+@pytest.mark.slow
+def test_hugging_face_tokens_with_changing_sequence_length_say_so(tmp_path):
+    import itertools
+
+    from jobs.train_hf import CountingSequences, tiny_gpt2
+    from transformers import Trainer, TrainingArguments
+
+    from bsmon.integrations.transformers import BsmonCallback
+
+    calls = itertools.count()
+
+    def dynamic_padding(items):  # the first batch 16 tokens long, the rest 12
+        length = 16 if next(calls) == 0 else 12
+        ids = torch.stack([item["input_ids"][:length] for item in items])
+        return {"input_ids": ids, "labels": ids}
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, report_to=[],
+                             save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=CountingSequences(), data_collator=dynamic_padding,
+                      callbacks=[BsmonCallback(name="padded", unit="tokens", noise=None)])
+    with pytest.warns(bsmon.BsmonWarning, match="has 12 tokens per sample where the first had 16"):
+        trainer.train()
+    frame = bsmon.load("padded")
+    assert frame.attrs["hello"]["tokens_per_sample"] == 16 and (frame["batch_size"] == 64).all()
+    assert [e["msg"] for e in frame.attrs["events"]
+            if "tokens per sample" in e["msg"]][0].endswith("or pass tokens_per_sample= to BsmonCallback")
