@@ -53,8 +53,10 @@ def wandb_history(directory: Path) -> list[dict]:
     import json
     import struct
 
+    import wandb
     from wandb.proto import wandb_internal_pb2
 
+    wandb.teardown()  # waits for wandb's service process to write the run out (finish() may not)
     (path,) = directory.rglob("offline-run-*/run-*.wandb")
     data, block, header = path.read_bytes(), 32768, 7
     position, pending, history = header, b"", []
@@ -77,13 +79,20 @@ def wandb_history(directory: Path) -> list[dict]:
 
 @pytest.fixture
 def wandb_offline(tmp_path, monkeypatch):
-    """W&B in offline mode, writing under tmp_path/wandb-runs (nothing leaves the machine)."""
+    """W&B in offline mode, writing under tmp_path/wandb-runs (nothing leaves the machine).
+
+    wandb keeps its settings (the directory) in a process-wide singleton from its first run:
+    tearing it down before and after gives each test its own."""
+    import wandb
+
     directory = tmp_path / "wandb-runs"
     directory.mkdir()
     for name, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(directory), "WANDB_SILENT": "true",
                         "WANDB_DISABLE_GIT": "true", "WANDB_PROJECT": "bsmon-test"}.items():
         monkeypatch.setenv(name, value)
-    return directory
+    wandb.teardown()
+    yield directory
+    wandb.teardown()
 
 
 def check_session(session: str, *, steps: int, batch_size: int, micro_batches: int):
@@ -158,6 +167,25 @@ def test_forward_less_step_counts_samples_at_the_submodule_it_calls():
     messages = [e["msg"] for e in frame.attrs["events"]]
     assert any("forward did not run before optimizer step 1" in m and "'net' (Sequential)" in m
                for m in messages), messages
+
+
+def test_forward_less_coverage_counts_the_parameters_outside_the_submodule():
+    """Per-example norms at the submodule a step calls cover only its parameters: the share
+    shown is of everything the optimizer trains: here net's parameters, not the head's."""
+    torch.manual_seed(0)
+    model = Outer()
+    model.head = nn.Linear(6, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with bsmon.watch(model, optimizer, noise="per_example", noise_budget=1.0) as monitor:
+        w = torch.randn(6, 1)
+        for _ in range(6):
+            x = torch.randn(8, 6)
+            (nn.functional.mse_loss(model.net(x) + model.head(x), x @ w)).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    net = sum(p.numel() for p in model.net.parameters())
+    assert monitor.stats().noise_covered_fraction == pytest.approx(net / (net + 7))
+    assert monitor.metrics()["bsmon/noise_coverage"] == pytest.approx(net / (net + 7))
 
 
 def test_nothing_of_the_model_runs_is_said_once():
@@ -377,7 +405,7 @@ def test_hugging_face_trainer_with_accumulation(tmp_path, unit, wandb_offline):
     if unit == "samples":  # the same numbers reached W&B, the other logger
         import wandb
 
-        wandb.finish()  # the Trainer leaves its run open; finishing it writes the rest
+        wandb.finish()  # the Trainer leaves its run open
         logged = [row for row in wandb_history(wandb_offline) if "train/bsmon/batch_size" in row]
         assert len(logged) == steps and wanted <= set(logged[-1])
     assert f"B {16 * scale} = 4x{4 * scale}" in line and "(microbatch)" in line

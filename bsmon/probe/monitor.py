@@ -163,7 +163,7 @@ class Monitor:
                  layers: str | tuple[type, ...], horizon_samples: float | None,
                  profile: dict[str, Any] | None, noise_budget: float,
                  mixes_samples: tuple[type, ...] = ()) -> None:
-        self._model = model
+        self._model = model  # the watched model; samples are counted at self._entry (it or a submodule)
         self._optimizer = optimizer
         self._fixed_batch = batch_size
         self._step = 0
@@ -448,7 +448,7 @@ class Monitor:
         shape = f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else ""
         message = (f"log({key}=...) ignored: a {type(value).__name__}{shape} is not a number. "
                    "Pass a Python number or a one-element tensor.")
-        self._publisher.submit({"k": "event", "t": time.time(), "level": "warning", "msg": message})
+        self._event("warning", message)
         if key not in self._rejected_names:
             self._rejected_names.add(key)
             warnings.warn(f"bsmon: {message}", BsmonWarning, stacklevel=3)

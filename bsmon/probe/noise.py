@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -33,6 +33,9 @@ from torch import nn
 from bsmon.probe import distributed
 from bsmon.probe.deferred import Deferred
 from bsmon.stats.noise import partial_coverage_reason
+
+if TYPE_CHECKING:
+    from bsmon.probe.per_example import PerExampleNorms
 
 #: The share of the training thread's time the noise measurement may take (see NoiseProbe.end_step).
 MEASURE_BUDGET = 0.01
@@ -146,7 +149,7 @@ class NoiseProbe:
         self._per_example = None
         self._ddp_hook: distributed.DdpNormHook | None = None
         self._passes: list[torch.Tensor | None] = []  # None: the pass that synchronised (ddp)
-        self._current: tuple[str | None, str | None] | None = None
+        self._current: tuple | None = None  # (estimator, reason, coverage) last announced
         self.budget = budget
         self._measuring = True  # whether the current step is measured
         self._spent_s = 0.0  # host seconds spent measuring here and in charge()d hooks
@@ -318,8 +321,9 @@ class NoiseProbe:
         norms = self._per_example
         covered = {id(p) for p in norms.covered_params}
         self._measured = [[p for p in group if id(p) in covered] for group in self._group_params]
-        details = {"covered_fraction": norms.covered_fraction, "uncovered": norms.uncovered}
-        if norms.covered_fraction >= 1.0:
+        share = self._covered_share(norms)
+        details = {"covered_fraction": share, "uncovered": norms.uncovered}
+        if share >= 1.0:
             self._set_estimator("per_example", None, layers=self._layers_name(), **details)
             return
         mixer = norms.mixing_now()
@@ -328,7 +332,7 @@ class NoiseProbe:
         elif not covered:
             reason = REASON_NO_COVERAGE
         else:
-            reason = partial_coverage_reason(norms.covered_fraction, norms.uncovered)
+            reason = partial_coverage_reason(share, norms.uncovered)
         self._refusal = (reason, details)
         self._remove_per_example()
         self._set_estimator(None, reason, **details)
@@ -342,9 +346,15 @@ class NoiseProbe:
             self._set_estimator(None, REASON_COMPILED)
         elif norms.mixed_by is not None:
             self._set_estimator(None, REASON_MIXES_SAMPLES.format(module=norms.mixed_by),
-                                covered_fraction=norms.covered_fraction, uncovered=norms.uncovered)
+                                covered_fraction=self._covered_share(norms), uncovered=norms.uncovered)
         elif len(norms.covered_params) != sum(len(group) for group in self._measured):
             self._announce_per_example()  # the step excluded layers that broke an assumption
+
+    def _covered_share(self, norms: "PerExampleNorms") -> float:
+        """Share of the optimizer's trainable parameters the per-example norms cover. Not the
+        measured module's share: after set_entry() that module may hold only some of them."""
+        total = sum(p.numel() for group in self._group_params for p in group)
+        return sum(p.numel() for p in norms.covered_params) / total if total else 0.0
 
     def _remove_per_example(self) -> None:
         if self._per_example is not None:
@@ -357,9 +367,10 @@ class NoiseProbe:
         return self._layers if isinstance(self._layers, str) else ",".join(t.__name__ for t in self._layers)
 
     def _set_estimator(self, name: str | None, reason: str | None, **details: Any) -> None:
-        if self._current == (name, reason):
+        current = (name, reason, details.get("covered_fraction"))
+        if self._current == current:
             return
-        self._current = (name, reason)
+        self._current = current
         record = {"k": "estimator", "name": name, "reason": reason, "groups": self._group_labels}
         record.update(details)
         if name in ("microbatch", "ddp"):
