@@ -269,6 +269,17 @@ def test_load_gives_the_csv_as_a_dataframe_and_parquet_keeps_it(tmp_path, monkey
 
 
 # -- trackers for a plain loop -------------------------------------------------------------------
+def test_tracker_metrics_names_units_and_gaps():
+    from bsmon.model import Stats, tracker_metrics
+
+    stats = Stats(unit="tokens", samples_per_s=5000.0, batch_size=4096, b_simple=900.0, b_simple_low=500.0,
+                  b_simple_high=math.inf, b_opt=2048, b_opt_speedup=1.4, noise_covered_fraction=0.25)
+    assert tracker_metrics(stats) == {
+        "bsmon/b_simple": 900.0, "bsmon/b_simple_low": 500.0, "bsmon/b_opt": 2048.0, "bsmon/b_opt_speedup": 1.4,
+        "bsmon/batch_size": 4096.0, "bsmon/tokens_per_s": 5000.0, "bsmon/noise_coverage": 0.25}
+    assert tracker_metrics(Stats(), prefix="") == {}  # nothing known yet: nothing sent
+
+
 def test_metrics_go_into_a_real_summary_writer(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
