@@ -7,8 +7,8 @@ pass. Until the watched module's forward runs in training mode, every submodule 
 trainable parameters carries a forward pre-hook that notes its calls. The watched
 module's first training forward removes them all (before any submodule runs), so a
 model whose forward does run pays for these hooks only until its first forward. Under
-torch.compile (watch, then compile) the traced hooks do nothing and the first
-optimizer step removes them.
+torch.compile (watch, then compile) the traced hooks do nothing, and they stay, idle:
+removing a hook from a module dynamo traced would recompile it.
 
 When an optimizer step comes without that forward, the first of these submodules to
 run in the step is the entry: the outermost module the training step called. The probe
@@ -45,6 +45,7 @@ class EntryFinder:
     def __init__(self, model: nn.Module) -> None:
         self.calls: dict[nn.Module, list[int | None]] = {}  # first caller first (dicts keep order)
         self.started: float | None = None  # perf_counter() of the first call since reset()
+        self.active = True  # False: hooks left in place but idle (see Monitor._settle_entry)
         self._names: dict[nn.Module, str] = {}
         self._handles = []
         for name, module in model.named_modules():
@@ -54,8 +55,10 @@ class EntryFinder:
             self._handles.append(module.register_forward_pre_hook(self._on_call, with_kwargs=True))
 
     def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if is_compiling():
-            return  # the model's forward is compiled, so it runs: nothing to find (Monitor._settle_entry)
+        # Traced into a compiled graph (so the model's forward runs: nothing to find), this
+        # returns before anything dynamo would guard on or break at.
+        if is_compiling() or not self.active:
+            return
         if module.training and torch.is_grad_enabled():
             if self.started is None:
                 self.started = time.perf_counter()

@@ -220,6 +220,7 @@ class Monitor:
         self._entry_hook = model.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True)
         self._finder: EntryFinder | None = EntryFinder(model)  # until the model's forward runs
         self._forward_ran = False
+        self._idle_finder: EntryFinder | None = None  # under torch.compile, removed at close()
         self._entry_missing_warned = False
         self._handles = [
             optimizer.register_step_pre_hook(self._on_step_pre),
@@ -373,10 +374,14 @@ class Monitor:
 
     def _settle_entry(self) -> None:
         """The first step(s): keep counting at the model if its forward ran (under torch.compile
-        the traced pre-hook could not remove the finder's hooks: that happens here), else count
+        the traced pre-hook could not retire the finder's hooks: that happens here), else count
         from now on at the first trainable submodule the step called, this step included."""
         if self._forward_ran:
-            self._finder.remove()
+            if self._compiled:  # removing hooks from modules dynamo traced would recompile them
+                self._finder.active = False
+                self._idle_finder = self._finder
+            else:
+                self._finder.remove()
             self._finder = None
             return
         found = self._finder.entry()
@@ -563,8 +568,9 @@ class Monitor:
         for handle in self._handles:
             handle.remove()
         self._entry_hook.remove()
-        if self._finder is not None:
-            self._finder.remove()
+        for finder in (self._finder, self._idle_finder):
+            if finder is not None:
+                finder.remove()
         if self._output_hook is not None:
             self._output_hook.remove()
         self._remove_grad_hooks()
