@@ -336,6 +336,7 @@ def test_accelerate_loop_with_accumulation(tmp_path):
             if accelerator.sync_gradients:
                 monitor.log(loss=loss.detach())
                 accelerator.log(monitor.metrics(), step=monitor.stats().step)
+    accelerator.log(monitor.metrics(), step=20)  # after close(): up to the last step
     accelerator.end_training()
     frame = check_session(monitor.session_id, steps=20, batch_size=16, micro_batches=2)
     assert frame.attrs["estimator"]["name"] == "microbatch" and frame["b_simple"].notna().iloc[-1]
@@ -371,6 +372,8 @@ def test_compiled_model_with_accumulation(tmp_path, order):
             optimizer.zero_grad()
             for name, value in monitor.metrics().items():
                 writer.add_scalar(name, value, step)
+    for name, value in monitor.metrics().items():  # after close(): up to the last step
+        writer.add_scalar(name, value, 21)
     writer.close()
     # Watch, then compile: step 1 is recorded with no samples (see the xfail test below).
     frame = check_session(monitor.session_id, steps=20, batch_size=16, micro_batches=2,
@@ -430,14 +433,15 @@ def test_hugging_face_trainer_with_accumulation(tmp_path, unit, wandb_offline):
     rate = f"train/bsmon/{unit}_per_s"
     wanted = {f"train/{key}" for key in TRACKER_KEYS} - {"train/bsmon/samples_per_s"} | {rate}
     assert wanted <= set(scalars), sorted(scalars)
-    assert [step for step, _ in scalars["train/bsmon/batch_size"]] == list(range(1, steps + 1))
+    # one point per logging step, then the final numbers with the Trainer's closing summary
+    assert [step for step, _ in scalars["train/bsmon/batch_size"]] == [*range(1, steps + 1), steps]
     assert scalars["train/bsmon/batch_size"][-1][1] == 16 * scale
     if unit == "samples":  # the same numbers reached W&B, the other logger
         import wandb
 
         wandb.finish()  # the Trainer leaves its run open
         logged = [row for row in wandb_history(wandb_offline) if "train/bsmon/batch_size" in row]
-        assert len(logged) == steps and wanted <= set(logged[-1])
+        assert len(logged) == steps + 1 and wanted <= set(logged[-1])
     assert f"B {16 * scale} = 4x{4 * scale}" in line and "(microbatch)" in line
 
 
@@ -462,8 +466,10 @@ def test_lightning_with_accumulation_and_a_training_step_that_calls_a_submodule(
     assert frame.attrs["estimator"]["name"] == "microbatch" and frame["b_simple"].notna().iloc[-1]
     assert any("'net' (Sequential)" in e["msg"] for e in frame.attrs["events"])
     scalars = tensorboard_scalars(tmp_path / "tb")
-    assert TRACKER_KEYS <= set(scalars), sorted(scalars)
-    assert len(scalars["bsmon/batch_size"]) == steps and scalars["bsmon/batch_size"][-1][1] == 16
+    assert TRACKER_KEYS <= set(scalars), sorted(scalars)  # at the latest in the final numbers, at train end
+    # Lightning numbers its step logs from 0; the final numbers go at trainer.global_step
+    assert [step for step, _ in scalars["bsmon/batch_size"]] == [*range(steps), steps]
+    assert scalars["bsmon/batch_size"][-1][1] == 16
     line = headless_line(session)
     print(f"\n{package}: {line}")
     assert "B 16 = 2x8" in line and "(microbatch)" in line

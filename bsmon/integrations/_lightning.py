@@ -14,7 +14,8 @@ Where it fits in a Lightning run (2.x):
 * ``on_train_batch_end`` after an optimizer step: what ``self.log`` logged in that step goes
   into the session, and bsmon's headline numbers go to Lightning's loggers through
   ``pl_module.log_dict`` as ``bsmon/...`` (sent at ``log_every_n_steps`` like the rest).
-* ``on_train_end`` closes the session; ``on_exception`` closes it as failed.
+* ``on_train_end`` closes the session and sends bsmon's final numbers to the loggers;
+  ``on_exception`` closes it as failed.
 """
 
 from __future__ import annotations
@@ -68,7 +69,13 @@ class LightningAdapter:
             pl_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, logger=True)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        """Close the session, and give the loggers bsmon's final numbers (up to the last step:
+        during training they are at most 0.25 s old, so a short run could end before them)."""
+        monitor = self.monitor
         self._close()
+        metrics = monitor.metrics() if monitor is not None else {}
+        for logger in trainer.loggers if metrics else ():
+            logger.log_metrics(metrics, step=trainer.global_step)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if self.monitor is not None:

@@ -14,7 +14,8 @@ What the Trainer does, and where the callback fits (transformers 5.x, ``Trainer.
   bsmon's headline numbers to that dict as ``bsmon/...``, so every logger the Trainer
   reports to (TensorBoard, W&B, ...) receives them. For that it must come before them:
   at ``on_train_begin`` it moves itself to the front of the Trainer's callback list.
-* ``on_train_end`` closes the session.
+* the Trainer's closing summary log (``train_runtime``, ...) closes the session and carries
+  bsmon's final numbers; ``on_train_end`` closes it if that log did not come.
 """
 
 from __future__ import annotations
@@ -65,7 +66,12 @@ class BsmonCallback(TrainerCallback):
         self._watch(model, optimizer, options)
 
     def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs) -> None:
-        if self.monitor is None or not logs or SUMMARY_KEY in logs:
+        if self.monitor is None or not logs:
+            return
+        if SUMMARY_KEY in logs:  # training is over: the loggers get bsmon's final numbers with the summary
+            monitor = self.monitor
+            self._close()
+            logs.update(monitor.metrics())  # after close(): up to the last step
             return
         self.monitor.log(**{name: value for name, value in logs.items() if _is_number(value)
                             and not name.startswith("bsmon/")})
