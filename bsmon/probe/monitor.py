@@ -453,7 +453,7 @@ class Monitor:
         shape = f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else ""
         message = (f"log({key}=...) ignored: a {type(value).__name__}{shape} is not a number. "
                    "Pass a Python number or a one-element tensor.")
-        self._event("warning", message)
+        self.record_event("warning", message)
         if key not in self._rejected_names:
             self._rejected_names.add(key)
             warnings.warn(f"bsmon: {message}", BsmonWarning, stacklevel=3)
