@@ -678,6 +678,11 @@ class SessionModel:
         end = self.bye["t"] if self.bye else self._last["t"]
         return max(0.0, end - self.hello["t0"])
 
+    @property
+    def last_step_time(self) -> float | None:
+        """Wall-clock time of the latest step record, None before the first."""
+        return self._last["t"] if self._last else None
+
     def throughput_now(self) -> float | None:
         """Samples (or tokens) per second over the recent window."""
         if not self._recent:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bsmon import store
+from bsmon import fmt, store
 from conftest import bsmon_cli, start_job, train_command
 
 
@@ -39,6 +39,51 @@ def test_run_headless_passes_the_exit_code_and_records_it():
     assert "ok-job" in listing.stdout and "failed (3)" in listing.stdout
     as_json = json.loads(bsmon_cli("ls", "--json").stdout)
     assert {s["name"] for s in as_json} == {"ok-job", "train_small"}
+
+
+def test_the_command_lines_name_wins_then_watch_then_the_environment(monkeypatch):
+    """Precedence: `bsmon run --name` > watch(name=) > $BSMON_NAME > the script's name."""
+    run = bsmon_cli("run", "--headless", "--name", "t1", "--", *train_command("--steps", "3", "--name", "in-script"))
+    assert run.returncode == 0, run.stderr
+    exported = bsmon_cli("export", "t1")
+    assert exported.returncode == 0, exported.stderr
+    assert len(exported.stdout.splitlines()) == 4  # header and three steps
+    from bsmon.probe.monitor import session_name
+
+    monkeypatch.setenv("BSMON_NAME", "from-env")
+    assert session_name("in-script") == "in-script"
+    assert session_name(None) == "from-env"
+    monkeypatch.setenv("BSMON_RUN_NAME", "t1")
+    assert session_name("in-script") == "t1"
+    monkeypatch.delenv("BSMON_NAME")
+    monkeypatch.delenv("BSMON_RUN_NAME")
+    monkeypatch.setattr(sys, "argv", ["/somewhere/train_gpt.py"])
+    assert session_name(None) == "train_gpt"
+
+
+def test_ls_shows_the_last_noise_scale_and_advice_and_filters_running(tmp_path):
+    assert bsmon_cli("run", "--headless", "--", *train_command("--steps", "12")).returncode == 0
+    [done] = store.list_sessions()
+    ready = tmp_path / "ready"
+    job = start_job("--steps", "2000", "--sleep", "0.05", "--ready-file", str(ready))
+    try:
+        _wait_for(ready)
+        listing = bsmon_cli("ls").stdout.splitlines()
+        assert listing[0].split()[:9] == ["ID", "NAME", "PID", "STATUS", "STEPS", "STARTED", "B*", "B_SIMPLE",
+                                          "COMMAND"]
+        row = next(line for line in listing if line.startswith(done.id)).split()
+        from bsmon.cli import session_figures
+
+        figures = session_figures(done)
+        assert figures.b_simple is not None
+        assert row[7:9] == ["-", fmt.si(figures.b_simple)]  # no profile: no recommended batch
+        running = bsmon_cli("ls", "--running").stdout.splitlines()
+        assert len(running) == 2 and "running" in running[1] and done.id not in running[1]
+        as_json = json.loads(bsmon_cli("ls", "--json").stdout)
+        assert {s["id"]: s["b_simple"] for s in as_json}[done.id] == figures.b_simple
+    finally:
+        job.kill()
+        job.wait()
 
 
 def test_json_lines_keep_stdout_machine_readable():

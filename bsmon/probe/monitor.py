@@ -72,6 +72,13 @@ class BsmonWarning(UserWarning):
     """Something bsmon could not do; training is unaffected."""
 
 
+def session_name(name: str | None) -> str:
+    """The session's name, first given of: ``bsmon run --name`` (``$BSMON_RUN_NAME``),
+    ``watch(name=)``, ``$BSMON_NAME``, the script's file name (docs/cli.md)."""
+    return (os.environ.get(store.RUN_NAME_ENV) or name or os.environ.get("BSMON_NAME")
+            or Path(sys.argv[0] or "python").stem or "job")
+
+
 def active_monitor() -> "Monitor | None":
     """The Monitor of this process, if ``bsmon.watch()`` is active."""
     return _active
@@ -165,7 +172,7 @@ class Monitor:
         identity = distributed.rank_identity()
         leader = identity.rank == 0
         self.session_id = os.environ.get("BSMON_SESSION_ID") or (store.new_session_id() if leader else None)
-        self.name = name or os.environ.get("BSMON_NAME") or Path(sys.argv[0] or "python").stem or "job"
+        self.name = session_name(name)
         writer = self._open_record(home) if leader else None
         socket_path = self._socket_path(home) if leader else None
         command = json.loads(os.environ["BSMON_COMMAND"]) if os.environ.get("BSMON_COMMAND") else list(sys.orig_argv)

@@ -198,8 +198,9 @@ class BsmonApp(App):
     """The live (or replayed) view of one training session.
 
     ``feed``: where the records arrive (the app only reads its model under ``feed.lock``).
-    ``mode``: "run" (the app's job is ``job``; q detaches, ctrl+c interrupts the job),
-    "attach" or "replay" (q and ctrl+c quit). GPU readings come from the model (an attached
+    ``mode``: "run" (the app's job is ``job``; q detaches, or with ``quit_ends_job`` (``bsmon
+    demo``, bsmon's own job) interrupts the job and quits; ctrl+c interrupts the job),
+    "attach" (q and ctrl+c detach) or "replay" (q and ctrl+c quit). GPU readings come from the model (an attached
     monitor records NVML samples into it; replay reads them back). ``export``: writes the CSV and returns its
     path (called on a worker thread; an OSError is shown to the user).
     """
@@ -209,9 +210,12 @@ class BsmonApp(App):
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (150, "-wide")]
     VERTICAL_BREAKPOINTS = [(0, "-short"), (36, "-tall"), (56, "-taller")]
     ENABLE_COMMAND_PALETTE = False
+    #: One q binding per mode; the footer says what q does in this one (check_action picks it).
     BINDINGS = [
-        Binding("q", "detach", "Detach"),
-        Binding("q", "leave", "Quit"),
+        Binding("q", "detach", "Detach (job runs on)"),
+        Binding("q", "end_job", "Quit (ends the demo)"),
+        Binding("q", "leave('detach')", "Detach"),
+        Binding("q", "leave('quit')", "Quit"),
         Binding("e", "export", "Export CSV"),
         Binding("p", "pause", "Pause"),
         Binding("p", "resume", "Resume"),
@@ -222,11 +226,13 @@ class BsmonApp(App):
     ]
 
     def __init__(self, feed: Feed, *, mode: str, job: JobControl | None = None,
-                 export: Callable[[], Path] | None = None) -> None:
+                 export: Callable[[], Path] | None = None, quit_ends_job: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: use one of {', '.join(MODES)}")
         if job is not None and mode != "run":
             raise ValueError(f"a job to control is only meaningful in mode='run', not mode={mode!r}")
+        if quit_ends_job and job is None:
+            raise ValueError("quit_ends_job=True needs the job to end (job=..., mode='run')")
         if feed.model.history is None:
             raise ValueError("the feed's SessionModel keeps no history (keep_history=False); "
                              "the TUI needs it for its charts: use SessionModel()")
@@ -235,6 +241,7 @@ class BsmonApp(App):
         self.mode = mode
         self.job = job
         self.export_csv = export
+        self.quit_ends_job = quit_ends_job
         self.paused = False
         self.series = RunSeries()  # the history as the charts see it
         self._numbers_key: tuple | None = None
@@ -370,11 +377,17 @@ class BsmonApp(App):
     # -- actions -----------------------------------------------------------------------------------
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "detach":
-            return self.mode == "run"
+            return self.mode == "run" and not self.quit_ends_job
+        if action == "end_job":
+            return self.quit_ends_job
         if action == "interrupt_job":
             return self.job is not None
         if action == "leave":
-            return self.mode != "run"
+            if parameters == ("detach",):
+                return self.mode == "attach"
+            if parameters == ("quit",):
+                return self.mode == "replay"
+            return self.mode != "run"  # ctrl+c: leaves an attached or replayed session
         if action == "pause":
             return not self.paused
         if action == "resume":
@@ -387,7 +400,12 @@ class BsmonApp(App):
         """Leave the job running; the CLI says where its output goes."""
         self.exit()
 
-    def action_leave(self) -> None:
+    def action_end_job(self) -> None:
+        """bsmon's own job (the demo): interrupt it and quit; the CLI waits for it to end."""
+        self.job.interrupt()
+        self.exit()
+
+    def action_leave(self, how: str = "quit") -> None:
         self.exit()
 
     def action_pause(self) -> None:
@@ -411,7 +429,7 @@ class BsmonApp(App):
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
-            self.push_screen(HelpScreen(self.mode, self.output_log))
+            self.push_screen(HelpScreen(self.mode, self.output_log, self.quit_ends_job))
 
     @property
     def output_log(self) -> Path | None:

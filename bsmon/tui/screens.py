@@ -34,10 +34,16 @@ it fall.
 """
 
 
-def keys_help(mode: str, output_log: Path | None) -> str:
+def keys_help(mode: str, output_log: Path | None, quit_ends_job: bool = False) -> str:
     where = escape(str(output_log)) if output_log else "the session's output.log"
-    quit_line = (f"[b]q[/b]       detach: the job keeps running and is still recorded; its output goes to {where}"
-                 if mode == "run" else "[b]q[/b]       quit")
+    if quit_ends_job:
+        quit_line = "[b]q[/b]       quit and end the demo (bsmon's own job)"
+    elif mode == "run":
+        quit_line = f"[b]q[/b]       detach: the job keeps running and is still recorded; its output goes to {where}"
+    elif mode == "attach":
+        quit_line = "[b]q[/b]       detach: the job keeps running"
+    else:
+        quit_line = "[b]q[/b]       quit"
     ctrl_c = ("[b]ctrl+c[/b]  send SIGINT to the job; this view stays open to show how it ends"
               if mode == "run" else "[b]ctrl+c[/b]  quit")
     return "\n".join([
@@ -52,14 +58,15 @@ def keys_help(mode: str, output_log: Path | None) -> str:
 class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,question_mark,q", "close", "Close")]
 
-    def __init__(self, mode: str, output_log: Path | None) -> None:
+    def __init__(self, mode: str, output_log: Path | None, quit_ends_job: bool = False) -> None:
         super().__init__()
         self._mode = mode
         self._output_log = output_log
+        self._quit_ends_job = quit_ends_job
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="help"):
-            yield Static(keys_help(self._mode, self._output_log), id="help-keys")
+            yield Static(keys_help(self._mode, self._output_log, self._quit_ends_job), id="help-keys")
             yield Static(NUMBERS_HELP, id="help-numbers")
 
     def on_mount(self) -> None:
