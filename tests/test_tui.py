@@ -369,6 +369,57 @@ async def test_q_in_run_mode_detaches_and_leaves_the_job_running(sessions, sleep
 
 
 @pilot_test
+async def test_q_in_the_demo_ends_the_demo_job():
+    """The demo is bsmon's own job: q stops it (it finishes normally) instead of leaving it training."""
+    import os
+    import sys
+
+    from bsmon.client import wait_for_session
+
+    session = "demo0001"
+    env = dict(os.environ, BSMON_SESSION_ID=session)
+    job = ChildJob(subprocess.Popen([sys.executable, "-m", "bsmon.demo", "--steps", "1000000"], env=env,
+                                    stdout=subprocess.DEVNULL, start_new_session=True))
+    try:
+        info = wait_for_session(session, alive=lambda: job.returncode() is None, timeout=120)
+        assert info is not None and info.status == "running"
+        feed = Feed().attach(info.socket, info.directory)
+        app = BsmonApp(feed, mode="run", job=job, quit_ends_job=True)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause()
+            assert footer_keys(app)["q"] == "Quit (ends the demo)"
+            await pilot.press("q")
+        assert job.process.wait(timeout=60) == 0
+        feed.wait(timeout=30)
+        feed.stop()
+        assert store.session_info(info.directory).status == "finished"
+    finally:
+        job.restore_signals()
+        job.process.kill()
+        job.process.wait()
+
+
+def footer_keys(app):
+    """Key -> description of the bindings the footer shows."""
+    return {active.binding.key: active.binding.description for active in app.active_bindings.values()
+            if active.enabled and active.binding.show}
+
+
+@pilot_test
+async def test_the_footer_says_what_q_does_in_each_mode(sleeping_job):
+    cases = [("run", sleeping_job, "Detach (job runs on)"), ("attach", None, "Detach"), ("replay", None, "Quit")]
+    for mode, job, q in cases:
+        app = BsmonApp(synthetic_feed(), mode=mode, job=job)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause()
+            assert footer_keys(app)["q"] == q, mode
+            await pilot.press("question_mark")
+            keys = str(app.screen.query_one("#help-keys", Static).visual)
+            assert {"run": "detach: the job keeps running and is still recorded", "attach": "detach: the job keeps",
+                    "replay": "q       quit"}[mode] in keys
+
+
+@pilot_test
 async def test_ctrl_c_quits_a_replay():
     app = BsmonApp(synthetic_feed(), mode="replay")
     async with app.run_test(size=SIZE) as pilot:
