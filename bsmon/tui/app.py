@@ -29,11 +29,11 @@ from bsmon.gpu import GpuSnapshot
 from bsmon.model import SessionModel, Stats
 from bsmon.stats.optimal import Recommendation
 from bsmon.stats.throughput import ThroughputPoint
-from bsmon.tui.screens import BranchScreen, HelpScreen
+from bsmon.tui.screens import BranchScreen, HelpScreen, WhyScreen, why_text
 from bsmon.tui.widgets import (
     BatchPanel, BatchSizeChart, Chart, EventsLog, GpuChart, GpuPanel, JobHeader, LossChart, NoiseChart,
-    NoiseLossChart, OptimalPanel, RanksPanel, ScalarsPanel, ThroughputChart, ThroughputPanel, branch_line, exit_text,
-    job_status, short_command,
+    NoiseLossChart, OptimalPanel, RanksPanel, ScalarsPanel, ThroughputChart, ThroughputPanel, Trend, branch_line,
+    exit_text, job_status, short_command, unit_label,
 )
 
 MODES = ("run", "attach", "replay")
@@ -220,6 +220,7 @@ class BsmonApp(App):
         Binding("p", "pause", "Pause"),
         Binding("p", "resume", "Resume"),
         Binding("b", "branch", "Branch checks"),
+        Binding("w", "why", "Why B*"),
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("ctrl+c", "interrupt_job", "Interrupt job", priority=True),
         Binding("ctrl+c", "leave", "Quit", show=False, priority=True),
@@ -247,6 +248,7 @@ class BsmonApp(App):
         self._numbers_key: tuple | None = None
         self._charts_key: tuple | None = None
         self._charts_due = 0.0  # time.monotonic() before which the charts are not redrawn
+        self._numbers: Numbers | None = None  # the last numbers drawn
 
     def compose(self) -> ComposeResult:
         yield JobHeader(id="header")
@@ -260,6 +262,9 @@ class BsmonApp(App):
                     yield OptimalPanel(id="optimal-panel", classes="panel")
                     yield GpuPanel(id="gpu-panel", classes="panel")
                     yield ScalarsPanel(id="scalars-panel", classes="panel")
+        with Horizontal(id="trends"):
+            yield Trend("rate", id="rate-trend", classes="trend")
+            yield Trend("B_simple", log=True, id="noise-trend", classes="trend")
         with Grid(id="charts"):
             yield ThroughputChart(id="throughput-chart", classes="chart primary")
             yield NoiseChart(id="noise-chart", classes="chart primary")
@@ -303,6 +308,7 @@ class BsmonApp(App):
         return True
 
     def _draw_numbers(self, numbers: Numbers, returncode: int | None) -> None:
+        self._numbers = numbers
         hello = numbers.hello or {}
         status, status_kind = job_status(self.mode, self.feed.state, numbers.bye, returncode)
         if not hello:
@@ -371,8 +377,8 @@ class BsmonApp(App):
                                         steps["batch"])
         self.query_one(NoiseLossChart).show(mean_loss, b_at_loss)
         self.query_one(LossChart).show(loss["step"], mean_loss)
-        self.query_one(ThroughputPanel).show_history(rate)
-        self.query_one(BatchPanel).show_history(steps["b_simple"])
+        self.query_one("#rate-trend", Trend).show(rate, f"{unit_label(unit)}/s")
+        self.query_one("#noise-trend", Trend).show(steps["b_simple"])
 
     # -- actions -----------------------------------------------------------------------------------
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
@@ -426,6 +432,13 @@ class BsmonApp(App):
             checks, calibration = self.feed.read(lambda model: (list(model.branch_checks),
                                                                 model.stats().b_noise_calibration))
             self.push_screen(BranchScreen(checks, calibration))
+
+    def action_why(self) -> None:
+        if isinstance(self.screen, WhyScreen) or self._numbers is None:
+            return
+        rec, stats = self._numbers.recommendation, self._numbers.stats
+        self.push_screen(WhyScreen(why_text(rec.reason if rec else stats.b_opt_reason,
+                                            rec.lr_advice if rec else None, self._numbers.memory_limit)))
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

@@ -1,4 +1,4 @@
-"""The help screen: the keys, and what the numbers mean (and do not mean)."""
+"""The help screen (the keys, what the numbers mean and do not mean) and the optimal batch's why view."""
 
 from __future__ import annotations
 
@@ -51,8 +51,39 @@ def keys_help(mode: str, output_log: Path | None, quit_ends_job: bool = False) -
         "[b]e[/b]       export the session as CSV (one row per step)",
         "[b]p[/b]       pause or resume redrawing; data keeps arriving",
         "[b]b[/b]       the branch checks: critical batch measured by bsmon.branch_check, per branch",
+        "[b]w[/b]       why this batch size: the optimal-batch panel's full explanation",
         "[b]?[/b]       this help; esc closes it",
     ])
+
+
+def why_text(reason: str | None, lr_advice: str | None, memory: str | None) -> str:
+    """The optimal-batch panel's full explanation, for the w view."""
+    parts = ["[b]Why this batch size[/b]", escape(reason or "no recommendation yet")]
+    if lr_advice:
+        parts += ["", "[b]Learning rate[/b]", escape(lr_advice)]
+    if memory:
+        parts += ["", "[b]Memory[/b]", escape(memory)]
+    return "\n".join(parts)
+
+
+class WhyScreen(ModalScreen[None]):
+    """The full reason behind the optimal batch size (the panel keeps one line of it)."""
+
+    BINDINGS = [Binding("escape,w,q", "close", "Close")]
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self._text = text
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="help"):
+            yield Static(self._text, id="why-text")
+
+    def on_mount(self) -> None:
+        self.query_one("#help").border_title = "optimal batch size: why (esc closes)"
+
+    def action_close(self) -> None:
+        self.dismiss()
 
 
 class HelpScreen(ModalScreen[None]):
