@@ -88,6 +88,8 @@ def status_line(model: SessionModel, state: str) -> str:
     parts = [f"[{fmt.duration(model.elapsed_s):>7}] step {s.step}",
              f"{fmt.si(s.samples_per_s)} {unit}/s",
              f"step {fmt.duration(s.step_time_p50_s)} (p95 {fmt.duration(s.step_time_p95_s)})"]
+    if s.mfu is not None:
+        parts.append(f"{fmt.si(s.flops_per_s)}FLOP/s MFU {s.mfu:.1%}")
     if s.batch_size is not None:
         parts.append(f"B {s.batch_size}{batch_breakdown(s)}")
     fraction = s.noise_covered_fraction

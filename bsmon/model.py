@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from bsmon.stats.branch import BranchCheck, calibrated_factor
+from bsmon.stats.flops import mfu, peak_flops
 from bsmon.stats.optimal import Recommendation, StableRecommendation, optimal_accumulation, optimal_batch_size
 from bsmon.stats.throughput import StepSplit, ThroughputPoint, split_step_time
 from bsmon.stats.noise import (
@@ -132,6 +133,15 @@ class Stats:
     ranks_stalled: tuple[int, ...] = ()  # reporting, but no new step for RANK_SILENCE_*
     ranks_lost: tuple[int, ...] = ()  # no report at all for RANK_SILENCE_*
     uneven_rank_batches: bool = False
+    # Achieved FLOP/s and MFU (bsmon.stats.flops): the step's FLOPs per sample (counted on one step
+    # per batch size, or given) times samples/s; None with a reason where they cannot be known.
+    flops_per_sample: float | None = None
+    flops_per_s: float | None = None
+    flops_reason: str | None = None
+    mfu: float | None = None
+    mfu_reason: str | None = None
+    peak_flops: float | None = None  # of all the job's GPUs together
+    peak_name: str | None = None  # which peak: '8 x H100/H200 SXM bf16 peak'
 
 
 @dataclass(frozen=True)
@@ -304,6 +314,9 @@ class SessionModel:
         self._recommend_source: str | None = None
         self.branch_checks: list[BranchCheck] = []
         self._calibration: float | None = None
+        self._flops_per_sample: dict[int, float] = {}  # samples per step on a rank -> FLOPs per sample
+        self._flops_record: dict[str, Any] | None = None  # the latest flops record
+        self._flops_dtype: tuple[str | None, bool] = (None, False)  # of the last count: dtype, TF32 allowed
 
     # -- ingestion ------------------------------------------------------------
     def ingest(self, record: dict[str, Any]) -> None:
@@ -353,6 +366,12 @@ class SessionModel:
         self.profile = Profile.from_dict(record["profile"])
         self._points_version += 1
 
+    def _on_flops(self, record: dict[str, Any]) -> None:
+        self._flops_record = record
+        if record["flops"] is not None:
+            self._flops_per_sample[record["batch_size"]] = record["flops"] / record["batch_size"]
+            self._flops_dtype = (record.get("dtype"), bool(record.get("tf32")))
+
     def _on_gpu(self, record: dict[str, Any]) -> None:
         from bsmon.gpu import GpuSnapshot  # monitor side only: the job never receives gpu records
 
@@ -395,7 +414,9 @@ class SessionModel:
         self._samples += samples
         self._dropped = record["dropped"]
         self._last = record
-        self._recent.append((record["t"], record["dt"], samples))
+        counted = self._flops_record is not None and self._flops_record["step"] == record["step"]
+        if not counted:  # the step whose FLOPs were counted ran several times slower
+            self._recent.append((record["t"], record["dt"], samples))
         if "noise" in record:
             self._update_noise(record["noise"], samples + self._unmeasured_samples)
             self._unmeasured_samples = 0
@@ -403,8 +424,9 @@ class SessionModel:
             # The probe measures only some steps (its cost budget): the averaging horizon is in
             # samples trained, so the next measured step carries the samples of these.
             self._unmeasured_samples += samples
-        self._track_live_throughput(record)
-        self._track_phases(record)
+        if not counted:  # nor its time or phases in the throughput and the in-run step-time fit
+            self._track_live_throughput(record)
+            self._track_phases(record)
         if record["step"] % RECOMMEND_EVERY == 0 or self._points_version != self._recommended_version:
             self._recommend_due = True
         if self.history is not None:
@@ -744,7 +766,29 @@ class SessionModel:
             b_noise_calibration=self._calibration,
             local_batch_size=local_batch,
             **self._rank_fields(),
+            **self._flops_fields(),
         )
+
+    def _flops_fields(self) -> dict[str, Any]:
+        """FLOPs per sample at the current batch (else the nearest counted one) times samples/s."""
+        if not self._flops_per_sample:
+            reason = (self._flops_record or {}).get("reason")
+            return {"flops_reason": reason or "not counted yet (one step per batch size)"}
+        local = self._last["n"] if self._last else 0
+        nearest = min(self._flops_per_sample, key=lambda n: (abs(n - local), -n))
+        per_sample = self._flops_per_sample[nearest]
+        rate = self.throughput_now()
+        fields: dict[str, Any] = {"flops_per_sample": per_sample}
+        if rate is None:
+            return {**fields, "flops_reason": "waiting for the step rate"}
+        fields["flops_per_s"] = flops_per_s = per_sample * rate / self._unit_scale
+        devices = (self.hello or {}).get("devices") or []
+        peak, what = peak_flops(devices[0]["name"] if devices else None, *self._flops_dtype)
+        if peak is None:
+            return {**fields, "mfu_reason": what}
+        gpus = self._world_size * len(devices)
+        return {**fields, "mfu": mfu(flops_per_s, peak, gpus), "peak_flops": peak * gpus,
+                "peak_name": f"{gpus} x {what}"}
 
     def _rank_fields(self) -> dict[str, Any]:
         ranks = self.ranks

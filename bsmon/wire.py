@@ -47,6 +47,9 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     # One measured point of a throughput profile, and a finished profile.
     "profile_point": {"batch_size": (int,), "step_time_s": _NUM, "samples_per_s": _NUM},
     "profile": {"profile": (dict,)},
+    # The FLOPs of one step on this rank (bsmon.probe.flops): counted once per micro-batch size, or
+    # given per sample (batch_size 1, source "given"); flops is null with a reason when unknown.
+    "flops": {"t": _NUM, "step": (int,), "batch_size": (int,), "flops": _OPT_NUM, "source": (str,)},
     # One NVML snapshot (written by the monitor into the session's gpu file).
     "gpu": {"snapshot": (dict,)},
     # Multi-process jobs, from rank 0 about once a second: one column per field, one entry per

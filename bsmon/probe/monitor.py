@@ -45,6 +45,7 @@ from bsmon import store, wire
 from bsmon.model import SessionModel, Stats
 from bsmon.probe import distributed
 from bsmon.probe.deferred import Deferred
+from bsmon.probe.flops import FlopCounter
 from bsmon.probe.noise import MEASURE_BUDGET, NoiseProbe, check_mode
 from bsmon.probe.per_example import is_compiling
 from bsmon.probe.phases import StepPhases
@@ -145,7 +146,7 @@ class Monitor:
                  unit: str, tokens_per_sample: int | None, name: str | None, noise: str | None,
                  layers: str | tuple[type, ...], horizon_samples: float | None,
                  profile: dict[str, Any] | None, noise_budget: float,
-                 mixes_samples: tuple[type, ...] = ()) -> None:
+                 mixes_samples: tuple[type, ...] = (), flops_per_sample: float | None = None) -> None:
         self._model = model
         self._optimizer = optimizer
         self._fixed_batch = batch_size
@@ -197,6 +198,8 @@ class Monitor:
                                  mixes_samples=mixes_samples)
         self._ranks = (distributed.RankReporter(identity, self._publisher.submit if leader else None)
                        if identity.world_size > 1 else None)
+        # Rank 0 records the session, so only it counts FLOPs (ranks run the same model).
+        self._flops = FlopCounter(model, self._publisher.submit, flops_per_sample) if leader else None
         if profile is not None:
             self.record_profile(profile)
         self._handles = [
@@ -247,6 +250,7 @@ class Monitor:
         if self._paused or not (module.training and torch.is_grad_enabled()):
             return
         size = first_batch_dim(args, kwargs)
+        first_forward = not self._mid_iteration
         self._mid_iteration = True
         if is_compiling():
             # Traced into a compiled graph: dynamo replays attribute stores after each call
@@ -259,6 +263,8 @@ class Monitor:
         if self._step_started is None:
             self._step_started = time.perf_counter()
         self._phases.forward()
+        if first_forward and self._flops is not None and not self._flops.off:
+            self._flops.start(size, measured=self._noise.measuring)  # a set lookup, except once per size
         if size is not None:
             self._micro_sizes.append(size)
 
@@ -326,6 +332,8 @@ class Monitor:
         self._micro_sizes = []
         self._mid_iteration = False
         samples = self._fixed_batch if self._fixed_batch is not None else sum(micro)
+        if self._flops is not None:
+            self._flops.stop(self._step, samples)
         record = {"k": "step", "step": self._step, "t": time.time(), "dt": now - start,
                   "n": samples, "mb": max(1, len(micro)), "dropped": self._publisher.dropped}
         phases = self._phases.end()
@@ -493,6 +501,8 @@ class Monitor:
             self._output_hook.remove()
         self._remove_grad_hooks()
         self._noise.close()
+        if self._flops is not None:
+            self._flops.close()
         if self._ranks is not None:
             self._ranks.close()
         if sys.excepthook is self._excepthook:
@@ -532,7 +542,8 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int
           unit: str = "samples", tokens_per_sample: int | None = None, name: str | None = None,
           noise: str | None = "auto", layers: str | tuple[type, ...] = "all",
           horizon_samples: float | None = None, profile: Any = None,
-          noise_budget: float = MEASURE_BUDGET, mixes_samples: tuple[type, ...] = ()) -> Monitor:
+          noise_budget: float = MEASURE_BUDGET, mixes_samples: tuple[type, ...] = (),
+          flops_per_sample: float | None = None) -> Monitor:
     """Instrument a training loop; returns the :class:`Monitor`.
 
     ``batch_size`` fixes the samples per optimizer step (otherwise inferred from
@@ -551,6 +562,9 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int
     ``mixes_samples`` declares module types whose forward mixes the samples of a batch (like
     BatchNorm in training mode, which bsmon detects itself: in-batch negatives, say): per-example
     norms are not used in a step where one runs (docs/noise-scale.md).
+    ``flops_per_sample`` is the FLOPs of one training step (forward and backward) per sample, for
+    FLOP/s and MFU; without it bsmon counts one step per micro-batch size with
+    ``torch.utils.flop_counter.FlopCounterMode`` (docs/api.md).
     """
     global _active
     if not isinstance(model, nn.Module):
@@ -567,6 +581,8 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int
         raise ValueError(f"horizon_samples={horizon_samples!r} must be positive")
     if not (isinstance(noise_budget, (int, float)) and 0 < noise_budget <= 1):
         raise ValueError(f"noise_budget={noise_budget!r}: give the share of training time, in (0, 1]")
+    if flops_per_sample is not None and not (isinstance(flops_per_sample, (int, float)) and flops_per_sample > 0):
+        raise ValueError(f"flops_per_sample={flops_per_sample!r}: give the FLOPs of one step per sample (> 0)")
     check_mode(model, noise)
     if not (isinstance(mixes_samples, tuple)
             and all(isinstance(t, type) and issubclass(t, nn.Module) for t in mixes_samples)):
@@ -581,7 +597,7 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int
         _active = Monitor(model, optimizer, batch_size=batch_size, unit=unit,
                           tokens_per_sample=tokens_per_sample, name=name, noise=noise, layers=layers,
                           horizon_samples=horizon_samples, profile=profile_dict, noise_budget=noise_budget,
-                          mixes_samples=mixes_samples)
+                          mixes_samples=mixes_samples, flops_per_sample=flops_per_sample)
         return _active
 
 

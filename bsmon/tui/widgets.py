@@ -217,6 +217,16 @@ class Trend(Vertical):
 
 # -- throughput ------------------------------------------------------------------------------------
 
+def flops_text(stats: Stats) -> str:
+    """'12.3T FLOP/s, MFU 38.2% of 1 x H100/H200 SXM bf16 peak', or what is not known and why."""
+    if stats.flops_per_s is None:
+        return escape(f"FLOP/s N/A: {stats.flops_reason}")
+    text = f"[b]{fmt.si(stats.flops_per_s)}[/b] FLOP/s, "
+    if stats.mfu is None:
+        return text + escape(f"MFU N/A: {stats.mfu_reason}")
+    return text + f"MFU [b]{stats.mfu:.1%}[/b] of {escape(stats.peak_name)}"
+
+
 class ThroughputPanel(Lines):
     TITLE = "Throughput"
     LINE_STYLES = {"dropped": "$text-error b", "recording_error": "$text-error b", "seen": "dim"}
@@ -228,6 +238,7 @@ class ThroughputPanel(Lines):
                   else f"{unit}/s: waiting for the first step"),
             step_time=None if stats.step_time_p50_s is None else
             f"step time {fmt.duration(stats.step_time_p50_s)} p50, {fmt.duration(stats.step_time_p95_s)} p95",
+            flops=flops_text(stats) if stats.step else None,
             seen=f"{fmt.si(stats.samples_seen)} {unit} in {stats.step:,} steps" if stats.step else None,
             dropped=f"{stats.dropped:,} records dropped: the job outran its buffer; counts and charts miss "
                     "those steps" if stats.dropped else None,
