@@ -773,7 +773,7 @@ class SessionModel:
         """FLOPs per sample at the current batch (else the nearest counted one) times samples/s."""
         if not self._flops_per_sample:
             reason = (self._flops_record or {}).get("reason")
-            return {"flops_reason": reason or "not counted yet (one step per batch size)"}
+            return {"flops_reason": reason or ("no FLOP count recorded" if self.bye else "not counted yet")}
         local = self._last["n"] if self._last else 0
         nearest = min(self._flops_per_sample, key=lambda n: (abs(n - local), -n))
         per_sample = self._flops_per_sample[nearest]

@@ -31,8 +31,8 @@ from bsmon.tui import BsmonApp
 from bsmon.tui.app import Binned
 from bsmon.tui.screens import HelpScreen, WhyScreen
 from bsmon.tui.widgets import (
-    BatchPanel, BatchSizeChart, GpuPanel, JobHeader, LossChart, OptimalPanel, RanksPanel, ScalarsPanel,
-    OPTIMAL_GIST, ThroughputPanel, regime,
+    BatchPanel, BatchSizeChart, GpuPanel, JobHeader, LossChart, NoiseChart, OptimalPanel, RanksPanel, ScalarsPanel,
+    OPTIMAL_GIST, ThroughputChart, ThroughputPanel, noise_source, regime,
 )
 from fake_nvml import FakeDriver, FakeGpu
 
@@ -167,10 +167,12 @@ async def test_panels_show_the_numbers_of_the_model(sessions):
         band = fmt.band(stats.b_simple, stats.b_simple_low, stats.b_simple_high)
         assert shown(app, BatchPanel, "b_simple") == f"B_simple {band}"
         assert shown(app, BatchPanel, "batch") == "batch 64 samples = 4 x 16"
-        assert shown(app, BatchPanel, "source").startswith("microbatch estimator, 100% of parameters, 60 steps")
+        # At 100 columns the panel is narrow: the short forms, which fit one line.
+        assert shown(app, BatchPanel, "source") == f"microbatch, 60 steps, |G|²<0 in {stats.negative_grad_sq_steps}"
+        assert noise_source(stats).startswith("microbatch estimator, 100% of parameters, 60 steps")
         efficiency = 1 / (1 + 64 / stats.b_simple)
         assert shown(app, BatchPanel, "efficiency").startswith(f"efficiency {efficiency:.0%} per sample at B=64")
-        assert shown(app, BatchPanel, "regime") == regime(64, stats.b_simple)
+        assert shown(app, BatchPanel, "regime") == regime(64, stats.b_simple, short=True)
         assert len(stats.noise_groups) == 2
         assert shown(app, BatchPanel, "groups").splitlines() == [
             f"{label}: {fmt.band(noise.b_simple, noise.b_simple_low, noise.b_simple_high)}"
@@ -267,6 +269,8 @@ def test_regime_wording_covers_below_near_and_above_the_noise_scale():
     assert regime(100, 1000) == "batch is 0.1x the noise scale: larger batches are nearly free statistically"
     assert "near the critical batch" in regime(1000, 1000)
     assert "most extra samples are wasted" in regime(5000, 1000)
+    assert [regime(b, 1000, short=True) for b in (100, 1000, 5000)] == [
+        "0.1x B_simple: larger batch ~free", "1x B_simple: near critical batch", "5x B_simple: most samples wasted"]
 
 
 @pilot_test
@@ -549,8 +553,39 @@ async def test_a_log_scale_chart_survives_being_rendered_again():
 
 
 def y_ticks(plot):
-    """The y-axis tick values of a rendered plotext chart, top to bottom."""
-    return [float(line.split("┤")[0]) for line in plot.splitlines() if "┤" in line]
+    """The y-axis tick values of a rendered plotext chart, top to bottom ('20k' -> 20000.0)."""
+    return [si_value(line.split("┤")[0].strip()) for line in plot.splitlines() if "┤" in line]
+
+
+def si_value(label):
+    scale = {"k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}.get(label[-1:], 1.0)
+    return float(label[:-1] if scale != 1.0 else label) * scale
+
+
+@pilot_test
+async def test_chart_axes_read_in_round_si_numbers_and_an_early_band_edge_stays_open():
+    """Ticks 1-2-5 apart with SI suffixes; one band edge of 5.4M (or infinite) does not stretch the axis."""
+    app = BsmonApp(synthetic_feed(), mode="replay")
+    async with app.run_test(size=(200, 60)) as pilot:
+        chart = app.query_one(ThroughputChart)
+        chart.show(np.arange(1.0, 101.0), np.linspace(80_000, 106_294.5, 100), "samples")
+        await pilot.pause()
+        plot = chart.render().plain
+        assert y_ticks(plot) == [100_000, 80_000, 60_000, 40_000, 20_000, 0]
+        assert "100k┤" in plot and "106294" not in plot
+        noise = app.query_one(NoiseChart)
+        step = np.arange(1.0, 201.0)
+        b_simple = np.full(200, 1000.0)
+        low, high = b_simple / 2, b_simple * 2
+        high[:5] = [5.4e6, np.inf, 5.4e6, np.inf, 5.4e6]  # early steps: |G|² barely resolved
+        low[:3] = 0.0
+        noise.show(step, b_simple, low, high, np.full(200, 64.0))
+        await pilot.pause()
+        plot = noise.render().plain
+        ticks = y_ticks(plot)
+        assert max(ticks) <= 3 * 1000 and min(ticks) >= 64 / 3  # clipped to 3x the estimates and batch
+        assert all(fmt.tick_label(t) in plot for t in ticks)
+        assert "▲" in plot and "▼" in plot and "band open beyond" in plot
 
 
 # -- how it looks ----------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ PEAK_TFLOPS: tuple[tuple[str, str, dict[str, float]], ...] = (
 #: torch dtype names (as the probe records them) -> the table's columns.
 DTYPES = {"float64": "fp64", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
-REASON_CPU = "CPU job, no peak known"
+REASON_CPU = "CPU job"
 
 
 def peak_flops(device: str | None, dtype: str | None, tf32: bool = False) -> tuple[float | None, str]:

@@ -172,6 +172,16 @@ class FitLine(Widget):
         return fit(self._text, self.content_size.width)
 
 
+def fits(text: str, width: int) -> bool:
+    """True when ``text`` (markup) takes one line of ``width`` cells (or the width is not known yet)."""
+    return not width or Content.from_markup(text).cell_length <= width
+
+
+def first_fitting(width: int, *forms: str | None) -> str | None:
+    """The first of ``forms`` (longest first) that fits one line of ``width``, else the last."""
+    return next((form for form in forms[:-1] if form is None or fits(form, width)), forms[-1])
+
+
 def fit(text: str, width: int) -> str:
     """``text`` on one line of ``width`` cells, cut at a word boundary with '…' when too long."""
     text = " ".join(text.split())
@@ -223,7 +233,7 @@ def flops_text(stats: Stats) -> str:
         return escape(f"FLOP/s N/A: {stats.flops_reason}")
     text = f"[b]{fmt.si(stats.flops_per_s)}[/b] FLOP/s, "
     if stats.mfu is None:
-        return text + escape(f"MFU N/A: {stats.mfu_reason}")
+        return text + escape(f"MFU N/A ({stats.mfu_reason})")
     return text + f"MFU [b]{stats.mfu:.1%}[/b] of {escape(stats.peak_name)}"
 
 
@@ -303,27 +313,30 @@ def noise_value(noise: Stats | NoiseScale) -> str:
     return fmt.band(noise.b_simple, noise.b_simple_low, noise.b_simple_high)
 
 
-def regime(batch: float, b_simple: float) -> str:
-    """What B/B_simple means for this run, in one sentence."""
+#: regime(): (full advice, the few words a narrow panel has room for) below, near and above B_simple.
+REGIME_ADVICE = (("larger batches are nearly free statistically", "larger batch ~free"),
+                 ("near the critical batch; each extra sample now buys less progress", "near critical batch"),
+                 ("most extra samples are wasted; a smaller batch learns more per sample", "most samples wasted"))
+
+
+def regime(batch: float, b_simple: float, short: bool = False) -> str:
+    """What B/B_simple means for this run, in one sentence (``short``: in a few words)."""
     ratio = batch / b_simple
-    if ratio < REGIME_LOW:
-        advice = "larger batches are nearly free statistically"
-    elif ratio <= REGIME_HIGH:
-        advice = "near the critical batch; each extra sample now buys less progress"
-    else:
-        advice = "most extra samples are wasted; a smaller batch learns more per sample"
-    return f"batch is {ratio:.2g}x the noise scale: {advice}"
+    full, brief = REGIME_ADVICE[0 if ratio < REGIME_LOW else 1 if ratio <= REGIME_HIGH else 2]
+    return f"{ratio:.2g}x B_simple: {brief}" if short else f"batch is {ratio:.2g}x the noise scale: {full}"
 
 
-def noise_source(stats: Stats) -> str | None:
+def noise_source(stats: Stats, short: bool = False) -> str | None:
     """'microbatch estimator, 100% of parameters, 400 steps, |G|²<0 in 12'; the coverage alone
-    when per-example norms were refused for covering part of the model."""
+    when per-example norms were refused for covering part of the model. ``short``: 'microbatch,
+    400 steps, |G|²<0 in 12' (the coverage only when partial)."""
     fraction = stats.noise_covered_fraction
+    partial = fraction is not None and fraction < 1
     if stats.noise_estimator is None:
-        return f"per-example norms cover {fraction:.0%} of parameters" if fraction is not None and fraction < 1 else None
-    parts = [f"{stats.noise_estimator} estimator"]
-    if stats.noise_covered_fraction is not None:
-        parts.append(f"{stats.noise_covered_fraction:.0%} of parameters")
+        return f"per-example norms cover {fraction:.0%} of parameters" if partial else None
+    parts = [stats.noise_estimator if short else f"{stats.noise_estimator} estimator"]
+    if fraction is not None and (partial or not short):
+        parts.append(f"{fraction:.0%} of params" if short else f"{fraction:.0%} of parameters")
     parts.append(f"{stats.noise_steps:,} steps")
     if stats.negative_grad_sq_steps:
         parts.append(f"|G|²<0 in {stats.negative_grad_sq_steps:,}")
@@ -346,15 +359,17 @@ class BatchPanel(Lines):
                 batch += ", 1 micro-batch"
         has_value = stats.b_simple is not None
         known = stats.efficiency is not None  # the model sets it only with a batch size and B_simple > 0
+        width = self.query_one(".lines").content_size.width  # narrow (80x24): the short forms, no wrapping
+        efficiency = f"efficiency {stats.efficiency:.0%} per sample at B={fmt.si(stats.batch_size)}" if known else ""
         self.show_lines(
             batch=batch,
             b_simple=f"B_simple [b]{noise_value(stats)}[/b]" if has_value else "B_simple: no estimate",
-            source=noise_source(stats),
+            source=first_fitting(width, noise_source(stats), noise_source(stats, short=True)),
             weak="B_big << B_simple: estimate noisy" if stats.noise_weak else None,
             reason=escape(stats.noise_reason) if not has_value and stats.noise_reason else None,
-            efficiency=f"efficiency {stats.efficiency:.0%} per sample at B={fmt.si(stats.batch_size)}, "
-                       "1/(1+B/B_simple)" if known else None,
-            regime=regime(stats.batch_size, stats.b_simple) if known else None,
+            efficiency=first_fitting(width, f"{efficiency}, 1/(1+B/B_simple)", efficiency) if known else None,
+            regime=first_fitting(width, regime(stats.batch_size, stats.b_simple),
+                                 regime(stats.batch_size, stats.b_simple, short=True)) if known else None,
             groups="\n".join(
                 f"{escape(label)}: {noise_value(noise) if noise.b_simple is not None else 'no estimate'}"
                 for label, noise in stats.noise_groups),
@@ -362,7 +377,7 @@ class BatchPanel(Lines):
 
 
 #: The panel's one line of why; the full reason (the fit, the band, the objective) is behind w.
-OPTIMAL_GIST = "maximises throughput x efficiency (w: why)"
+OPTIMAL_GIST = "most progress per second (w: why)"
 
 
 def branch_line(stats: Stats) -> str | None:
@@ -418,9 +433,7 @@ class OptimalPanel(Lines):
             speedup = f"predicted speedup [b]{r.speedup:.2f}x[/b]"
             if r.speedup_low is not None and r.speedup_high is not None:
                 speedup += f" [{r.speedup_low:.2f}, {r.speedup_high:.2f}]"
-                named = f"{speedup} over the B_simple band"
-                if not width or len(Content.from_markup(named).plain) <= width:  # only where it fits one line
-                    speedup = named
+                speedup = first_fitting(width, f"{speedup} over the B_simple band", speedup)
         lr = None
         if r.lr_factor_sgd is not None and r.batch_size != r.current_batch:
             lr = f"lr: SGD x{r.lr_factor_sgd:.3g}, Adam x{r.lr_factor_adam:.3g}"
