@@ -315,8 +315,8 @@ class SessionModel:
         self.branch_checks: list[BranchCheck] = []
         self._calibration: float | None = None
         self._flops_per_sample: dict[int, float] = {}  # samples per step on a rank -> FLOPs per sample
-        self._flops_record: dict[str, Any] | None = None  # the latest flops record
         self._flops_dtype: tuple[str | None, bool] = (None, False)  # of the last count: dtype, TF32 allowed
+        self._flops_reason: str | None = None  # why there is no count
 
     # -- ingestion ------------------------------------------------------------
     def ingest(self, record: dict[str, Any]) -> None:
@@ -336,6 +336,8 @@ class SessionModel:
             self._horizon = float(record["horizon_samples"])
         self._world_size = int(record.get("world_size") or 1)
         self._data_parallel = int(record.get("data_parallel") or 1)
+        self._record_flops(1, {"total": record.get("flops_per_sample"), "dtype": record.get("flops_dtype"),
+                               "tf32": record.get("flops_tf32"), "reason": record.get("flops_reason")})
         self._reset_noise()
 
     def _on_bye(self, record: dict[str, Any]) -> None:
@@ -366,11 +368,13 @@ class SessionModel:
         self.profile = Profile.from_dict(record["profile"])
         self._points_version += 1
 
-    def _on_flops(self, record: dict[str, Any]) -> None:
-        self._flops_record = record
-        if record["flops"] is not None:
-            self._flops_per_sample[record["batch_size"]] = record["flops"] / record["batch_size"]
-            self._flops_dtype = (record.get("dtype"), bool(record.get("tf32")))
+    def _record_flops(self, samples: int, flops: dict[str, Any]) -> None:
+        """A step's (or the hello's per-sample) FLOP count, or why there is none."""
+        if flops.get("total") is None:
+            self._flops_reason = flops.get("reason") or self._flops_reason
+            return
+        self._flops_per_sample[samples] = flops["total"] / samples
+        self._flops_dtype = (flops.get("dtype"), bool(flops.get("tf32")))
 
     def _on_gpu(self, record: dict[str, Any]) -> None:
         from bsmon.gpu import GpuSnapshot  # monitor side only: the job never receives gpu records
@@ -414,8 +418,10 @@ class SessionModel:
         self._samples += samples
         self._dropped = record["dropped"]
         self._last = record
-        counted = self._flops_record is not None and self._flops_record["step"] == record["step"]
-        if not counted:  # the step whose FLOPs were counted ran several times slower
+        counted = "flops" in record
+        if counted:  # that step ran several times slower: its FLOPs, not its time
+            self._record_flops(record["n"], record["flops"])
+        else:
             self._recent.append((record["t"], record["dt"], samples))
         if "noise" in record:
             self._update_noise(record["noise"], samples + self._unmeasured_samples)
@@ -772,8 +778,7 @@ class SessionModel:
     def _flops_fields(self) -> dict[str, Any]:
         """FLOPs per sample at the current batch (else the nearest counted one) times samples/s."""
         if not self._flops_per_sample:
-            reason = (self._flops_record or {}).get("reason")
-            return {"flops_reason": reason or ("no FLOP count recorded" if self.bye else "not counted yet")}
+            return {"flops_reason": self._flops_reason or ("no FLOP count recorded" if self.bye else "not counted yet")}
         local = self._last["n"] if self._last else 0
         nearest = min(self._flops_per_sample, key=lambda n: (abs(n - local), -n))
         per_sample = self._flops_per_sample[nearest]

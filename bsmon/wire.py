@@ -36,7 +36,8 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     # A monitor's first (and only) frame to the probe.
     "attach": {"v": (int,), "client": (str,)},
     # One optimizer step. Optional "noise" holds the raw norms (see bsmon.probe.noise), optional
-    # "ph" the step's phase marks (see bsmon.probe.phases).
+    # "ph" the step's phase marks (see bsmon.probe.phases), optional "flops" the step's FLOP
+    # count (see bsmon.probe.flops).
     "step": {"step": (int,), "t": _NUM, "dt": _NUM, "n": (int,), "mb": (int,), "dropped": (int,)},
     # Values from Monitor.log(), tagged with the step they belong to.
     "scalars": {"step": (int,), "values": (dict,)},
@@ -47,9 +48,6 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     # One measured point of a throughput profile, and a finished profile.
     "profile_point": {"batch_size": (int,), "step_time_s": _NUM, "samples_per_s": _NUM},
     "profile": {"profile": (dict,)},
-    # The FLOPs of one step on this rank (bsmon.probe.flops): counted once per micro-batch size, or
-    # given per sample (batch_size 1, source "given"); flops is null with a reason when unknown.
-    "flops": {"t": _NUM, "step": (int,), "batch_size": (int,), "flops": _OPT_NUM, "source": (str,)},
     # One NVML snapshot (written by the monitor into the session's gpu file).
     "gpu": {"snapshot": (dict,)},
     # Multi-process jobs, from rank 0 about once a second: one column per field, one entry per
@@ -120,6 +118,8 @@ def validate(record: Any) -> dict[str, Any]:
             raise ProtocolError("step.ph is not a list of 4 numbers")
     if kind == "branch_check":
         _validate_branches(record)
+    if kind == "step" and "flops" in record:
+        _validate_flops(record["flops"])
     if kind == "scalars":
         for name, value in record["values"].items():
             if not isinstance(value, _NUM) or isinstance(value, bool):
@@ -128,6 +128,18 @@ def validate(record: Any) -> dict[str, Any]:
 
 
 _MISSING = object()
+
+
+def _validate_flops(flops: Any) -> None:
+    """A step's optional FLOP count: {"total": number or null, "dtype", "tf32", "reason"}."""
+    if not isinstance(flops, dict):
+        raise ProtocolError("step.flops is not an object")
+    total = flops.get("total")
+    if not isinstance(total, _OPT_NUM) or isinstance(total, bool) or (total is not None and total < 0):
+        raise ProtocolError("step.flops.total is not a non-negative number or null")
+    for field in ("dtype", "reason"):
+        if not isinstance(flops.get(field), _OPT_STR):
+            raise ProtocolError(f"step.flops.{field} is not a string or null")
 
 
 def _validate_rank_columns(record: dict[str, Any]) -> None:

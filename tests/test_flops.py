@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from bsmon import store
+from bsmon import store, wire
 from bsmon.model import SessionModel
+from bsmon.probe.flops import REASON_COMPILED, FlopCounter
 from bsmon.probe.monitor import watch
 from bsmon.stats.flops import REASON_CPU, peak_flops
 import test_model
@@ -33,10 +34,10 @@ def train(steps, sizes, **watch_args):
 
 def test_a_step_is_counted_once_per_batch_size_exactly():
     monitor, records = train(80, sizes=(8, 16))
-    counted = [r for r in records if r["k"] == "flops"]
-    assert [r["batch_size"] for r in counted] == [16, 32]  # two micro-batches per step
+    counted = [r for r in records if r["k"] == "step" and "flops" in r]
+    assert [r["n"] for r in counted] == [16, 32]  # two micro-batches per step
     for r in counted:
-        assert r["flops"] == EXACT_PER_SAMPLE * r["batch_size"] and r["dtype"] == "float32"
+        assert r["flops"] == {"total": EXACT_PER_SAMPLE * r["n"], "dtype": "float32", "tf32": False, "reason": None}
     stats = monitor.stats()
     assert stats.flops_per_sample == EXACT_PER_SAMPLE
     assert stats.flops_per_s == pytest.approx(EXACT_PER_SAMPLE * stats.samples_per_s)
@@ -45,27 +46,40 @@ def test_a_step_is_counted_once_per_batch_size_exactly():
 
 def test_a_given_count_replaces_counting():
     monitor, records = train(10, sizes=(8,), flops_per_sample=1e6)
-    [given] = [r for r in records if r["k"] == "flops"]
-    assert (given["source"], given["flops"], given["batch_size"]) == ("given", 1e6, 1)
+    assert records[0]["flops_per_sample"] == 1e6 and records[0]["flops_dtype"] == "float32"
+    assert not any("flops" in r for r in records if r["k"] == "step")
     assert monitor.stats().flops_per_s == pytest.approx(1e6 * monitor.stats().samples_per_s)
     with pytest.raises(ValueError, match="flops_per_sample=-1"):
         watch(nn.Linear(2, 2), torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), flops_per_sample=-1)
+
+
+def test_a_compiled_model_is_not_counted_and_says_why():
+    model = nn.Linear(4, 1)
+    compiled = torch.compile(model)
+    counter = FlopCounter(compiled, None)
+    assert counter.off and counter.hello_fields == {"flops_reason": REASON_COMPILED}
 
 
 def test_the_counted_steps_time_is_left_out_of_the_throughput():
     model = SessionModel()
     model.ingest(test_model._hello(devices=[{"index": 0, "uuid": None, "name": "NVIDIA H100 80GB HBM3",
                                              "total_memory": 0}]))
-    model.ingest({"k": "flops", "t": 0.0, "step": 1, "batch_size": 32, "flops": 32e9, "dtype": "bfloat16",
-                  "tf32": False, "source": "counted", "reason": None})
-    model.ingest({"k": "step", "step": 1, "t": 1.0, "dt": 1.0, "n": 32, "mb": 1, "dropped": 0})  # counted: slow
+    model.ingest(wire.validate({"k": "step", "step": 1, "t": 1.0, "dt": 1.0, "n": 32, "mb": 1, "dropped": 0,
+                                "flops": {"total": 32e9, "dtype": "bfloat16", "tf32": False, "reason": None}}))
     for step in range(2, 12):
         model.ingest({"k": "step", "step": step, "t": 1.0 + 0.01 * step, "dt": 0.01, "n": 32, "mb": 1, "dropped": 0})
     stats = model.stats()
-    assert stats.samples_per_s == pytest.approx(3200)
+    assert stats.samples_per_s == pytest.approx(3200)  # without the counted (slow) step
     assert stats.flops_per_s == pytest.approx(3200 * 1e9)
     assert stats.mfu == pytest.approx(3.2e12 / 989.5e12)
     assert stats.peak_name == "1 x H100/H200 SXM bf16 peak"
+
+
+def test_a_malformed_count_is_refused_at_the_wire():
+    step = {"k": "step", "step": 1, "t": 1.0, "dt": 1.0, "n": 32, "mb": 1, "dropped": 0}
+    for bad in ("lots", {"total": "lots"}, {"total": -1.0}, {"total": None, "reason": 3}):
+        with pytest.raises(wire.ProtocolError, match="step.flops"):
+            wire.validate({**step, "flops": bad})
 
 
 @pytest.mark.parametrize("device, dtype, tf32, peak", [

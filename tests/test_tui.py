@@ -398,7 +398,7 @@ async def test_q_in_the_demo_ends_the_demo_job():
         app = BsmonApp(feed, mode="run", job=job, quit_ends_job=True)
         async with app.run_test(size=SIZE) as pilot:
             await pilot.pause()
-            assert footer_keys(app)["q"] == "Quit (ends the demo)"
+            assert footer_keys(app)["q"] == "Quit, ends demo"
             await pilot.press("q")
         assert job.process.wait(timeout=60) == 0
         feed.wait(timeout=30)

@@ -174,6 +174,8 @@ class Monitor:
         leader = identity.rank == 0
         self.session_id = os.environ.get("BSMON_SESSION_ID") or (store.new_session_id() if leader else None)
         self.name = session_name(name)
+        # Rank 0 records the session, so only it counts FLOPs (ranks run the same model).
+        self._flops = FlopCounter(model, flops_per_sample) if leader else None
         writer = self._open_record(home) if leader else None
         socket_path = self._socket_path(home) if leader else None
         command = json.loads(os.environ["BSMON_COMMAND"]) if os.environ.get("BSMON_COMMAND") else list(sys.orig_argv)
@@ -188,6 +190,7 @@ class Monitor:
             "unit": unit, "tokens_per_sample": tokens_per_sample,
             "batch_size": batch_size, "noise_mode": noise, "horizon_samples": horizon_samples,
             "socket": socket_path, "frameworks": [name for name in FRAMEWORKS if name in sys.modules],
+            **(self._flops.hello_fields if self._flops else {}),
         }
         self._model_state.ingest(hello)
         self._publisher = Publisher(hello, writer, socket_path, self._on_published)
@@ -198,8 +201,7 @@ class Monitor:
                                  mixes_samples=mixes_samples)
         self._ranks = (distributed.RankReporter(identity, self._publisher.submit if leader else None)
                        if identity.world_size > 1 else None)
-        # Rank 0 records the session, so only it counts FLOPs (ranks run the same model).
-        self._flops = FlopCounter(model, self._publisher.submit, flops_per_sample) if leader else None
+
         if profile is not None:
             self.record_profile(profile)
         self._handles = [
@@ -332,13 +334,14 @@ class Monitor:
         self._micro_sizes = []
         self._mid_iteration = False
         samples = self._fixed_batch if self._fixed_batch is not None else sum(micro)
-        if self._flops is not None:
-            self._flops.stop(self._step, samples)
         record = {"k": "step", "step": self._step, "t": time.time(), "dt": now - start,
                   "n": samples, "mb": max(1, len(micro)), "dropped": self._publisher.dropped}
         phases = self._phases.end()
         if phases is not None:
             record["ph"] = phases
+        flops = self._flops.stop() if self._flops is not None else None
+        if flops is not None:
+            record["flops"] = flops
         noise = self._noise.end_step(micro, now - start)
         if noise is not None:
             record["noise"] = noise

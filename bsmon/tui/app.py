@@ -213,7 +213,7 @@ class BsmonApp(App):
     #: One q binding per mode; the footer says what q does in this one (check_action picks it).
     BINDINGS = [
         Binding("q", "detach", "Detach (job runs on)"),
-        Binding("q", "end_job", "Quit (ends the demo)"),
+        Binding("q", "end_job", "Quit, ends demo"),
         Binding("q", "leave('detach')", "Detach"),
         Binding("q", "leave('quit')", "Quit"),
         Binding("e", "export", "Export CSV"),
@@ -222,7 +222,7 @@ class BsmonApp(App):
         Binding("b", "branch", "Branch checks"),
         Binding("w", "why", "Why B*"),
         Binding("question_mark", "help", "Help", key_display="?"),
-        Binding("ctrl+c", "interrupt_job", "Interrupt job", priority=True),
+        Binding("ctrl+c", "interrupt_job", "Interrupt", priority=True),
         Binding("ctrl+c", "leave", "Quit", show=False, priority=True),
     ]
 
