@@ -252,7 +252,6 @@ class Monitor:
         if self._paused or not (module.training and torch.is_grad_enabled()):
             return
         size = first_batch_dim(args, kwargs)
-        first_forward = not self._mid_iteration
         self._mid_iteration = True
         if is_compiling():
             # Traced into a compiled graph: dynamo replays attribute stores after each call
@@ -265,7 +264,7 @@ class Monitor:
         if self._step_started is None:
             self._step_started = time.perf_counter()
         self._phases.forward()
-        if first_forward and self._flops is not None and not self._flops.off:
+        if not self._micro_sizes and self._flops is not None and not self._flops.off:  # the step's first forward
             self._flops.start(size, measured=self._noise.measuring)  # a set lookup, except once per size
         if size is not None:
             self._micro_sizes.append(size)
