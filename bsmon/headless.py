@@ -13,7 +13,7 @@ A log is read later, by a person scrolling or a script, so it says each thing on
 :class:`HeadlessPrinter` decides what to print from the model and the clock and does no I/O;
 :func:`follow` is the loop around it. JSON lines carry the same moments as objects with every
 ``Monitor.stats()`` field, a ``state`` (waiting, running, stalled, ended, lost, error) and the
-same ``advice`` text.
+the status line's ``B*`` part as ``advice``.
 """
 
 from __future__ import annotations
@@ -48,19 +48,6 @@ def batch_breakdown(s: Stats) -> str:
         return ""
     size = s.batch_size // (micro * ranks)
     return f" = {micro}x{size}" + (f"x{ranks} ranks" if ranks > 1 else "")
-
-
-def advice(s: Stats) -> str:
-    """The recommendation in a few words: 'B* 2,048 (1.31x faster)', or 'no advice: <why, short>'."""
-    if s.b_opt is None:
-        reason = (s.b_opt_reason or "no recommendation yet").split(":")[0]  # the gist, before the how-to
-        return f"no advice: {reason}"
-    text = f"B* {s.b_opt:,}"
-    if s.b_opt_speedup is not None and s.b_opt != s.batch_size:
-        text += f" ({s.b_opt_speedup:.2f}x faster)"
-    elif s.b_opt == s.batch_size:
-        text += " (keep)"
-    return text
 
 
 def staleness(s: Stats) -> str | None:
@@ -100,7 +87,9 @@ def status_line(model: SessionModel, state: str) -> str:
                      + (f" {stale}" if stale else ""))
     elif s.noise_reason:
         parts.append(f"B_simple N/A{coverage}: {s.noise_reason}")
-    parts.append(advice(s))
+    parts.append(fmt.optimum(s))
+    if s.input_hint:
+        parts.append("input-bound?")
     loss = shown_loss(model, s.step)
     if loss is not None:
         parts.append(f"loss {loss:.4g}")
@@ -116,7 +105,7 @@ def stats_json(model: SessionModel, state: str) -> str:
     current = model.stats()
     stats = dataclasses.asdict(current)
     stats["noise_groups"] = {label: dataclasses.asdict(n) for label, n in current.noise_groups}
-    stats.update(state=state, elapsed_s=model.elapsed_s, scalars=model.last_scalars, advice=advice(current),
+    stats.update(state=state, elapsed_s=model.elapsed_s, scalars=model.last_scalars, advice=fmt.optimum(current),
                  time=time.time())
     return json.dumps(stats, default=str)
 

@@ -5,8 +5,9 @@ from types import SimpleNamespace
 
 from bsmon import store
 from bsmon.gpu import GpuSampler
-from bsmon.headless import QUIET_REPEAT_S, HeadlessPrinter, advice, staleness
-from bsmon.model import NO_PROFILE_REASON, SessionModel
+from bsmon import fmt
+from bsmon.headless import HeadlessPrinter, staleness
+from bsmon.model import SessionModel
 from conftest import bsmon_cli, train_command
 from fake_nvml import FakeDriver
 import test_model
@@ -82,10 +83,12 @@ def test_no_gpu_is_said_once_with_the_gpu_panels_reason():
     assert all(not line.notice for line in printer.look(model, "running", T0 + 1))
 
 
-def test_advice_shows_the_recommendation_or_why_not():
-    model = fresh_model()
+def test_the_line_and_json_carry_the_optimum_or_the_next_action():
+    model, printer = fresh_model(), HeadlessPrinter(json_lines=False)
     step(model, 1, T0 + 1)
-    assert advice(model.stats()) == "no advice: " + NO_PROFILE_REASON.split(":")[0]
+    stats = model.stats()
+    [line] = texts(printer.look(model, "running", T0 + 1))
+    assert f"| {fmt.optimum(stats)} |" in line and fmt.optimum(stats).startswith("B* N/A: ")
     model = SessionModel()
     model.ingest(test_model._hello())
     model.ingest({"k": "estimator", "name": "microbatch", "reason": None, "groups": ["all"]})
@@ -94,8 +97,9 @@ def test_advice_shows_the_recommendation_or_why_not():
         t = test_model._steps(model, n, 15, b, 2, t)
         n += 15
     stats = model.stats()
-    assert stats.b_opt is not None and stats.b_opt != stats.batch_size
-    assert advice(stats) == f"B* {stats.b_opt:,} ({stats.b_opt_speedup:.2f}x faster)"
+    assert stats.b_opt is not None
+    [line] = texts(HeadlessPrinter(json_lines=True).look(model, "running", 10.0))
+    assert json.loads(line)["advice"] == fmt.optimum(stats) and fmt.optimum(stats).startswith(f"B* {stats.b_opt}")
 
 
 def test_a_stale_estimate_is_marked_when_stats_say_so():
@@ -104,13 +108,13 @@ def test_a_stale_estimate_is_marked_when_stats_say_so():
     assert staleness(fresh_model().stats()) is None  # Stats without freshness fields: no marker
 
 
-def test_run_headless_prints_each_line_once_with_the_advice():
+def test_run_headless_prints_each_line_once_with_the_optimum():
     result = bsmon_cli("run", "--headless", "--", *train_command("--steps", "30", "--sleep", "0.01"))
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("[")]
     assert len([line for line in lines if line.endswith("| ended")]) == 1 and lines[-1].endswith("| ended")
     steps = [line.split(" step ")[1].split(" ")[0] for line in lines]
     assert len(steps[:-1]) == len(set(steps[:-1]))  # no step repeated before the final line
-    assert "| no advice: no throughput profile yet |" in lines[-1]
+    assert "| B* " in lines[-1]
     [session] = store.list_sessions()
     assert session.steps == 30

@@ -95,6 +95,7 @@ class FlopCounter:
         return {"total": total, "dtype": dtype, "tf32": tf32, "reason": None}
 
     def close(self) -> None:
+        """Leave a counting mode left open (the monitor closes or pauses), recording nothing."""
         mode, self._mode = self._mode, None
         if mode is not None:
             try:

@@ -445,6 +445,8 @@ class Monitor:
             raise RuntimeError("this monitor is already paused")
         self._paused = True
         self._noise.pause()
+        if self._flops is not None:
+            self._flops.close()  # a step being counted is left uncounted: its size is counted later
         try:
             yield
         finally:
