@@ -60,7 +60,6 @@ REASON_COMPILED = (
     "graph (running them inside would break it), so no per-example norms were taken. Accumulate >= 2 "
     "micro-batches per step: the micro-batch estimator needs only the norm of .grad after each backward "
     "pass and works compiled. Or measure per-example norms on the model without torch.compile")
-REASON_UNEQUAL_MICROBATCHES = "micro-batches of unequal size in this step; it is left out"
 REASON_HOOK_BEFORE_WATCH = (
     "this DistributedDataParallel model already had a communication hook ({hook}) when "
     "bsmon.watch() was called, and DDP accepts only one. Call bsmon.watch() before "
