@@ -230,9 +230,15 @@ def status_line(model: SessionModel, state: str) -> str:
     fraction = s.noise_covered_fraction
     coverage = f", coverage {fraction:.0%}" if fraction is not None and fraction < 1 else ""
     if s.b_simple is not None:
-        parts.append(f"B_simple {fmt.band(s.b_simple, s.b_simple_low, s.b_simple_high)} ({s.noise_estimator}{coverage})")
+        parts.append(f"B_simple {fmt.band(s.b_simple, s.b_simple_low, s.b_simple_high)} "
+                     f"({s.noise_estimator}{coverage}, {fmt.measured_ago(s.noise_age_steps)})"
+                     + (" STALE" if s.noise_stale else ""))
     elif s.noise_reason:
         parts.append(f"B_simple N/A{coverage}: {s.noise_reason}")
+    if s.skipped_steps:
+        parts.append(f"skipped {s.skipped_steps}")
+    if s.step_problem and s.step_problem != s.noise_reason:
+        parts.append(s.step_problem)
     parts.append(fmt.optimum(s))
     if s.input_hint:
         parts.append("input-bound?")

@@ -68,3 +68,12 @@ def optimum(stats) -> str:
     if stats.b_opt_speedup is not None:
         text += f" {band(stats.b_opt_speedup, stats.b_opt_speedup_low, stats.b_opt_speedup_high)}x speedup"
     return text
+
+
+def measured_ago(age_steps: int | None) -> str:
+    """'measured this step', 'measured 12 steps ago': the age of a noise estimate."""
+    if age_steps is None:
+        return "not measured"
+    if age_steps == 0:
+        return "measured this step"
+    return f"measured {age_steps:,} step{'s' if age_steps != 1 else ''} ago"

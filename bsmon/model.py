@@ -222,6 +222,8 @@ class History:
     grad_sq: array = field(default_factory=lambda: array("d"))
     trace_sigma: array = field(default_factory=lambda: array("d"))
     noise_coverage: array = field(default_factory=lambda: array("d"))  # share of parameters the estimator covers
+    noise_age_steps: array = field(default_factory=lambda: array("d"))  # NaN: no estimate
+    skipped_steps: array = field(default_factory=lambda: array("q"))  # so far in the session
     b_opt: array = field(default_factory=lambda: array("d"))
     b_opt_speedup: array = field(default_factory=lambda: array("d"))
     #: step -> logged scalars of that step
@@ -453,8 +455,8 @@ class SessionModel:
         if config != self._phase_config:
             self._phase_config, self._phase_steps = config, 0
         self._phase_steps += 1
-        if "ph" not in record or self._phase_steps <= LIVE_WARMUP_STEPS:
-            return
+        if "ph" not in record or "skipped" in record or self._phase_steps <= LIVE_WARMUP_STEPS:
+            return  # (a step after a skipped attempt also timed the attempt's forwards)
         rows = self._phases.pop(config, None) or collections.deque(maxlen=RECENT_STEPS)
         self._phases[config] = rows  # most recently used last
         if len(self._phases) > MAX_PHASE_CONFIGS:
@@ -706,6 +708,8 @@ class SessionModel:
         h.grad_sq.append(_nan(noise.grad_sq))
         h.trace_sigma.append(_nan(noise.trace_sigma))
         h.noise_coverage.append(_nan((self.estimator or {}).get("covered_fraction")))
+        h.noise_age_steps.append(_nan(self.noise_age_steps() if noise.b_simple is not None else None))
+        h.skipped_steps.append(self._skipped_steps)
         self._refresh_recommendation()
         rec = self.recommendation if self._recommend_reason is None else None
         h.b_opt.append(_nan(rec.batch_size if rec else None))
