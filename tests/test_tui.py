@@ -256,6 +256,39 @@ async def test_without_noise_data_the_reason_is_shown_and_never_a_number(session
         assert shown(app, OptimalPanel, "optimal") == MEASURE_NOISE_ACTION[None]
 
 
+@pilot_test
+async def test_the_batch_panel_shows_measuring_progress_age_stale_and_skipped_steps():
+    import test_units
+
+    model = SessionModel()
+    model.ingest(test_units._hello())
+    model.ingest({"k": "estimator", "name": "microbatch", "reason": None, "groups": ["all"]})
+    noise = test_units._exact_noise([8, 8], 1.0, 50.0)
+
+    def step(n, **extra):
+        model.ingest({"k": "step", "step": n, "t": n * 0.1, "dt": 0.1, "n": 16, "mb": 2, "dropped": 0, **extra})
+
+    step(1, noise=noise)
+    feed = Feed(model)
+    feed.state = "replay"
+    async with BsmonApp(feed, mode="replay").run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert shown(pilot.app, BatchPanel, "b_simple") == "B_simple: measuring: 1 step"  # no band: no number
+        assert shown(pilot.app, BatchPanel, "reason") == ""
+    for n in range(2, 11):
+        step(n, noise=noise, **({"skipped": [{"n": 16, "mb": 2, "why": "cleared"}]} if n == 5 else {}))
+    for n in range(11, 113):
+        step(n)
+    async with BsmonApp(feed, mode="replay").run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        app = pilot.app
+        assert shown(app, BatchPanel, "b_simple") == "B_simple 50 [50, 50]"
+        assert shown(app, BatchPanel, "source").endswith("10 steps, measured 102 steps ago")
+        assert shown(app, BatchPanel, "stale") == (
+            "stale: no measured step for 102 steps; the estimator stopped measuring")
+        assert shown(app, BatchPanel, "steps") == "1 skipped step (no optimizer.step())"
+
+
 def test_regime_wording_covers_below_near_and_above_the_noise_scale():
     assert regime(100, 1000) == "batch is 0.1x the noise scale: larger batches are nearly free statistically"
     assert "near the critical batch" in regime(1000, 1000)

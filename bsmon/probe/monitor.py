@@ -58,8 +58,8 @@ from bsmon.probe.noise import MEASURE_BUDGET, NoiseProbe, check_mode
 from bsmon.probe.per_example import is_compiling
 from bsmon.probe.phases import StepPhases
 from bsmon.probe.publisher import Publisher
+from bsmon.stats.units import UNITS
 
-UNITS = ("samples", "tokens")
 #: A multi-process job times "busy" (until this rank's gradients were ready) on a step at most
 #: this often: the per-rank summary is a median over a second, and each timed step costs hooks.
 BUSY_SAMPLE_INTERVAL_S = 0.05

@@ -224,7 +224,7 @@ class NoiseProbe:
         self._unmeasured_run = 0 if measured else self._unmeasured_run + 1
         if measured and self._measured_steps == WARMUP_MEASUREMENTS:
             self._warmup_spent_s, self._warmup_trained_s = self._measuring_cost(), self._trained_s
-        self._measuring = (self._measured_steps < WARMUP_MEASUREMENTS
+        self._measuring = (self.budget >= 1.0 or self._measured_steps < WARMUP_MEASUREMENTS
                            or self._unmeasured_run + 1 >= MEASURE_GAP_STEPS
                            or self._measuring_cost() - self._warmup_spent_s
                            <= self.budget * (self._trained_s - self._warmup_trained_s))

@@ -331,7 +331,7 @@ class BatchPanel(Lines):
             stale=(f"stale: no measured step for {stats.noise_age_steps:,} steps; the estimator stopped measuring"
                    if stats.noise_stale else None),
             steps="; ".join(filter(None, (
-                f"{stats.skipped_steps:,} skipped steps (no optimizer.step())" if stats.skipped_steps else None,
+                f"{stats.skipped_steps:,} skipped step{'s' if stats.skipped_steps != 1 else ''} (no optimizer.step())" if stats.skipped_steps else None,
                 escape(stats.step_problem) if stats.step_problem and has_value else None))) or None,
             weak="B_big << B_simple: estimate noisy" if stats.noise_weak else None,
             reason=escape(stats.noise_reason) if not has_value and not measuring and stats.noise_reason else None,
