@@ -15,6 +15,8 @@ from torch import nn
 
 import bsmon
 from bsmon import store
+from bsmon.cli import status_line
+from bsmon.model import SessionModel
 from bsmon.probe.noise import REASON_DDP_NO_SYNC, REASON_NEEDS_ACCUMULATION
 from test_noise_probe import N_EXAMPLES, _problem, exact_b_simple
 
@@ -179,6 +181,10 @@ def test_zero_grad_between_micro_batches_is_named():
         "Call zero_grad() once per optimizer step, after optimizer.step()")
     assert stats.b_simple is None and stats.noise_reason == stats.step_problem  # not "accumulate >= 2"
     assert REASON_NEEDS_ACCUMULATION in [r["reason"] for r in _records(monitor) if r["k"] == "estimator"]
+    replayed = SessionModel()
+    replayed.ingest_all(_records(monitor))
+    line = status_line(replayed, "ended")
+    assert "B 16 |" in line and line.count("gradients are cleared between micro-batches") == 1
 
 
 def test_zero_grad_between_micro_batches_in_auto_measures_the_batch_that_trains():
