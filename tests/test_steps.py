@@ -135,10 +135,16 @@ def test_a_micro_batch_that_raised_inside_the_accumulation_is_dropped_alone():
                 (loss_fn(model(x[:16]), y[:16]) / 3).backward()
             optimizer.step()
             optimizer.zero_grad()
+        for _ in range(2):  # then a last micro-batch that fails, and the job steps without it
+            (loss_fn(model(x[:16]), y[:16]) / 3).backward()
+        model.fail = True
+        with pytest.raises(RuntimeError):
+            model(x[:16])
+        optimizer.step()
     records = _steps(monitor)
-    assert [(r["n"], r["mb"]) for r in records] == [(48, 3)] * 3
-    assert records[1]["skipped"] == [{"n": 16, "mb": 1, "why": "raised"}]
-    assert all("noise" in r for r in records)  # the step kept its three passes
+    assert [(r["n"], r["mb"]) for r in records] == [(48, 3)] * 3 + [(32, 2)]
+    assert records[1]["skipped"] == records[3]["skipped"] == [{"n": 16, "mb": 1, "why": "raised"}]
+    assert all("noise" in r for r in records)  # each step kept the passes it trained on
 
 
 def _ragged_run(noise, steps, sizes, clear_between=False, seed=3):

@@ -365,6 +365,8 @@ class Monitor:
         start = self._last_step_end or self._step_started or now
         self._last_step_end = now
         self._step += 1
+        if self._forward_open and self._micro_sizes:  # the last forward raised; the step went on without it
+            self._abandon("raised", [self._micro_sizes.pop()])
         micro = self._micro_sizes
         self._micro_sizes = []
         self._mid_iteration = False
