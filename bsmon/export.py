@@ -21,7 +21,9 @@ BASE_COLUMNS = ["step", "time", "elapsed_s", "batch_size", "micro_batches", "ski
                 "samples_per_s", "loss"]
 NOISE_COLUMNS = ["b_simple", "b_simple_low", "b_simple_high", "noise_age_steps", "grad_sq", "trace_sigma",
                  "noise_coverage"]
-OPTIMAL_COLUMNS = ["b_opt", "b_opt_speedup"]
+OPTIMAL_COLUMNS = ["b_noise", "b_opt", "b_opt_speedup"]
+#: A branch check's result, on the row of the step it branched from (empty elsewhere).
+BRANCH_COLUMNS = ["branch_b_crit", "branch_b_crit_low", "branch_b_crit_high", "branch_b_simple_ratio"]
 RANK_COLUMNS = ["world_size", "slowest_rank_step_time_s"]
 GPU_COLUMNS = list(CSV_COLUMNS)
 #: A step takes the ``ranks`` record nearest in time, if one lies this close (a big job writes
@@ -45,7 +47,7 @@ def _integral(value: float) -> int | None:
 
 def columns(model: SessionModel) -> list[str]:
     scalars = [name for name in model.history.scalar_names if name != "loss"]
-    return BASE_COLUMNS + scalars + NOISE_COLUMNS + OPTIMAL_COLUMNS + RANK_COLUMNS + GPU_COLUMNS
+    return BASE_COLUMNS + scalars + NOISE_COLUMNS + OPTIMAL_COLUMNS + BRANCH_COLUMNS + RANK_COLUMNS + GPU_COLUMNS
 
 
 def write_csv(model: SessionModel, out: TextIO) -> int:
@@ -62,12 +64,14 @@ def write_csv(model: SessionModel, out: TextIO) -> int:
     gpu_index = history.nearest_gpu_sample(step_times, GPU_MAX_GAP_S)
     ranks_index = history.nearest_ranks_record(step_times, RANKS_MAX_GAP_S)
     world_size = int((model.hello or {}).get("world_size") or 1)
+    checks = {check.step: check for check in model.branch_checks}  # the latest check of a step wins
     for i in range(len(history)):
         step = history.step[i]
         t = history.time[i]
         dt_s = history.step_time_s[i]
         batch = history.batch_size[i]
         logged = history.scalars.get(step, {})
+        check = checks.get(step)
         row = [
             step,
             dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="milliseconds"),
@@ -82,7 +86,8 @@ def write_csv(model: SessionModel, out: TextIO) -> int:
             history.b_simple[i], history.b_simple_low[i], history.b_simple_high[i],
             _integral(history.noise_age_steps[i]), history.grad_sq[i], history.trace_sigma[i],
             history.noise_coverage[i],
-            _integral(history.b_opt[i]), history.b_opt_speedup[i],
+            history.b_noise[i], _integral(history.b_opt[i]), history.b_opt_speedup[i],
+            *((check.b_crit, check.b_crit_low, check.b_crit_high, check.ratio) if check else (None,) * 4),
             history.rank_world_size[ranks_index[i]] if ranks_index[i] >= 0 else world_size,
             history.slowest_rank_step_time_s[ranks_index[i]] if ranks_index[i] >= 0 else None,
             *(history.gpu_fields[name][gpu_index[i]] if gpu_index[i] >= 0 and name in history.gpu_fields

@@ -8,6 +8,7 @@ from it, so one record stream always gives the same numbers.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 from array import array
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from bsmon.stats.branch import BranchCheck, calibrated_factor
 from bsmon.stats.optimal import Recommendation, StableRecommendation, optimal_accumulation, optimal_batch_size
 from bsmon.stats.throughput import StepSplit, ThroughputPoint, split_step_time
 from bsmon.stats.noise import (
@@ -122,6 +124,10 @@ class Stats:
     b_opt_source: str | None = None
     step_split: StepSplit | None = None  # the job's step time, alpha + k*beta_mb, at its micro-batch
     input_hint: str | None = None  # the wait before each step's first forward rivals a micro-batch
+    # The latest branch check (bsmon.branch_check), and the factor B_simple is divided by for the
+    # advice when that check calibrates it (None: the advice uses B_simple as it is).
+    branch_check: BranchCheck | None = None
+    b_noise_calibration: float | None = None
     # Multi-process jobs. batch_size, samples_per_s and samples_seen above are global: rank 0's
     # local figures times the data-parallel size (equal shards assumed; uneven_rank_batches
     # says when the ranks' last local batches differ).
@@ -224,6 +230,7 @@ class History:
     noise_coverage: array = field(default_factory=lambda: array("d"))  # share of parameters the estimator covers
     noise_age_steps: array = field(default_factory=lambda: array("d"))  # NaN: no estimate
     skipped_steps: array = field(default_factory=lambda: array("q"))  # so far in the session
+    b_noise: array = field(default_factory=lambda: array("d"))  # what the advice used (calibrated or B_simple)
     b_opt: array = field(default_factory=lambda: array("d"))
     b_opt_speedup: array = field(default_factory=lambda: array("d"))
     #: step -> logged scalars of that step
@@ -319,6 +326,8 @@ class SessionModel:
         self.recommendation: Recommendation | None = None
         self._recommend_reason: str | None = NO_PROFILE_REASON
         self._recommend_source: str | None = None
+        self.branch_checks: list[BranchCheck] = []
+        self._calibration: float | None = None
 
     # -- ingestion ------------------------------------------------------------
     def ingest(self, record: dict[str, Any]) -> None:
@@ -386,6 +395,10 @@ class SessionModel:
             h.slowest_rank_step_time_s.append(_nan(summary.slowest_step_time_s))
             h.slowest_rank_lag_steps.append(_nan(summary.slowest_lag_steps))
             h.rank_skew.append(_nan(summary.skew))
+
+    def _on_branch_check(self, record: dict[str, Any]) -> None:
+        self.branch_checks.append(BranchCheck.from_record(record))
+        self._recommend_due = True
 
     def _on_scalars(self, record: dict[str, Any]) -> None:
         values = {k: float(v) for k, v in record["values"].items()}
@@ -612,6 +625,8 @@ class SessionModel:
         """
         self._recommended_version = self._points_version
         noise = self.noise()
+        check = self.branch_checks[-1] if self.branch_checks else None
+        self._calibration = factor = self._calibration_now()
         points = self.throughput_points()
         current = int(self._units.from_rank_samples(self._last["n"])) if self._last else None
         split = self.step_split()
@@ -619,26 +634,37 @@ class SessionModel:
         if noise.b_simple is None or noise.b_simple <= 0 or not (profiled or split is not None):
             self._recommend_reason = self.next_action()
             return
-        low, high = noise.b_simple_low, noise.b_simple_high
+        b_noise, low, high = noise.b_simple, noise.b_simple_low, noise.b_simple_high
+        if factor is not None:  # B_noise = B_simple / (B_simple/B_crit measured), decaying (stats.branch)
+            b_noise, low, high = (None if v is None else v / factor for v in (b_noise, low, high))
         if low is not None and high is not None:
             # A band reaching 0 (noise swamps |G|^2 at the low end) is kept as a tiny positive
             # B_noise: goodput ratios stay finite there.
-            low = max(low, noise.b_simple * 1e-6)
+            low = max(low, b_noise * 1e-6)
         else:
             low = high = None
         try:
             if profiled:
-                rec = self._profiled_recommendation(points, noise.b_simple, current, low, high, split)
+                rec = self._profiled_recommendation(points, b_noise, current, low, high, split)
                 source = "profile" if any(p.source == "profile" for p in points) else "live"
             else:
-                rec = optimal_accumulation(split, noise.b_simple, b_noise_low=low, b_noise_high=high)
+                rec = optimal_accumulation(split, b_noise, b_noise_low=low, b_noise_high=high)
                 source = "in-run"
         except ValueError as exc:
             self._recommend_reason = f"cannot recommend: {exc}"
             return
         self.recommendation = self._stable.update(rec)
+        if factor is not None:
+            self.recommendation = dataclasses.replace(self.recommendation, reason=(
+                f"Calibrated by the branch check at step {check.step}: B_noise = B_simple/{factor:.3g} "
+                f"(measured ratio {check.ratio:.3g}, decaying as training moves on). " + self.recommendation.reason))
         self._recommend_source = source
         self._recommend_reason = None
+
+    def _calibration_now(self) -> float | None:
+        """What B_simple is divided by for B_noise now: the latest branch check's decaying ratio, if it calibrates."""
+        return calibrated_factor(self.branch_checks[-1] if self.branch_checks else None,
+                                 self._units.from_samples(self._samples))
 
     def _profiled_recommendation(self, points, b_noise, current, low, high, split) -> Recommendation:
         profile = self.profile is not None or bool(self.profile_points)
@@ -712,6 +738,8 @@ class SessionModel:
         h.skipped_steps.append(self._skipped_steps)
         self._refresh_recommendation()
         rec = self.recommendation if self._recommend_reason is None else None
+        factor = self._calibration_now()
+        h.b_noise.append(_nan(noise.b_simple / factor if factor and noise.b_simple else noise.b_simple))
         h.b_opt.append(_nan(rec.batch_size if rec else None))
         h.b_opt_speedup.append(_nan(rec.speedup if rec else None))
 
@@ -804,6 +832,8 @@ class SessionModel:
             recording_error=self._recording_error,
             gpu_hints=self.gpu_hints(),
             **self._recommendation_fields(),
+            branch_check=self.branch_checks[-1] if self.branch_checks else None,
+            b_noise_calibration=self._calibration,
             local_batch_size=local_batch,
             **self._rank_fields(),
         )

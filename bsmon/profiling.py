@@ -13,7 +13,6 @@ import contextlib
 import gc
 import numbers
 import os
-import random
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -334,7 +333,10 @@ def profile_training(
         step(batches[size])
 
     began = time.perf_counter()
-    saved = TrainingState(model, optimizer, scaler)
+    from bsmon.snapshot import Snapshot
+
+    # Host memory, not the device: a copy on the GPU would take the memory the sweep is measuring.
+    saved = Snapshot(model, optimizer, scaler=scaler, to_host=True)
     with monitor.paused() if monitor is not None else contextlib.nullcontext():
         try:
             result = profile(step_fn, batch_sizes, max_batch=max_batch, warmup=warmup, steps=steps,
@@ -348,100 +350,3 @@ def profile_training(
             f"throughput profile of micro-batch sizes {sizes} took {time.perf_counter() - began:.1f} s "
             f"(stopped: {result.stop_reason.replace('_', ' ')}); training state restored"))
     return result
-
-
-class TrainingState:
-    """A host copy of everything a training step changes, to put back exactly (see profile_training).
-
-    Host memory, not the device: a copy on the GPU would take the memory the sweep is measuring.
-    """
-
-    def __init__(self, model, optimizer, scaler) -> None:
-        import torch
-
-        self._model, self._optimizer, self._scaler = model, optimizer, scaler
-        self._tensors = [(t, t.detach().to("cpu", copy=True)) for t in (*model.parameters(), *model.buffers())]
-        self._grads = [(p, _host_tree(p.grad)) for p in model.parameters()]
-        self._modes = [(m, m.training) for m in model.modules()]
-        self._optimizer_state = {p: _host_tree(s) for p, s in optimizer.state.items()}
-        self._hyperparameters = [_host_tree({k: v for k, v in g.items() if k != "params"})
-                                 for g in optimizer.param_groups]
-        # GradScaler.state_dict() is empty until its first step, so load_state_dict cannot put
-        # back "not yet initialised": keep its two tensors (None before the first step) directly.
-        self._scaler_state = (None if scaler is None else
-                              [_host_tree(getattr(scaler, name, None)) for name in _SCALER_TENSORS])
-        self._rng = (random.getstate(), _numpy_rng_state(), torch.get_rng_state(),
-                     torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
-
-    def restore(self) -> None:
-        import torch
-
-        with torch.no_grad():
-            for tensor, copy in self._tensors:
-                tensor.copy_(copy)
-            for param, grad in self._grads:
-                param.grad = _device_tree(grad)
-        for module, training in self._modes:
-            module.training = training
-        state = self._optimizer.state
-        state.clear()
-        state.update({p: _device_tree(s) for p, s in self._optimizer_state.items()})
-        for group, saved in zip(self._optimizer.param_groups, self._hyperparameters):
-            group.update(_device_tree(saved))
-        if self._scaler is not None:
-            for name, saved in zip(_SCALER_TENSORS, self._scaler_state):
-                if hasattr(self._scaler, name):
-                    setattr(self._scaler, name, _device_tree(saved))
-            if hasattr(self._scaler, "_per_optimizer_states"):  # a step the sweep abandoned mid-way
-                self._scaler._per_optimizer_states.clear()
-        python, numpy_state, cpu, cuda = self._rng
-        random.setstate(python)
-        if numpy_state is not None:
-            import numpy
-
-            numpy.random.set_state(numpy_state)
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
-
-
-_SCALER_TENSORS = ("_scale", "_growth_tracker")
-
-
-def _numpy_rng_state():
-    numpy = sys.modules.get("numpy")
-    return None if numpy is None else numpy.random.get_state()
-
-
-def _host_tree(value):
-    """Tensors in nested dicts/lists/tuples as host copies that remember their device; the rest deep-copied."""
-    import copy
-
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return _HostTensor(value.detach().to("cpu", copy=True), value.device)
-    if isinstance(value, dict):
-        return {k: _host_tree(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_host_tree(v) for v in value)
-    return copy.deepcopy(value)
-
-
-def _device_tree(value):
-    """The inverse of _host_tree: fresh tensors on their original devices."""
-    import copy
-
-    if isinstance(value, _HostTensor):
-        return value.tensor.to(value.device, copy=True)
-    if isinstance(value, dict):
-        return {k: _device_tree(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_device_tree(v) for v in value)
-    return copy.deepcopy(value)
-
-
-@dataclass(frozen=True)
-class _HostTensor:
-    tensor: Any
-    device: Any

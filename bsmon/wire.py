@@ -55,6 +55,12 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     # rank (bsmon.probe.distributed.RankReporter); None where a rank has not reported.
     "ranks": {"t": _NUM, "world_size": (int,), "step": (list,), "dt": (list,), "dt95": (list,),
               "busy": (list,), "n": (list,), "since_step": (list,), "since_report": (list,)},
+    # A branch check's result (bsmon.branch_check; fields as bsmon.stats.branch.BranchCheck, one
+    # dict per branch in "branches"). An aborted check leaves only an event.
+    "branch_check": {"t": _NUM, "step": (int,), "samples_seen": (int,), "base_batch": (int,), "samples": (int,),
+                     "start_loss": _NUM, "branches": (list,), "b_crit": _OPT_NUM, "b_crit_low": _OPT_NUM,
+                     "b_crit_high": _OPT_NUM, "censored": _OPT_STR, "b_simple": _OPT_NUM, "calibrate": (bool,),
+                     "confidence": _NUM, "cost_samples": (int,), "cost_s": _NUM},
     # Last record: how the job ended.
     "bye": {"t": _NUM, "status": (str,), "code": (int, type(None))},
 }
@@ -113,6 +119,8 @@ def validate(record: Any) -> dict[str, Any]:
             raise ProtocolError("step.ph is not a list of 4 numbers")
     if kind == "step" and "skipped" in record:
         _validate_skipped(record["skipped"])
+    if kind == "branch_check":
+        _validate_branches(record)
     if kind == "scalars":
         for name, value in record["values"].items():
             if not isinstance(value, _NUM) or isinstance(value, bool):
@@ -148,6 +156,27 @@ def _validate_skipped(skipped: Any) -> None:
         if (not isinstance(chunk, dict) or chunk.get("why") not in SKIP_CAUSES
                 or any(not isinstance(chunk.get(f), int) or isinstance(chunk.get(f), bool) for f in ("n", "mb"))):
             raise ProtocolError(f"step.skipped holds {chunk!r}, not {{n: int, mb: int, why: {SKIP_CAUSES}}}")
+
+
+#: Required fields of each entry of a branch_check record's "branches".
+BRANCH_FIELDS: dict[str, tuple[type, ...]] = {"batch_size": (int,), "steps": (int,), "lr": _NUM, "loss": _NUM,
+                                              "lrs": (list,), "losses": (list,)}
+
+
+def _validate_branches(record: dict[str, Any]) -> None:
+    branches = record["branches"]
+    if not branches:
+        raise ProtocolError("branch_check.branches is empty")
+    for i, branch in enumerate(branches):
+        if not isinstance(branch, dict):
+            raise ProtocolError(f"branch_check.branches[{i}] is not an object")
+        for field, types in BRANCH_FIELDS.items():
+            value = branch.get(field, _MISSING)
+            if value is _MISSING or not isinstance(value, types) or isinstance(value, bool):
+                raise ProtocolError(f"branch_check.branches[{i}].{field} is missing or mistyped")
+        if len(branch["lrs"]) != len(branch["losses"]) or any(
+                not isinstance(v, _NUM) or isinstance(v, bool) for v in branch["lrs"] + branch["losses"]):
+            raise ProtocolError(f"branch_check.branches[{i}]: lrs and losses must be equally long lists of numbers")
 
 
 def decode_payload(payload: bytes) -> dict[str, Any]:

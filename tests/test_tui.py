@@ -25,6 +25,7 @@ from bsmon.client import Feed
 from bsmon.export import export_to_file
 from bsmon.gpu import GpuSampler
 from bsmon.model import MEASURE_NOISE_ACTION, SessionModel
+from bsmon.probe import monitor as monitor_module
 from bsmon.probe.monitor import watch
 from bsmon.stats.optimal import optimal_batch_size
 from bsmon.tui import BsmonApp
@@ -76,6 +77,9 @@ def sessions(tmp_path_factory):
     home = tmp_path_factory.mktemp("bsmon-home")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("BSMON_HOME", str(home))
+        # A plain loop, whatever frameworks other tests imported into this process (the next-action
+        # wording names the framework the job imported).
+        patch.setattr(monitor_module, "FRAMEWORKS", ())
         return {"noise": train(home, steps=60, accumulate=4),
                 "no_noise": train(home, steps=20, accumulate=1, noise="microbatch")}
 
@@ -574,3 +578,30 @@ async def test_the_ranks_panel_shows_the_straggler_and_silent_ranks():
     async with BsmonApp(synthetic_feed(), mode="replay").run_test(size=SIZE) as pilot:
         await pilot.pause()
         assert not pilot.app.query_one(RanksPanel).display  # a single process has no rank view
+
+
+@pilot_test
+async def test_the_optimal_panel_shows_the_measured_critical_batch_and_b_opens_the_details():
+    from test_branch import calibrated_session
+    from bsmon.tui.screens import BranchScreen
+
+    model, b_simple, _ = calibrated_session(True)
+    feed = Feed(model)
+    feed.state = "replay"
+    check = model.branch_checks[-1]
+    async with BsmonApp(feed, mode="replay").run_test(size=(200, 60)) as pilot:
+        await pilot.pause()
+        line = shown(pilot.app, OptimalPanel, "branch")
+        assert line.startswith(f"measured critical batch now: {check.b_crit:,.0f} "
+                               f"[{check.b_crit_low:,.0f}-{fmt.si(check.b_crit_high)}] "
+                               f"(B_simple: {b_simple:,.0f}, ratio 4.00)")
+        assert "advice calibrated: B_noise = B_simple/4" in line and "(b: details)" in line
+        assert any(b.key == "b" for b in pilot.app.BINDINGS)
+        await pilot.press("b")
+        assert isinstance(pilot.app.screen, BranchScreen)
+        text = str(pilot.app.screen.query_one("#branch-checks", Static).visual)
+        assert "The advice is calibrated now" in text and "E/E_base" in text and "2.40" in text
+        await pilot.press("escape")
+        assert not isinstance(pilot.app.screen, BranchScreen)
+        await pilot.press("question_mark")
+        assert "branch checks" in str(pilot.app.screen.query_one("#help-keys", Static).visual)

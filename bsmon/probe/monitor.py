@@ -512,6 +512,26 @@ class Monitor:
         self._publisher.submit({"k": "profile", "profile": profile})
 
     @property
+    def model(self) -> nn.Module:
+        return self._model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self._optimizer
+
+    def throughput_points(self) -> list:
+        """The session's throughput points so far (profile and live), in its unit."""
+        self._publisher.poll(now=True)
+        with self._state_lock:
+            self._ingest_unread()
+            return self._model_state.throughput_points()
+
+    def record(self, record: dict[str, Any]) -> None:
+        """Add a record (an event, a branch check) to the session."""
+        self._publisher.submit(record)
+        self._publisher.poll()
+
+    @property
     def dropped(self) -> int:
         return self._publisher.dropped
 

@@ -29,10 +29,10 @@ from bsmon.gpu import GpuSnapshot
 from bsmon.model import SessionModel, Stats
 from bsmon.stats.optimal import Recommendation
 from bsmon.stats.throughput import ThroughputPoint
-from bsmon.tui.screens import HelpScreen
+from bsmon.tui.screens import BranchScreen, HelpScreen
 from bsmon.tui.widgets import (
     BatchPanel, BatchSizeChart, Chart, EventsLog, GpuChart, GpuPanel, JobHeader, LossChart, NoiseChart,
-    NoiseLossChart, OptimalPanel, RanksPanel, ScalarsPanel, ThroughputChart, ThroughputPanel, exit_text,
+    NoiseLossChart, OptimalPanel, RanksPanel, ScalarsPanel, ThroughputChart, ThroughputPanel, branch_line, exit_text,
     job_status, short_command,
 )
 
@@ -215,6 +215,7 @@ class BsmonApp(App):
         Binding("e", "export", "Export CSV"),
         Binding("p", "pause", "Pause"),
         Binding("p", "resume", "Resume"),
+        Binding("b", "branch", "Branch checks"),
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("ctrl+c", "interrupt_job", "Interrupt job", priority=True),
         Binding("ctrl+c", "leave", "Quit", show=False, priority=True),
@@ -315,7 +316,8 @@ class BsmonApp(App):
         self.query_one(RanksPanel).show(numbers.stats)
         self.query_one(BatchPanel).show(numbers.stats)
         self.query_one(OptimalPanel).show(numbers.recommendation, numbers.stats.b_opt_reason, numbers.memory_limit,
-                                          numbers.stats.input_hint, fmt.data_parallel(numbers.stats))
+                                          numbers.stats.input_hint, fmt.data_parallel(numbers.stats),
+                                          branch_line(numbers.stats))
         self.query_one(BatchSizeChart).show(numbers.recommendation, numbers.stats.b_simple, numbers.points)
         self.query_one(GpuPanel).show(numbers.gpu, numbers.stats.gpu_hints, live=self._live(returncode, numbers.bye))
         self.query_one(ScalarsPanel).show(numbers.scalars)
@@ -400,6 +402,12 @@ class BsmonApp(App):
         self.refresh_numbers(force=True)
         if not paused:
             self.refresh_charts(force=True)
+
+    def action_branch(self) -> None:
+        if not isinstance(self.screen, BranchScreen):
+            checks, calibration = self.feed.read(lambda model: (list(model.branch_checks),
+                                                                model.stats().b_noise_calibration))
+            self.push_screen(BranchScreen(checks, calibration))
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

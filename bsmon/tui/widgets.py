@@ -347,18 +347,41 @@ class BatchPanel(Lines):
         show_sparkline(self.query_one("#noise-spark", Sparkline), b_simple)
 
 
+def branch_line(stats: Stats) -> str | None:
+    """The latest branch check in one line: measured critical batch, B_simple, ratio, cost, calibration."""
+    check = stats.branch_check
+    if check is None:
+        return None
+    if check.b_crit is None:
+        low = f"> {check.b_crit_low:,.0f}" if check.censored == "above" and check.b_crit_low else "below the batch"
+        text = f"measured critical batch now: {low}"
+    else:
+        text = f"measured critical batch now: [b]{check.b_crit:,.0f}[/b]"
+        if check.b_crit_low is not None and check.b_crit_high is not None:
+            text += escape(f" [{check.b_crit_low:,.0f}-{fmt.si(check.b_crit_high)}]")
+    if check.b_simple is not None:
+        text += f" (B_simple: {check.b_simple:,.0f}"
+        text += f", ratio {check.ratio:.2f})" if check.ratio is not None else ")"
+    text += f", step {check.step:,}, cost {fmt.si(check.cost_samples)} samples {check.cost_s:.1f} s"
+    if stats.b_noise_calibration is not None:
+        text += f"; advice calibrated: B_noise = B_simple/{stats.b_noise_calibration:.3g}"
+    return text + " (b: details)"
+
+
 class OptimalPanel(Lines):
     TITLE = "Optimal batch size"
     LINE_STYLES = {"input": "$text-warning"}
 
     def show(self, recommendation: Recommendation | None, reason: str | None, memory: str | None = None,
-             input_hint: str | None = None, ranks: int = 1) -> None:
+             input_hint: str | None = None, ranks: int = 1, branch: str | None = None) -> None:
         """The recommendation, or why there is none yet (``reason``, from the model), the memory limit,
-        whether the job waits for its input (``input_hint``), and the data-parallel size (``ranks``)."""
+        whether the job waits for its input (``input_hint``), the data-parallel size (``ranks``), and the
+        latest branch check (``branch``, from branch_line)."""
         memory = escape(memory) if memory else None
         input_hint = escape(input_hint) if input_hint else None
         if recommendation is None:
-            self.show_lines(optimal=escape(reason or "no recommendation yet"), memory=memory, input=input_hint)
+            self.show_lines(optimal=escape(reason or "no recommendation yet"), memory=memory, input=input_hint,
+                            branch=branch)
             return
         r = recommendation
         optimal = f"B* [b]{r.batch_size:,}[/b]"
@@ -378,7 +401,7 @@ class OptimalPanel(Lines):
         if r.lr_factor_sgd is not None and r.batch_size != r.current_batch:
             lr = f"lr: SGD x{r.lr_factor_sgd:.3g}, Adam x{r.lr_factor_adam:.3g}"
         roomy = not self.screen.has_class("-short")  # at 80x24 the reason would push the GPU panel away
-        self.show_lines(optimal=optimal, speedup=speedup, lr=lr, memory=memory, input=input_hint,
+        self.show_lines(optimal=optimal, speedup=speedup, lr=lr, memory=memory, input=input_hint, branch=branch,
                         why=escape(r.reason) if roomy else None)
 
 
