@@ -103,3 +103,12 @@ def log_ticks(low: float, high: float, count: int = 5) -> list[float]:
 def tick_label(value: float) -> str:
     """An axis tick: '0', '250', '2.5k', '100k', '5M', '0.02'."""
     return "0" if value == 0 else si(value)
+
+
+def measured_ago(age_steps: int | None) -> str:
+    """'measured this step', 'measured 12 steps ago': the age of a noise estimate."""
+    if age_steps is None:
+        return "not measured"
+    if age_steps == 0:
+        return "measured this step"
+    return f"measured {age_steps:,} step{'s' if age_steps != 1 else ''} ago"

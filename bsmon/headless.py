@@ -31,10 +31,6 @@ from bsmon.model import SessionModel, Stats
 INTERVAL_S = 1.0
 #: While no step arrives (before the first one, or in a stall), one line every this long.
 QUIET_REPEAT_S = 30.0
-#: Freshness fields that Stats may carry (issue 10, item 6): the line marks a stale estimate.
-STALE_FIELD, AGE_FIELD = "noise_stale", "noise_age_steps"
-
-
 class Job(Protocol):
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the job to exit; True if it has."""
@@ -51,11 +47,10 @@ def batch_breakdown(s: Stats) -> str:
 
 
 def staleness(s: Stats) -> str | None:
-    """'STALE (1,200 steps old)' when the noise estimate is stale, None when fresh or unknown."""
-    if not getattr(s, STALE_FIELD, False):
+    """'STALE (1,200 steps old)' when the noise estimate is stale, None when fresh."""
+    if not s.noise_stale:
         return None
-    age = getattr(s, AGE_FIELD, None)
-    return "STALE" + (f" ({age:,} steps old)" if age is not None else "")
+    return "STALE" + (f" ({s.noise_age_steps:,} steps old)" if s.noise_age_steps is not None else "")
 
 
 def shown_loss(model: SessionModel, step: int) -> float | None:
@@ -83,10 +78,15 @@ def status_line(model: SessionModel, state: str) -> str:
     coverage = f", coverage {fraction:.0%}" if fraction is not None and fraction < 1 else ""
     if s.b_simple is not None:
         stale = staleness(s)
-        parts.append(f"B_simple {fmt.band(s.b_simple, s.b_simple_low, s.b_simple_high)} ({s.noise_estimator}{coverage})"
+        parts.append(f"B_simple {fmt.band(s.b_simple, s.b_simple_low, s.b_simple_high)} "
+                     f"({s.noise_estimator}{coverage}, {fmt.measured_ago(s.noise_age_steps)})"
                      + (f" {stale}" if stale else ""))
     elif s.noise_reason:
         parts.append(f"B_simple N/A{coverage}: {s.noise_reason}")
+    if s.skipped_steps:
+        parts.append(f"skipped {s.skipped_steps}")
+    if s.step_problem and s.step_problem != s.noise_reason:
+        parts.append(s.step_problem)
     parts.append(fmt.optimum(s))
     if s.input_hint:
         parts.append("input-bound?")

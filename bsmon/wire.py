@@ -37,7 +37,9 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "attach": {"v": (int,), "client": (str,)},
     # One optimizer step. Optional "noise" holds the raw norms (see bsmon.probe.noise), optional
     # "ph" the step's phase marks (see bsmon.probe.phases), optional "flops" the step's FLOP
-    # count (see bsmon.probe.flops).
+    # count (see bsmon.probe.flops), optional "skipped" the attempts abandoned before it:
+    # [{"n": samples, "mb": forwards, "why": "cleared" or "raised"}] (bsmon.probe.monitor),
+    # which n and mb do not include.
     "step": {"step": (int,), "t": _NUM, "dt": _NUM, "n": (int,), "mb": (int,), "dropped": (int,)},
     # Values from Monitor.log(), tagged with the step they belong to.
     "scalars": {"step": (int,), "values": (dict,)},
@@ -116,6 +118,8 @@ def validate(record: Any) -> dict[str, Any]:
         if not (isinstance(phases, list) and len(phases) == 4
                 and all(isinstance(v, _NUM) and not isinstance(v, bool) for v in phases)):
             raise ProtocolError("step.ph is not a list of 4 numbers")
+    if kind == "step" and "skipped" in record:
+        _validate_skipped(record["skipped"])
     if kind == "branch_check":
         _validate_branches(record)
     if kind == "step" and "flops" in record:
@@ -155,6 +159,18 @@ def _validate_rank_columns(record: dict[str, Any]) -> None:
         types = (int, type(None)) if field in ("step", "n") else _OPT_NUM
         if any(not isinstance(v, types) or isinstance(v, bool) for v in column):
             raise ProtocolError(f"ranks.{field} holds a value that is not a number or null")
+
+
+SKIP_CAUSES = ("cleared", "raised")
+
+
+def _validate_skipped(skipped: Any) -> None:
+    if not isinstance(skipped, list):
+        raise ProtocolError("step.skipped is not a list")
+    for chunk in skipped:
+        if (not isinstance(chunk, dict) or chunk.get("why") not in SKIP_CAUSES
+                or any(not isinstance(chunk.get(f), int) or isinstance(chunk.get(f), bool) for f in ("n", "mb"))):
+            raise ProtocolError(f"step.skipped holds {chunk!r}, not {{n: int, mb: int, why: {SKIP_CAUSES}}}")
 
 
 #: Required fields of each entry of a branch_check record's "branches".

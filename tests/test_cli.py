@@ -108,15 +108,16 @@ def test_attach_to_a_plain_job_then_export_csv(tmp_path):
     assert exported.returncode == 0 and "wrote 60 steps" in exported.stderr
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
     header = out.read_text().splitlines()[0].split(",")
-    assert header[:8] == ["step", "time", "elapsed_s", "batch_size", "micro_batches", "step_time_s",
-                          "samples_per_s", "loss"]
-    assert header[8:] == ["lr", "b_simple", "b_simple_low", "b_simple_high", "grad_sq", "trace_sigma", "noise_coverage",
-                          "b_noise", "b_opt", "b_opt_speedup", "branch_b_crit", "branch_b_crit_low", "branch_b_crit_high",
-                          "branch_b_simple_ratio", "world_size", "slowest_rank_step_time_s", "gpu_util_pct", "gpu_mem_used_mib", "gpu_mem_total_mib", "gpu_job_mem_mib",
+    assert header[:9] == ["step", "time", "elapsed_s", "batch_size", "micro_batches", "skipped_steps",
+                          "step_time_s", "samples_per_s", "loss"]
+    assert header[9:] == ["lr", "b_simple", "b_simple_low", "b_simple_high", "noise_age_steps", "grad_sq",
+                          "trace_sigma", "noise_coverage", "b_noise", "b_opt", "b_opt_speedup", "branch_b_crit",
+                          "branch_b_crit_low", "branch_b_crit_high", "branch_b_simple_ratio",
+                          "world_size", "slowest_rank_step_time_s", "gpu_util_pct", "gpu_mem_used_mib", "gpu_mem_total_mib", "gpu_job_mem_mib",
                           "gpu_power_w", "gpu_temp_c", "gpu_sm_clock_mhz"]
     assert [int(r["step"]) for r in rows] == list(range(1, 61))
     for r in rows:
-        assert int(r["batch_size"]) == 32 and int(r["micro_batches"]) == 2
+        assert int(r["batch_size"]) == 32 and int(r["micro_batches"]) == 2 and int(r["skipped_steps"]) == 0
         assert float(r["samples_per_s"]) == pytest.approx(32 / float(r["step_time_s"]))
         assert float(r["loss"]) >= 0 and float(r["lr"]) == 0.05
     assert rows[-1]["b_simple"] != ""  # the micro-batch estimator has a value by the end

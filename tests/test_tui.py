@@ -25,6 +25,7 @@ from bsmon.client import Feed
 from bsmon.export import export_to_file
 from bsmon.gpu import GpuSampler
 from bsmon.model import MEASURE_NOISE_ACTION, SessionModel
+from bsmon.probe import monitor as monitor_module
 from bsmon.probe.monitor import watch
 from bsmon.stats.optimal import optimal_batch_size
 from bsmon.tui import BsmonApp
@@ -76,6 +77,9 @@ def sessions(tmp_path_factory):
     home = tmp_path_factory.mktemp("bsmon-home")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("BSMON_HOME", str(home))
+        # A plain loop, whatever frameworks other tests imported into this process (the next-action
+        # wording names the framework the job imported).
+        patch.setattr(monitor_module, "FRAMEWORKS", ())
         return {"noise": train(home, steps=60, accumulate=4),
                 "no_noise": train(home, steps=20, accumulate=1, noise="microbatch")}
 
@@ -168,7 +172,8 @@ async def test_panels_show_the_numbers_of_the_model(sessions):
         assert shown(app, BatchPanel, "b_simple") == f"B_simple {band}"
         assert shown(app, BatchPanel, "batch") == "batch 64 samples = 4 x 16"
         # At 100 columns the panel is narrow: the short forms, which fit one line.
-        assert shown(app, BatchPanel, "source") == f"microbatch, 60 steps, |G|²<0 in {stats.negative_grad_sq_steps}"
+        assert shown(app, BatchPanel, "source") == (
+            f"microbatch, 60 steps, measured this step, |G|²<0 in {stats.negative_grad_sq_steps}")
         assert noise_source(stats).startswith("microbatch estimator, 100% of parameters, 60 steps")
         efficiency = 1 / (1 + 64 / stats.b_simple)
         assert shown(app, BatchPanel, "efficiency").startswith(f"efficiency {efficiency:.0%} per sample at B=64")
@@ -263,6 +268,39 @@ async def test_without_noise_data_the_reason_is_shown_and_never_a_number(session
         assert not any(ch.isdigit() for ch in shown(app, BatchPanel, "b_simple"))
         # never a dead end: the one next action for this job
         assert shown(app, OptimalPanel, "optimal") == MEASURE_NOISE_ACTION[None]
+
+
+@pilot_test
+async def test_the_batch_panel_shows_measuring_progress_age_stale_and_skipped_steps():
+    import test_units
+
+    model = SessionModel()
+    model.ingest(test_units._hello())
+    model.ingest({"k": "estimator", "name": "microbatch", "reason": None, "groups": ["all"]})
+    noise = test_units._exact_noise([8, 8], 1.0, 50.0)
+
+    def step(n, **extra):
+        model.ingest({"k": "step", "step": n, "t": n * 0.1, "dt": 0.1, "n": 16, "mb": 2, "dropped": 0, **extra})
+
+    step(1, noise=noise)
+    feed = Feed(model)
+    feed.state = "replay"
+    async with BsmonApp(feed, mode="replay").run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert shown(pilot.app, BatchPanel, "b_simple") == "B_simple: measuring: 1 step"  # no band: no number
+        assert shown(pilot.app, BatchPanel, "reason") == ""
+    for n in range(2, 11):
+        step(n, noise=noise, **({"skipped": [{"n": 16, "mb": 2, "why": "cleared"}]} if n == 5 else {}))
+    for n in range(11, 113):
+        step(n)
+    async with BsmonApp(feed, mode="replay").run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        app = pilot.app
+        assert shown(app, BatchPanel, "b_simple") == "B_simple 50 [50, 50]"
+        assert shown(app, BatchPanel, "source").endswith("10 steps, measured 102 steps ago")
+        assert shown(app, BatchPanel, "stale") in (  # the long form where it fits, else the short one
+            "stale: no measured step for 102 steps; the estimator stopped measuring", "stale: not measured for 102 steps")
+        assert shown(app, BatchPanel, "steps") == "1 skipped step (no optimizer.step())"
 
 
 def test_regime_wording_covers_below_near_and_above_the_noise_scale():

@@ -5,9 +5,18 @@ Hot path, per training step, on the training thread:
 * a forward pre-hook on the model reads the first dimension of the first
   tensor argument (samples of this micro-batch) and marks the micro-batch's
   start, and an optimizer step pre-hook marks the optimizer's (a perf_counter
-  each, or a CUDA event for a model on a GPU: bsmon/probe/phases.py);
+  each, or a CUDA event for a model on a GPU: bsmon/probe/phases.py); a forward
+  hook notes that the forward returned;
+* a post-accumulate-grad hook on one parameter (the sentinel) counts the
+  backward passes that reached it. A forward that starts while the sentinel's
+  .grad is None although a pass reached it since the last optimizer step, or
+  after a forward that never returned (it raised), begins a new attempt: the
+  micro-batches before it never reach an optimizer step (a GradScaler overflow
+  skipped optimizer.step(), a retry after an exception, or zero_grad() between
+  micro-batches). They are recorded as skipped, not merged into the next step
+  (docs/noise-scale.md, "Steps are steps");
 * on steps the noise estimator measures (and in a multi-process job, on one
-  step every 50 ms at most), a forward hook puts a gradient hook on the output,
+  step every 50 ms at most), the forward hook puts a gradient hook on the output,
   which queues one callback on the autograd engine: that callback marks the end
   of each backward pass and takes the gradient norms the noise estimator needs;
 * an optimizer step post-hook closes the step and queues one record; every
@@ -50,8 +59,8 @@ from bsmon.probe.noise import MEASURE_BUDGET, NoiseProbe, check_mode
 from bsmon.probe.per_example import is_compiling
 from bsmon.probe.phases import StepPhases
 from bsmon.probe.publisher import Publisher
+from bsmon.stats.units import UNITS
 
-UNITS = ("samples", "tokens")
 #: A multi-process job times "busy" (until this rank's gradients were ready) on a step at most
 #: this often: the per-rank summary is a median over a second, and each timed step costs hooks.
 BUSY_SAMPLE_INTERVAL_S = 0.05
@@ -158,6 +167,9 @@ class Monitor:
         self._busy_timed = -BUSY_SAMPLE_INTERVAL_S  # when a step last recorded "busy"
         self._backward_queued = False
         self._mid_iteration = False
+        self._forward_open = False  # a forward started and has not returned (yet, or ever: it raised)
+        self._skipped: list[dict[str, Any]] = []  # attempts abandoned since the last step
+        self._sentinel_passes = 0  # backward passes that reached the sentinel since the last step or clear
         self._rejected_names: set[str] = set()
         self._closed = False
         self._paused = False
@@ -206,14 +218,19 @@ class Monitor:
             self.record_profile(profile)
         self._handles = [
             model.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True),
+            model.register_forward_hook(self._on_forward),
             optimizer.register_step_pre_hook(self._on_step_pre),
             optimizer.register_step_post_hook(self._on_step),
         ]
-        self._output_hook = None
         self._compiled = False  # the model's forward has run under torch.compile
         self._compiled_size: int | None = None  # samples in the last compiled forward
         self._trainable = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
         self._grad_hooks: list = []
+        self._sentinel: nn.Parameter | None = None
+        self._sentinel_hook = None
+        self._sentinel_checked = False
+        self._watch_sentinel(self._trainable[-1:])
+        self._follow_backward = False
         self._follow_backward_ends(time.perf_counter())
         self._previous_excepthook = sys.excepthook
         self._failure: str | None = None
@@ -247,6 +264,32 @@ class Monitor:
     def _warn(self, message: str) -> None:
         warnings.warn(f"bsmon: {message}", BsmonWarning, stacklevel=4)
 
+    # -- the sentinel: which forwards start a new attempt ---------------------------
+    def _watch_sentinel(self, candidates: list[nn.Parameter]) -> None:
+        """Count backward passes reaching the last of ``candidates``. The optimizer's last parameter
+        is usually the output layer's, among the first a backward computes: a backward that fails
+        part-way has most likely reached it already."""
+        if self._sentinel_hook is not None:
+            self._sentinel_hook.remove()
+            self._sentinel_hook = self._sentinel = None
+        if candidates and hasattr(candidates[-1], "register_post_accumulate_grad_hook"):
+            self._sentinel = candidates[-1]
+            self._sentinel_hook = self._sentinel.register_post_accumulate_grad_hook(self._on_sentinel_grad)
+
+    def _on_sentinel_grad(self, param: torch.Tensor) -> None:
+        self._sentinel_passes += 1
+
+    def _check_sentinel(self) -> None:
+        """At the first step: a sentinel without a gradient (unused, frozen path) would never see a
+        clear, so watch the last parameter that has one."""
+        self._sentinel_checked = True
+        if self._sentinel is not None and self._sentinel.grad is None:
+            self._watch_sentinel([p for p in self._trainable if p.grad is not None])
+
+    def _abandon(self, why: str, micro_sizes: list[int]) -> None:
+        """Record micro-batches whose gradients never reach an optimizer step as one skipped attempt."""
+        self._skipped.append({"n": sum(micro_sizes), "mb": len(micro_sizes), "why": why})
+
     # -- hooks (training thread) ----------------------------------------------
     def _on_forward_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._paused or not (module.training and torch.is_grad_enabled()):
@@ -261,6 +304,17 @@ class Monitor:
             self._compiled = True
             self._compiled_size = size
             return
+        cleared = self._sentinel_passes > 0 and self._sentinel is not None and self._sentinel.grad is None
+        if self._forward_open and self._micro_sizes and self._sentinel_passes and not cleared:
+            # The last forward raised and the job retries it inside the accumulation: only it is lost.
+            self._abandon("raised", [self._micro_sizes.pop()])
+        elif (self._forward_open or cleared) and self._micro_sizes:
+            # Gradients cleared without an optimizer step, or the attempt raised: none of it trains.
+            self._abandon("raised" if self._forward_open else "cleared", self._micro_sizes)
+            self._micro_sizes = []
+            self._sentinel_passes = 0
+            self._noise.discard()
+        self._forward_open = True
         if self._step_started is None:
             self._step_started = time.perf_counter()
         self._phases.forward()
@@ -272,22 +326,15 @@ class Monitor:
     def _follow_backward_ends(self, now: float) -> None:
         """Hook the model's outputs, to catch each backward pass's end, only for the next step
         that needs it (a measured step, or a step that times a multi-process job's busy time):
-        other steps pay nothing."""
-        needed = self._noise.measuring or (
+        other steps pay one flag test."""
+        self._follow_backward = self._noise.measuring or (
             self._ranks is not None and now - self._busy_timed >= BUSY_SAMPLE_INTERVAL_S)
-        if self._compiled:
-            # Under torch.compile the output hook is traced away, and adding or removing a module
-            # hook would recompile. Hooks on the parameters' accumulated gradients run outside
-            # the graph and recompile nothing; they stay, as each backward's end counts a micro-batch.
-            if not self._grad_hooks:
-                self._grad_hooks = [p.register_post_accumulate_grad_hook(self._on_param_grad)
-                                    for p in self._trainable]
-            return
-        if needed and self._output_hook is None:
-            self._output_hook = self._model.register_forward_hook(self._on_forward)
-        elif not needed and self._output_hook is not None:
-            self._output_hook.remove()
-            self._output_hook = None
+        if self._compiled and not self._grad_hooks:
+            # Under torch.compile the output hook's work is traced away. Hooks on the parameters'
+            # accumulated gradients run outside the graph and recompile nothing; they stay, as
+            # each backward's end counts a micro-batch.
+            self._grad_hooks = [p.register_post_accumulate_grad_hook(self._on_param_grad)
+                                for p in self._trainable]
 
     def _remove_grad_hooks(self) -> None:
         for handle in self._grad_hooks:
@@ -295,7 +342,10 @@ class Monitor:
         self._grad_hooks = []
 
     def _on_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if self._paused or is_compiling() or not (module.training and torch.is_grad_enabled()):
+        if self._paused or is_compiling():
+            return
+        self._forward_open = False
+        if not (self._follow_backward and not self._compiled and module.training and torch.is_grad_enabled()):
             return
         start = time.perf_counter()
         for tensor in _output_tensors(output):
@@ -329,9 +379,15 @@ class Monitor:
         start = self._last_step_end or self._step_started or now
         self._last_step_end = now
         self._step += 1
+        if self._forward_open and self._micro_sizes:  # the last forward raised; the step went on without it
+            self._abandon("raised", [self._micro_sizes.pop()])
         micro = self._micro_sizes
         self._micro_sizes = []
         self._mid_iteration = False
+        self._forward_open = False
+        self._sentinel_passes = 0
+        if not self._sentinel_checked:
+            self._check_sentinel()
         samples = self._fixed_batch if self._fixed_batch is not None else sum(micro)
         record = {"k": "step", "step": self._step, "t": time.time(), "dt": now - start,
                   "n": samples, "mb": max(1, len(micro)), "dropped": self._publisher.dropped}
@@ -341,6 +397,8 @@ class Monitor:
         flops = self._flops.stop() if self._flops is not None else None
         if flops is not None:
             record["flops"] = flops
+        if self._skipped:
+            record["skipped"], self._skipped = self._skipped, []
         noise = self._noise.end_step(micro, now - start)
         if noise is not None:
             record["noise"] = noise
@@ -452,6 +510,9 @@ class Monitor:
         finally:
             self._noise.resume()
             self._micro_sizes = []
+            self._skipped = []
+            self._sentinel_passes = 0
+            self._forward_open = False
             self._mid_iteration = False
             self._phases.restart()
             self._last_step_end = time.perf_counter()
@@ -501,9 +562,8 @@ class Monitor:
         self._closed = True
         for handle in self._handles:
             handle.remove()
-        if self._output_hook is not None:
-            self._output_hook.remove()
         self._remove_grad_hooks()
+        self._watch_sentinel([])
         self._noise.close()
         if self._flops is not None:
             self._flops.close()

@@ -307,9 +307,7 @@ class RanksPanel(Lines):
 # -- batch size and noise scale --------------------------------------------------------------------
 
 def noise_value(noise: Stats | NoiseScale) -> str:
-    """'94.3 [49.4, 194]' with the band, or the value alone while there is no band yet."""
-    if noise.b_simple_low is None or noise.b_simple_high is None:
-        return f"{fmt.si(noise.b_simple)} (no band yet)"
+    """'94.3 [49.4, 194]': a value always has its band (without one there is no value)."""
     return fmt.band(noise.b_simple, noise.b_simple_low, noise.b_simple_high)
 
 
@@ -338,6 +336,8 @@ def noise_source(stats: Stats, short: bool = False) -> str | None:
     if fraction is not None and (partial or not short):
         parts.append(f"{fraction:.0%} of params" if short else f"{fraction:.0%} of parameters")
     parts.append(f"{stats.noise_steps:,} steps")
+    if stats.noise_age_steps is not None:
+        parts.append(fmt.measured_ago(stats.noise_age_steps))
     if stats.negative_grad_sq_steps:
         parts.append(f"|G|²<0 in {stats.negative_grad_sq_steps:,}")
     return ", ".join(parts)
@@ -346,7 +346,7 @@ def noise_source(stats: Stats, short: bool = False) -> str | None:
 class BatchPanel(Lines):
     TITLE = "Batch size & noise scale"
     LINE_STYLES = {"source": "dim", "weak": "$text-warning", "reason": "$text-warning",
-                   "regime": "dim"}
+                   "stale": "$text-warning", "steps": "$text-warning", "regime": "dim"}
 
     def show(self, stats: Stats) -> None:
         unit = unit_label(stats.unit)
@@ -361,12 +361,21 @@ class BatchPanel(Lines):
         known = stats.efficiency is not None  # the model sets it only with a batch size and B_simple > 0
         width = self.query_one(".lines").content_size.width  # narrow (80x24): the short forms, no wrapping
         efficiency = f"efficiency {stats.efficiency:.0%} per sample at B={fmt.si(stats.batch_size)}" if known else ""
+        measuring = not has_value and (stats.noise_reason or "").startswith("measuring:")
         self.show_lines(
             batch=batch,
-            b_simple=f"B_simple [b]{noise_value(stats)}[/b]" if has_value else "B_simple: no estimate",
+            b_simple=(f"B_simple [b]{noise_value(stats)}[/b]" if has_value
+                      else f"B_simple: {escape(stats.noise_reason.split(',')[0])}" if measuring
+                      else "B_simple: no estimate"),
             source=first_fitting(width, noise_source(stats), noise_source(stats, short=True)),
+            stale=first_fitting(
+                width, f"stale: no measured step for {stats.noise_age_steps:,} steps; the estimator stopped measuring",
+                f"stale: not measured for {stats.noise_age_steps:,} steps") if stats.noise_stale else None,
+            steps="; ".join(filter(None, (
+                f"{stats.skipped_steps:,} skipped step{'s' if stats.skipped_steps != 1 else ''} (no optimizer.step())" if stats.skipped_steps else None,
+                escape(stats.step_problem) if stats.step_problem and has_value else None))) or None,
             weak="B_big << B_simple: estimate noisy" if stats.noise_weak else None,
-            reason=escape(stats.noise_reason) if not has_value and stats.noise_reason else None,
+            reason=escape(stats.noise_reason) if not has_value and not measuring and stats.noise_reason else None,
             efficiency=first_fitting(width, f"{efficiency}, 1/(1+B/B_simple)", efficiency) if known else None,
             regime=first_fitting(width, regime(stats.batch_size, stats.b_simple),
                                  regime(stats.batch_size, stats.b_simple, short=True)) if known else None,
