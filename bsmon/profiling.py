@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import numbers
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bsmon.stats.throughput import ThroughputFit, ThroughputPoint, fit_step_time
+from bsmon.stats.units import ProfileUnits
 
 #: Plateau: stop doubling once PLATEAU_PATIENCE doublings in a row each raised throughput by
 #: less than PLATEAU_MIN_GAIN. On t = alpha + beta*B a doubling from B gains B_half/(B_half + 2B),
@@ -42,21 +44,35 @@ class Profile:
     ``oom_batch`` is the size that ran out of memory, if any. ``stop_reason`` is one of
     STOP_REASONS. ``peak_memory_bytes`` of each point is CUDA peak allocation on a GPU, and on the
     CPU the growth of the process's peak RSS since the sweep began (see ``profile``).
+
+    Sizes (and ``samples_per_s``) are in ``unit`` ("samples", or "tokens" with
+    ``tokens_per_sample``), of one rank's batch when ``per_rank`` (what ``step_fn(batch_size)``
+    receives) or of the whole job's, measured on ``world_size`` ranks. A job converts them into
+    its own unit and data-parallel size (bsmon.stats.units).
     """
 
     points: list[ThroughputPoint]
     oom_batch: int | None
     device: str
     stop_reason: str
+    unit: str = "samples"
+    tokens_per_sample: int | None = None
+    world_size: int = 1
+    per_rank: bool = True
     fit: ThroughputFit | None = field(init=False)
     memory_limit_batch: int | None = field(init=False)
 
     def __post_init__(self) -> None:
         if self.stop_reason not in STOP_REASONS:
             raise ValueError(f"stop_reason must be one of {STOP_REASONS}, got {self.stop_reason!r}")
+        self.units  # checks the unit fields
         sizes = {p.batch_size for p in self.points}
         self.fit = fit_step_time(self.points) if len(sizes) >= 2 else None
         self.memory_limit_batch = max(sizes) if sizes else None
+
+    @property
+    def units(self) -> ProfileUnits:
+        return ProfileUnits(self.unit, self.tokens_per_sample, self.world_size, self.per_rank)
 
     def to_dict(self) -> dict:
         """JSON-safe. The fit and memory limit are left out: from_dict derives them again."""
@@ -65,13 +81,21 @@ class Profile:
             "oom_batch": self.oom_batch,
             "device": self.device,
             "stop_reason": self.stop_reason,
+            "unit": self.unit,
+            "tokens_per_sample": self.tokens_per_sample,
+            "world_size": self.world_size,
+            "per_rank": self.per_rank,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> Profile:
+        """A Profile from to_dict's output. Profiles saved before the unit fields existed were
+        all in samples per rank, on one rank: those are the defaults."""
         try:
             points = [ThroughputPoint(**p) for p in d["points"]]
-            return cls(points, d["oom_batch"], d["device"], d["stop_reason"])
+            return cls(points, d["oom_batch"], d["device"], d["stop_reason"], unit=d.get("unit", "samples"),
+                       tokens_per_sample=d.get("tokens_per_sample"), world_size=d.get("world_size", 1),
+                       per_rank=d.get("per_rank", True))
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not a Profile dict ({exc}); expected the output of Profile.to_dict") from exc
 
@@ -94,6 +118,8 @@ def profile(
     start: int = 1,
     device=None,
     on_point: Callable[[ThroughputPoint], object] | None = None,
+    unit: str = "samples",
+    tokens_per_sample: int | None = None,
 ) -> Profile:
     """Time ``step_fn(batch_size)``, one full training step, at several batch sizes.
 
@@ -102,6 +128,10 @@ def profile(
     doubling sequence), or a throughput plateau (see PLATEAU_MIN_GAIN). Each size runs ``warmup``
     untimed steps and ``steps`` timed ones; on CUDA the device is synchronised once before and once
     after the timed steps, never between them. ``on_point`` receives each point as it is measured.
+
+    Sizes are what ``step_fn`` receives: one rank's batch, in ``unit`` ("samples" by default;
+    "tokens" with ``tokens_per_sample``). In a multi-process job every rank profiles its own
+    share at the same time; the profile records the world size, and a job scales it to its own.
 
     Out of memory (torch.OutOfMemoryError, or the CPU allocator's RuntimeError) at a size ends the
     sweep there and is recorded as ``oom_batch``; memory is released before returning. Any other
@@ -124,6 +154,7 @@ def profile(
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"profile supports cpu and cuda devices, got {device}")
+    units = ProfileUnits(unit, tokens_per_sample, _world_size(), per_rank=True)  # refuses bad units early
     limit = max_batch if max_batch is not None else SIZE_CEILING
     if batch_sizes is not None:
         for size in batch_sizes:
@@ -151,7 +182,7 @@ def profile(
             continue
         points.append(point)
         if monitor is not None:
-            monitor.record_profile_point(asdict(point))
+            monitor.record_profile_point({**asdict(point), **_units_dict(units)})
         if on_point is not None:
             on_point(point)
         if planned is not None:
@@ -169,10 +200,27 @@ def profile(
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    result = Profile(points, oom_batch, str(device), stop_reason)
+    result = Profile(points, oom_batch, str(device), stop_reason, **_units_dict(units))
     if monitor is not None:
         monitor.record_profile(result.to_dict())
     return result
+
+
+def _units_dict(units: ProfileUnits) -> dict:
+    return {"unit": units.unit, "tokens_per_sample": units.tokens_per_sample,
+            "world_size": units.world_size, "per_rank": units.per_rank}
+
+
+def _world_size() -> int:
+    """Ranks profiling together: torch.distributed's world, else $WORLD_SIZE (torchrun), else 1."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 
 def _measure(step_fn, batch_size: int, warmup: int, steps: int, device, meter: _MemoryMeter

@@ -36,7 +36,10 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     # A monitor's first (and only) frame to the probe.
     "attach": {"v": (int,), "client": (str,)},
     # One optimizer step. Optional "noise" holds the raw norms (see bsmon.probe.noise), optional
-    # "ph" the step's phase marks (see bsmon.probe.phases).
+    # "ph" the step's phase marks (see bsmon.probe.phases), optional "flops" the step's FLOP
+    # count (see bsmon.probe.flops), optional "skipped" the attempts abandoned before it:
+    # [{"n": samples, "mb": forwards, "why": "cleared" or "raised"}] (bsmon.probe.monitor),
+    # which n and mb do not include.
     "step": {"step": (int,), "t": _NUM, "dt": _NUM, "n": (int,), "mb": (int,), "dropped": (int,)},
     # Values from Monitor.log(), tagged with the step they belong to.
     "scalars": {"step": (int,), "values": (dict,)},
@@ -115,8 +118,12 @@ def validate(record: Any) -> dict[str, Any]:
         if not (isinstance(phases, list) and len(phases) == 4
                 and all(isinstance(v, _NUM) and not isinstance(v, bool) for v in phases)):
             raise ProtocolError("step.ph is not a list of 4 numbers")
+    if kind == "step" and "skipped" in record:
+        _validate_skipped(record["skipped"])
     if kind == "branch_check":
         _validate_branches(record)
+    if kind == "step" and "flops" in record:
+        _validate_flops(record["flops"])
     if kind == "scalars":
         for name, value in record["values"].items():
             if not isinstance(value, _NUM) or isinstance(value, bool):
@@ -125,6 +132,18 @@ def validate(record: Any) -> dict[str, Any]:
 
 
 _MISSING = object()
+
+
+def _validate_flops(flops: Any) -> None:
+    """A step's optional FLOP count: {"total": number or null, "dtype", "tf32", "reason"}."""
+    if not isinstance(flops, dict):
+        raise ProtocolError("step.flops is not an object")
+    total = flops.get("total")
+    if not isinstance(total, _OPT_NUM) or isinstance(total, bool) or (total is not None and total < 0):
+        raise ProtocolError("step.flops.total is not a non-negative number or null")
+    for field in ("dtype", "reason"):
+        if not isinstance(flops.get(field), _OPT_STR):
+            raise ProtocolError(f"step.flops.{field} is not a string or null")
 
 
 def _validate_rank_columns(record: dict[str, Any]) -> None:
@@ -140,6 +159,18 @@ def _validate_rank_columns(record: dict[str, Any]) -> None:
         types = (int, type(None)) if field in ("step", "n") else _OPT_NUM
         if any(not isinstance(v, types) or isinstance(v, bool) for v in column):
             raise ProtocolError(f"ranks.{field} holds a value that is not a number or null")
+
+
+SKIP_CAUSES = ("cleared", "raised")
+
+
+def _validate_skipped(skipped: Any) -> None:
+    if not isinstance(skipped, list):
+        raise ProtocolError("step.skipped is not a list")
+    for chunk in skipped:
+        if (not isinstance(chunk, dict) or chunk.get("why") not in SKIP_CAUSES
+                or any(not isinstance(chunk.get(f), int) or isinstance(chunk.get(f), bool) for f in ("n", "mb"))):
+            raise ProtocolError(f"step.skipped holds {chunk!r}, not {{n: int, mb: int, why: {SKIP_CAUSES}}}")
 
 
 #: Required fields of each entry of a branch_check record's "branches".

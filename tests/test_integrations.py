@@ -248,8 +248,8 @@ def test_load_gives_the_csv_as_a_dataframe_and_parquet_keeps_it(tmp_path, monkey
     assert bsmon_cli("export", "notebook", "-o", str(csv_file)).returncode == 0
     from_csv = pd.read_csv(csv_file)
     assert list(frame.columns) == list(from_csv.columns)
-    assert list(frame.columns[:9]) == ["step", "time", "elapsed_s", "batch_size", "micro_batches", "step_time_s",
-                                      "samples_per_s", "loss", "lr"]
+    assert list(frame.columns[:10]) == ["step", "time", "elapsed_s", "batch_size", "micro_batches", "skipped_steps",
+                                       "step_time_s", "samples_per_s", "loss", "lr"]
     assert str(frame["time"].dtype) .startswith("datetime64") and frame["time"].dt.tz is not None
     numeric = [c for c in frame.columns if c != "time"]
     pd.testing.assert_frame_equal(frame[numeric], from_csv[numeric], check_dtype=False)
@@ -382,7 +382,7 @@ def test_compiled_model_with_accumulation(tmp_path, order):
     assert {"bsmon/samples_per_s", "bsmon/batch_size", "bsmon/noise_coverage"} <= set(tensorboard_scalars(tmp_path))
     line = headless_line(monitor.session_id)
     print(f"\ntorch.compile ({order}): {line}")
-    assert "B 16 = 2x8" in line and "(microbatch)" in line
+    assert "B 16 = 2x8" in line and "(microbatch, " in line
 
 
 @pytest.mark.xfail(strict=True, reason="watch, then compile: the first step's forwards run traced, and the "
@@ -442,7 +442,7 @@ def test_hugging_face_trainer_with_accumulation(tmp_path, unit, wandb_offline):
         wandb.finish()  # the Trainer leaves its run open
         logged = [row for row in wandb_history(wandb_offline) if "train/bsmon/batch_size" in row]
         assert len(logged) == steps + 1 and wanted <= set(logged[-1])
-    assert f"B {16 * scale} = 4x{4 * scale}" in line and "(microbatch)" in line
+    assert f"B {16 * scale} = 4x{4 * scale}" in line and "(microbatch, " in line
 
 
 # -- Lightning ----------------------------------------------------------------------------------------
@@ -472,7 +472,7 @@ def test_lightning_with_accumulation_and_a_training_step_that_calls_a_submodule(
     assert scalars["bsmon/batch_size"][-1][1] == 16
     line = headless_line(session)
     print(f"\n{package}: {line}")
-    assert "B 16 = 2x8" in line and "(microbatch)" in line
+    assert "B 16 = 2x8" in line and "(microbatch, " in line
 
 
 @pytest.mark.slow
@@ -578,7 +578,7 @@ def test_hugging_face_trainer_under_torchrun_is_one_session_with_the_ddp_estimat
     assert {"train/bsmon/samples_per_s", "train/bsmon/b_simple"} <= set(tensorboard_scalars(tmp_path))
     line = headless_line(info.id)
     print(f"\nHF Trainer DDP: {line}")
-    assert "B 16 = 2x4x2 ranks" in line and "(ddp)" in line
+    assert "B 16 = 2x4x2 ranks" in line and "(ddp, " in line
 
 
 @pytest.mark.slow

@@ -5,9 +5,18 @@ Hot path, per training step, on the training thread:
 * a forward pre-hook on the model reads the first dimension of the first
   tensor argument (samples of this micro-batch) and marks the micro-batch's
   start, and an optimizer step pre-hook marks the optimizer's (a perf_counter
-  each, or a CUDA event for a model on a GPU: bsmon/probe/phases.py);
+  each, or a CUDA event for a model on a GPU: bsmon/probe/phases.py); a forward
+  hook notes that the forward returned;
+* a post-accumulate-grad hook on one parameter (the sentinel) counts the
+  backward passes that reached it. A forward that starts while the sentinel's
+  .grad is None although a pass reached it since the last optimizer step, or
+  after a forward that never returned (it raised), begins a new attempt: the
+  micro-batches before it never reach an optimizer step (a GradScaler overflow
+  skipped optimizer.step(), a retry after an exception, or zero_grad() between
+  micro-batches). They are recorded as skipped, not merged into the next step
+  (docs/noise-scale.md, "Steps are steps");
 * on steps the noise estimator measures (and in a multi-process job, on one
-  step every 50 ms at most), a forward hook puts a gradient hook on the output,
+  step every 50 ms at most), the forward hook puts a gradient hook on the output,
   which queues one callback on the autograd engine: that callback marks the end
   of each backward pass and takes the gradient norms the noise estimator needs;
 * an optimizer step post-hook closes the step and queues one record; every
@@ -46,12 +55,13 @@ from bsmon.model import SessionModel, Stats, tracker_metrics
 from bsmon.probe import distributed
 from bsmon.probe.deferred import Deferred
 from bsmon.probe.entry import EntryFinder, first_batch_dim
+from bsmon.probe.flops import FlopCounter
 from bsmon.probe.noise import MEASURE_BUDGET, NoiseProbe, check_mode
 from bsmon.probe.per_example import is_compiling
 from bsmon.probe.phases import StepPhases
 from bsmon.probe.publisher import Publisher
+from bsmon.stats.units import UNITS
 
-UNITS = ("samples", "tokens")
 #: A multi-process job times "busy" (until this rank's gradients were ready) on a step at most
 #: this often: the per-rank summary is a median over a second, and each timed step costs hooks.
 BUSY_SAMPLE_INTERVAL_S = 0.05
@@ -81,6 +91,13 @@ _active: "Monitor | None" = None
 
 class BsmonWarning(UserWarning):
     """Something bsmon could not do; training is unaffected."""
+
+
+def session_name(name: str | None) -> str:
+    """The session's name, first given of: ``bsmon run --name`` (``$BSMON_RUN_NAME``),
+    ``watch(name=)``, ``$BSMON_NAME``, the script's file name (docs/cli.md)."""
+    return (os.environ.get(store.RUN_NAME_ENV) or name or os.environ.get("BSMON_NAME")
+            or Path(sys.argv[0] or "python").stem or "job")
 
 
 def active_monitor() -> "Monitor | None":
@@ -162,7 +179,7 @@ class Monitor:
                  unit: str, tokens_per_sample: int | None, name: str | None, noise: str | None,
                  layers: str | tuple[type, ...], horizon_samples: float | None,
                  profile: dict[str, Any] | None, noise_budget: float,
-                 mixes_samples: tuple[type, ...] = ()) -> None:
+                 mixes_samples: tuple[type, ...] = (), flops_per_sample: float | None = None) -> None:
         self._model = model  # the watched model; samples are counted at self._entry (it or a submodule)
         self._optimizer = optimizer
         self._fixed_batch = batch_size
@@ -174,6 +191,9 @@ class Monitor:
         self._busy_timed = -BUSY_SAMPLE_INTERVAL_S  # when a step last recorded "busy"
         self._backward_queued = False
         self._mid_iteration = False
+        self._forward_open = False  # a forward started and has not returned (yet, or ever: it raised)
+        self._skipped: list[dict[str, Any]] = []  # attempts abandoned since the last step
+        self._sentinel_passes = 0  # backward passes that reached the sentinel since the last step or clear
         self._rejected_names: set[str] = set()
         self._closed = False
         self._paused = False
@@ -189,7 +209,9 @@ class Monitor:
         identity = distributed.rank_identity()
         leader = identity.rank == 0
         self.session_id = os.environ.get("BSMON_SESSION_ID") or (store.new_session_id() if leader else None)
-        self.name = name or os.environ.get("BSMON_NAME") or Path(sys.argv[0] or "python").stem or "job"
+        self.name = session_name(name)
+        # Rank 0 records the session, so only it counts FLOPs (ranks run the same model).
+        self._flops = FlopCounter(model, flops_per_sample) if leader else None
         writer = self._open_record(home) if leader else None
         socket_path = self._socket_path(home) if leader else None
         command = json.loads(os.environ["BSMON_COMMAND"]) if os.environ.get("BSMON_COMMAND") else list(sys.orig_argv)
@@ -204,6 +226,7 @@ class Monitor:
             "unit": unit, "tokens_per_sample": tokens_per_sample,
             "batch_size": batch_size, "noise_mode": noise, "horizon_samples": horizon_samples,
             "socket": socket_path, "frameworks": [name for name in FRAMEWORKS if name in sys.modules],
+            **(self._flops.hello_fields if self._flops else {}),
         }
         self._model_state.ingest(hello)
         self._publisher = Publisher(hello, writer, socket_path, self._on_published)
@@ -214,10 +237,11 @@ class Monitor:
                                  mixes_samples=mixes_samples)
         self._ranks = (distributed.RankReporter(identity, self._publisher.submit if leader else None)
                        if identity.world_size > 1 else None)
+
         if profile is not None:
             self.record_profile(profile)
         self._entry = model  # where samples are counted: the model, or the submodule a step calls
-        self._entry_hook = model.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True)
+        self._entry_hooks = self._hook_entry(model)
         self._finder: EntryFinder | None = EntryFinder(model)  # until the model's forward runs
         self._forward_ran = False
         self._idle_finder: EntryFinder | None = None  # under torch.compile, removed at close()
@@ -226,11 +250,15 @@ class Monitor:
             optimizer.register_step_pre_hook(self._on_step_pre),
             optimizer.register_step_post_hook(self._on_step),
         ]
-        self._output_hook = None
         self._compiled = False  # the model's forward has run under torch.compile
         self._compiled_size: int | None = None  # samples in the last compiled forward
         self._trainable = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
         self._grad_hooks: list = []
+        self._sentinel: nn.Parameter | None = None
+        self._sentinel_hook = None
+        self._sentinel_checked = False
+        self._watch_sentinel(self._trainable[-1:])
+        self._follow_backward = False
         self._follow_backward_ends(time.perf_counter())
         self._previous_excepthook = sys.excepthook
         self._failure: str | None = None
@@ -264,6 +292,37 @@ class Monitor:
     def _warn(self, message: str) -> None:
         warnings.warn(f"bsmon: {message}", BsmonWarning, stacklevel=4)
 
+    # -- the sentinel: which forwards start a new attempt ---------------------------
+    def _watch_sentinel(self, candidates: list[nn.Parameter]) -> None:
+        """Count backward passes reaching the last of ``candidates``. The optimizer's last parameter
+        is usually the output layer's, among the first a backward computes: a backward that fails
+        part-way has most likely reached it already."""
+        if self._sentinel_hook is not None:
+            self._sentinel_hook.remove()
+            self._sentinel_hook = self._sentinel = None
+        if candidates and hasattr(candidates[-1], "register_post_accumulate_grad_hook"):
+            self._sentinel = candidates[-1]
+            self._sentinel_hook = self._sentinel.register_post_accumulate_grad_hook(self._on_sentinel_grad)
+
+    def _on_sentinel_grad(self, param: torch.Tensor) -> None:
+        self._sentinel_passes += 1
+
+    def _check_sentinel(self) -> None:
+        """At the first step: a sentinel without a gradient (unused, frozen path) would never see a
+        clear, so watch the last parameter that has one."""
+        self._sentinel_checked = True
+        if self._sentinel is not None and self._sentinel.grad is None:
+            self._watch_sentinel([p for p in self._trainable if p.grad is not None])
+
+    def _abandon(self, why: str, micro_sizes: list[int]) -> None:
+        """Record micro-batches whose gradients never reach an optimizer step as one skipped attempt."""
+        self._skipped.append({"n": sum(micro_sizes), "mb": len(micro_sizes), "why": why})
+
+    def _hook_entry(self, module: nn.Module) -> list:
+        """Hook the module where samples are counted: each forward's start and return."""
+        return [module.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True),
+                module.register_forward_hook(self._on_forward)]
+
     # -- hooks (training thread) ----------------------------------------------
     def _on_forward_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._paused or not (module.training and torch.is_grad_enabled()):
@@ -282,31 +341,37 @@ class Monitor:
         if self._finder is not None:  # the watched forward runs: no entry to look for
             self._finder.remove()
             self._finder = None
+        cleared = self._sentinel_passes > 0 and self._sentinel is not None and self._sentinel.grad is None
+        if self._forward_open and self._micro_sizes and self._sentinel_passes and not cleared:
+            # The last forward raised and the job retries it inside the accumulation: only it is lost.
+            self._abandon("raised", [self._micro_sizes.pop()])
+        elif (self._forward_open or cleared) and self._micro_sizes:
+            # Gradients cleared without an optimizer step, or the attempt raised: none of it trains.
+            self._abandon("raised" if self._forward_open else "cleared", self._micro_sizes)
+            self._micro_sizes = []
+            self._sentinel_passes = 0
+            self._noise.discard()
+        self._forward_open = True
         if self._step_started is None:
             self._step_started = time.perf_counter()
         self._phases.forward()
+        if not self._micro_sizes and self._flops is not None and not self._flops.off:  # the step's first forward
+            self._flops.start(size, measured=self._noise.measuring)  # a set lookup, except once per size
         if size is not None:
             self._micro_sizes.append(size)
 
     def _follow_backward_ends(self, now: float) -> None:
         """Hook the model's outputs, to catch each backward pass's end, only for the next step
         that needs it (a measured step, or a step that times a multi-process job's busy time):
-        other steps pay nothing."""
-        needed = self._noise.measuring or (
+        other steps pay one flag test."""
+        self._follow_backward = self._noise.measuring or (
             self._ranks is not None and now - self._busy_timed >= BUSY_SAMPLE_INTERVAL_S)
-        if self._compiled:
-            # Under torch.compile the output hook is traced away, and adding or removing a module
-            # hook would recompile. Hooks on the parameters' accumulated gradients run outside
-            # the graph and recompile nothing; they stay, as each backward's end counts a micro-batch.
-            if not self._grad_hooks:
-                self._grad_hooks = [p.register_post_accumulate_grad_hook(self._on_param_grad)
-                                    for p in self._trainable]
-            return
-        if needed and self._output_hook is None:
-            self._output_hook = self._entry.register_forward_hook(self._on_forward)
-        elif not needed and self._output_hook is not None:
-            self._output_hook.remove()
-            self._output_hook = None
+        if self._compiled and not self._grad_hooks:
+            # Under torch.compile the output hook's work is traced away. Hooks on the parameters'
+            # accumulated gradients run outside the graph and recompile nothing; they stay, as
+            # each backward's end counts a micro-batch.
+            self._grad_hooks = [p.register_post_accumulate_grad_hook(self._on_param_grad)
+                                for p in self._trainable]
 
     def _remove_grad_hooks(self) -> None:
         for handle in self._grad_hooks:
@@ -314,7 +379,10 @@ class Monitor:
         self._grad_hooks = []
 
     def _on_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if self._paused or is_compiling() or not (module.training and torch.is_grad_enabled()):
+        if self._paused or is_compiling():
+            return
+        self._forward_open = False
+        if not (self._follow_backward and not self._compiled and module.training and torch.is_grad_enabled()):
             return
         start = time.perf_counter()
         for tensor in _output_tensors(output):
@@ -352,15 +420,26 @@ class Monitor:
         self._step += 1
         if self._finder is not None:
             self._settle_entry()
+        if self._forward_open and self._micro_sizes:  # the last forward raised; the step went on without it
+            self._abandon("raised", [self._micro_sizes.pop()])
         micro = self._micro_sizes
         self._micro_sizes = []
         self._mid_iteration = False
+        self._forward_open = False
+        self._sentinel_passes = 0
+        if not self._sentinel_checked:
+            self._check_sentinel()
         samples = self._fixed_batch if self._fixed_batch is not None else sum(micro)
         record = {"k": "step", "step": self._step, "t": time.time(), "dt": now - start,
                   "n": samples, "mb": max(1, len(micro)), "dropped": self._publisher.dropped}
         phases = self._phases.end()
         if phases is not None:
             record["ph"] = phases
+        flops = self._flops.stop() if self._flops is not None else None
+        if flops is not None:
+            record["flops"] = flops
+        if self._skipped:
+            record["skipped"], self._skipped = self._skipped, []
         noise = self._noise.end_step(micro, now - start)
         if noise is not None:
             record["noise"] = noise
@@ -394,12 +473,10 @@ class Monitor:
         name, module, sizes = found
         self._finder.remove()
         self._finder = None
-        self._entry_hook.remove()
+        for handle in self._entry_hooks:
+            handle.remove()
         self._entry = module
-        self._entry_hook = module.register_forward_pre_hook(self._on_forward_pre, with_kwargs=True)
-        if self._output_hook is not None:
-            self._output_hook.remove()
-            self._output_hook = None
+        self._entry_hooks = self._hook_entry(module)
         self._noise.set_entry(module)
         self._micro_sizes = sizes
         self.record_event("warning", ENTRY_FOUND.format(step=self._step, name=name, kind=type(module).__name__))
@@ -504,6 +581,8 @@ class Monitor:
             raise RuntimeError("this monitor is already paused")
         self._paused = True
         self._noise.pause()
+        if self._flops is not None:
+            self._flops.close()  # a step being counted is left uncounted: its size is counted later
         try:
             yield
         finally:
@@ -511,6 +590,9 @@ class Monitor:
             self._micro_sizes = []
             if self._finder is not None:
                 self._finder.reset()  # the sweep's calls say nothing about the training step
+            self._skipped = []
+            self._sentinel_passes = 0
+            self._forward_open = False
             self._mid_iteration = False
             self._phases.restart()
             self._last_step_end = time.perf_counter()
@@ -567,14 +649,16 @@ class Monitor:
         self._closed = True
         for handle in self._handles:
             handle.remove()
-        self._entry_hook.remove()
+        for handle in self._entry_hooks:
+            handle.remove()
         for finder in (self._finder, self._idle_finder):
             if finder is not None:
                 finder.remove()
-        if self._output_hook is not None:
-            self._output_hook.remove()
         self._remove_grad_hooks()
+        self._watch_sentinel([])
         self._noise.close()
+        if self._flops is not None:
+            self._flops.close()
         if self._ranks is not None:
             self._ranks.close()
         if sys.excepthook is self._excepthook:
@@ -614,7 +698,8 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int
           unit: str = "samples", tokens_per_sample: int | None = None, name: str | None = None,
           noise: str | None = "auto", layers: str | tuple[type, ...] = "all",
           horizon_samples: float | None = None, profile: Any = None,
-          noise_budget: float = MEASURE_BUDGET, mixes_samples: tuple[type, ...] = ()) -> Monitor:
+          noise_budget: float = MEASURE_BUDGET, mixes_samples: tuple[type, ...] = (),
+          flops_per_sample: float | None = None) -> Monitor:
     """Instrument a training loop; returns the :class:`Monitor`.
 
     ``batch_size`` fixes the samples per optimizer step (otherwise inferred from
@@ -638,6 +723,9 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int
     LightningOptimizer, anything holding the torch optimizer as ``.optimizer``). When
     ``model``'s own forward never runs (a training step that calls ``model.net(x)``),
     samples are counted at the first trainable submodule that does run (bsmon/probe/entry.py).
+    ``flops_per_sample`` is the FLOPs of one training step (forward and backward) per sample, for
+    FLOP/s and MFU; without it bsmon counts one step per micro-batch size with
+    ``torch.utils.flop_counter.FlopCounterMode`` (docs/api.md).
     """
     global _active
     if not isinstance(model, nn.Module):
@@ -653,6 +741,8 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int
         raise ValueError(f"horizon_samples={horizon_samples!r} must be positive")
     if not (isinstance(noise_budget, (int, float)) and 0 < noise_budget <= 1):
         raise ValueError(f"noise_budget={noise_budget!r}: give the share of training time, in (0, 1]")
+    if flops_per_sample is not None and not (isinstance(flops_per_sample, (int, float)) and flops_per_sample > 0):
+        raise ValueError(f"flops_per_sample={flops_per_sample!r}: give the FLOPs of one step per sample (> 0)")
     check_mode(model, noise)
     if not (isinstance(mixes_samples, tuple)
             and all(isinstance(t, type) and issubclass(t, nn.Module) for t in mixes_samples)):
@@ -667,7 +757,7 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int
         _active = Monitor(model, optimizer, batch_size=batch_size, unit=unit,
                           tokens_per_sample=tokens_per_sample, name=name, noise=noise, layers=layers,
                           horizon_samples=horizon_samples, profile=profile_dict, noise_budget=noise_budget,
-                          mixes_samples=mixes_samples)
+                          mixes_samples=mixes_samples, flops_per_sample=flops_per_sample)
         return _active
 
 

@@ -1,4 +1,4 @@
-"""The help screen: the keys, and what the numbers mean (and do not mean)."""
+"""The help screen (the keys, what the numbers mean and do not mean) and the optimal batch's why view."""
 
 from __future__ import annotations
 
@@ -34,10 +34,16 @@ it fall.
 """
 
 
-def keys_help(mode: str, output_log: Path | None) -> str:
+def keys_help(mode: str, output_log: Path | None, quit_ends_job: bool = False) -> str:
     where = escape(str(output_log)) if output_log else "the session's output.log"
-    quit_line = (f"[b]q[/b]       detach: the job keeps running and is still recorded; its output goes to {where}"
-                 if mode == "run" else "[b]q[/b]       quit")
+    if quit_ends_job:
+        quit_line = "[b]q[/b]       quit and end the demo (bsmon's own job)"
+    elif mode == "run":
+        quit_line = f"[b]q[/b]       detach: the job keeps running and is still recorded; its output goes to {where}"
+    elif mode == "attach":
+        quit_line = "[b]q[/b]       detach: the job keeps running"
+    else:
+        quit_line = "[b]q[/b]       quit"
     ctrl_c = ("[b]ctrl+c[/b]  send SIGINT to the job; this view stays open to show how it ends"
               if mode == "run" else "[b]ctrl+c[/b]  quit")
     return "\n".join([
@@ -45,21 +51,53 @@ def keys_help(mode: str, output_log: Path | None) -> str:
         "[b]e[/b]       export the session as CSV (one row per step)",
         "[b]p[/b]       pause or resume redrawing; data keeps arriving",
         "[b]b[/b]       the branch checks: critical batch measured by bsmon.branch_check, per branch",
+        "[b]w[/b]       why this batch size: the optimal-batch panel's full explanation",
         "[b]?[/b]       this help; esc closes it",
     ])
+
+
+def why_text(reason: str | None, lr_advice: str | None, memory: str | None) -> str:
+    """The optimal-batch panel's full explanation, for the w view."""
+    parts = ["[b]Why this batch size[/b]", escape(reason or "no recommendation yet")]
+    if lr_advice:
+        parts += ["", "[b]Learning rate[/b]", escape(lr_advice)]
+    if memory:
+        parts += ["", "[b]Memory[/b]", escape(memory)]
+    return "\n".join(parts)
+
+
+class WhyScreen(ModalScreen[None]):
+    """The full reason behind the optimal batch size (the panel keeps one line of it)."""
+
+    BINDINGS = [Binding("escape,w,q", "close", "Close")]
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self._text = text
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="help"):
+            yield Static(self._text, id="why-text")
+
+    def on_mount(self) -> None:
+        self.query_one("#help").border_title = "optimal batch size: why (esc closes)"
+
+    def action_close(self) -> None:
+        self.dismiss()
 
 
 class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,question_mark,q", "close", "Close")]
 
-    def __init__(self, mode: str, output_log: Path | None) -> None:
+    def __init__(self, mode: str, output_log: Path | None, quit_ends_job: bool = False) -> None:
         super().__init__()
         self._mode = mode
         self._output_log = output_log
+        self._quit_ends_job = quit_ends_job
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="help"):
-            yield Static(keys_help(self._mode, self._output_log), id="help-keys")
+            yield Static(keys_help(self._mode, self._output_log, self._quit_ends_job), id="help-keys")
             yield Static(NUMBERS_HELP, id="help-numbers")
 
     def on_mount(self) -> None:
