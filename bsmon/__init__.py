@@ -26,6 +26,10 @@ _LAZY = {
     "profile_training": "bsmon.profiling",
     "optimal_batch_size": "bsmon.stats.optimal",
     "Recommendation": "bsmon.stats.optimal",
+    "branch_check": "bsmon.branch",
+    "BranchCheck": "bsmon.stats.branch",
+    "Snapshot": "bsmon.snapshot",
+    "load": "bsmon.export",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -8,7 +8,6 @@ to do.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import json
 import os
@@ -21,9 +20,7 @@ from typing import Any, Sequence
 
 from bsmon import fmt, store, terminal, wire
 from bsmon.client import Feed, wait_for_session
-from bsmon.model import SessionModel
-
-HEADLESS_INTERVAL_S = 1.0
+from bsmon.model import SessionModel, Stats
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -148,14 +145,19 @@ def record_exit(info: store.SessionInfo, code: int) -> None:
         print(f"bsmon: could not record the exit code in {info.records_path}: {exc}", file=sys.stderr)
 
 
+#: After q in `bsmon demo` the demo has this long to stop on its SIGINT before it is killed.
+DEMO_STOP_S = 10.0
+
+
 def run_job(command: list[str], *, name: str | None, headless: bool, json_lines: bool,
-            profile: str | None = None, on_hangup: str = "detach") -> int:
+            profile: str | None = None, on_hangup: str = "detach", quit_ends_job: bool = False) -> int:
+    """``bsmon run``; ``quit_ends_job``: q in the TUI ends the job too (the demo, bsmon's own job)."""
     home = store.bsmon_home().resolve()
     session_id = store.new_session_id()
     session_dir = store.sessions_dir(home) / session_id
     env = dict(os.environ, BSMON_HOME=str(home), BSMON_SESSION_ID=session_id, BSMON_COMMAND=json.dumps(command))
     if name:
-        env["BSMON_NAME"] = name
+        env[store.RUN_NAME_ENV] = name
     if profile:
         env["BSMON_PROFILE"] = profile
     output = None
@@ -187,7 +189,9 @@ def run_job(command: list[str], *, name: str | None, headless: bool, json_lines:
         if headless:
             _headless(feed, json_lines, job)
         else:
-            _tui(feed, "run", info, job)
+            _tui(feed, "run", info, job, quit_ends_job=quit_ends_job)
+            if quit_ends_job and not job.hung_up and not job.wait(DEMO_STOP_S):
+                job.send(signal.SIGKILL)
         leaves_job_running = job.detached_by_hangup or (not headless and not job.hung_up)  # or `q`
         if process.poll() is None and leaves_job_running:
             to_log = f"; its output goes to {session_dir / store.OUTPUT_FILE}" if output and output is not sys.stderr else ""
@@ -239,13 +243,14 @@ def _attach_with_gpu(feed: Feed, info: store.SessionInfo) -> Feed:
 
 
 # -- views ---------------------------------------------------------------------
-def _tui(feed: Feed, mode: str, info: store.SessionInfo, job: ChildJob | None = None) -> None:
+def _tui(feed: Feed, mode: str, info: store.SessionInfo, job: ChildJob | None = None,
+         quit_ends_job: bool = False) -> None:
     from bsmon.tui.app import BsmonApp
 
     def export() -> Path:
         return _export_session_csv(feed, info)
 
-    BsmonApp(feed, mode=mode, job=job, export=export).run()
+    BsmonApp(feed, mode=mode, job=job, export=export, quit_ends_job=quit_ends_job).run()
     feed.stop()
 
 
@@ -257,74 +262,10 @@ def _export_session_csv(feed: Feed, info: store.SessionInfo) -> Path:
     return path
 
 
-def batch_breakdown(s) -> str:
-    """' = 4x32' (micro-batches x size), or ' = 2x32x8 ranks' under data parallelism; '' if trivial."""
-    ranks = s.world_size if getattr(s, "world_size", 1) and s.world_size > 1 else 1
-    micro = s.micro_batches or 1
-    if micro == 1 and ranks == 1:
-        return ""
-    size = s.batch_size // (micro * ranks)
-    return f" = {micro}x{size}" + (f"x{ranks} ranks" if ranks > 1 else "")
-
-
-def status_line(model: SessionModel, state: str) -> str:
-    s = model.stats()
-    unit = "tok" if s.unit == "tokens" else "samples"
-    parts = [f"[{fmt.duration(model.elapsed_s):>7}] step {s.step}",
-             f"{fmt.si(s.samples_per_s)} {unit}/s",
-             f"step {fmt.duration(s.step_time_p50_s)} (p95 {fmt.duration(s.step_time_p95_s)})"]
-    if s.batch_size is not None:
-        parts.append(f"B {s.batch_size}{batch_breakdown(s)}")
-    fraction = s.noise_covered_fraction
-    coverage = f", coverage {fraction:.0%}" if fraction is not None and fraction < 1 else ""
-    if s.b_simple is not None:
-        parts.append(f"B_simple {fmt.band(s.b_simple, s.b_simple_low, s.b_simple_high)} ({s.noise_estimator}{coverage})")
-    elif s.noise_reason:
-        parts.append(f"B_simple N/A{coverage}: {s.noise_reason}")
-    parts.append(fmt.optimum(s))
-    if s.input_hint:
-        parts.append("input-bound?")
-    if "loss" in model.last_scalars:
-        parts.append(f"loss {model.last_scalars['loss']:.4g}")
-    if s.dropped:
-        parts.append(f"DROPPED {s.dropped}")
-    if s.recording_error:
-        parts.append("RECORDING FAILED")
-    parts.append(state)
-    return " | ".join(parts)
-
-
-def stats_json(model: SessionModel, state: str) -> str:
-    current = model.stats()
-    stats = dataclasses.asdict(current)
-    stats["noise_groups"] = {label: dataclasses.asdict(n) for label, n in current.noise_groups}
-    stats.update(state=state, elapsed_s=model.elapsed_s, scalars=model.last_scalars, time=time.time())
-    return json.dumps(stats, default=str)
-
-
 def _headless(feed: Feed, json_lines: bool, job: ChildJob | None = None) -> None:
-    """One status line (or JSON object) a second until the stream ends and the job exits."""
-    def state() -> str:
-        if feed.state in ("live", "connecting"):
-            return "running"
-        if feed.state == "error":
-            return "error"
-        return "ended" if feed.model.bye is not None else "lost"
+    from bsmon.headless import follow
 
-    def emit() -> None:
-        line = feed.read(lambda m: stats_json(m, state()) if json_lines else status_line(m, state()))
-        print(line, flush=True)
-
-    while True:
-        stream_over = feed.wait(timeout=HEADLESS_INTERVAL_S)
-        job_over = job is None or job.wait(timeout=HEADLESS_INTERVAL_S if stream_over else 0)
-        if job is not None and job.detached_by_hangup:
-            return
-        emit()
-        if stream_over and job_over:
-            break
-    if feed.message:
-        print(f"bsmon: {feed.message}", file=sys.stderr)
+    follow(feed, json_lines, job)
 
 
 # -- commands --------------------------------------------------------------------
@@ -358,7 +299,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     command = [sys.executable, "-m", "bsmon.demo", "--steps", str(args.steps)]
-    return run_job(command, name="demo", headless=_headless_wanted(args), json_lines=args.json)
+    return run_job(command, name="demo", headless=_headless_wanted(args), json_lines=args.json,
+                   quit_ends_job=True)
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
@@ -389,19 +331,36 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def session_figures(info: store.SessionInfo) -> Stats:
+    """The session's last numbers (B_simple, the recommended batch), from its records.
+
+    Replays the records through a model without history: about 0.1 s for 10,000 steps.
+    """
+    model = SessionModel(keep_history=False)
+    model.ingest_all(store.read_records(info.records_path)[0])
+    return model.stats()
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     sessions = store.list_sessions()
+    if args.running:
+        sessions = [s for s in sessions if s.status == "running"]
+    figures = [session_figures(s) for s in sessions]
     if args.json:
-        print(json.dumps([s.to_json() for s in sessions], indent=2))
+        print(json.dumps([{**s.to_json(), "b_opt": f.b_opt, "b_simple": f.b_simple, "unit": f.unit}
+                          for s, f in zip(sessions, figures)], indent=2))
         return 0
     if not sessions:
-        print(f"no sessions under {store.bsmon_home()}")
+        print(f"no {'running ' if args.running else ''}sessions under {store.bsmon_home()}")
         return 0
-    rows = [("ID", "NAME", "PID", "STATUS", "STEPS", "STARTED", "COMMAND")]
-    for s in sessions:
+    rows = [("ID", "NAME", "PID", "STATUS", "STEPS", "STARTED", "B*", "B_SIMPLE", "COMMAND")]
+    for s, f in zip(sessions, figures):
         started = dt.datetime.fromtimestamp(s.started).strftime("%Y-%m-%d %H:%M:%S")
         status = s.status if s.exit_code in (None, 0) else f"{s.status} ({s.exit_code})"
-        rows.append((s.id, s.name, str(s.pid), status, str(s.steps), started, " ".join(s.command)[:60]))
+        unit = " tok" if f.unit == "tokens" else ""
+        rows.append((s.id, s.name, str(s.pid), status, str(s.steps), started,
+                     "-" if f.b_opt is None else f"{fmt.si(f.b_opt)}{unit}",
+                     "-" if f.b_simple is None else f"{fmt.si(f.b_simple)}{unit}", " ".join(s.command)[:60]))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
@@ -411,6 +370,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from bsmon.export import export_to_file, write_csv
 
+    if args.format == "parquet" and args.output is None:
+        return _fail("--format parquet writes a file: give it with -o FILE.parquet", 2)
     info = store.resolve_session(args.session)
     model = Feed().replay(info).model
     if args.output is None:
@@ -418,7 +379,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     path = Path(args.output)
     try:
-        rows = export_to_file(model, path)
+        rows = export_to_file(model, path, info=info, format=args.format)
+    except ImportError as exc:
+        return _fail(f"Parquet export needs pandas and pyarrow: pip install 'bsmon[parquet]' ({exc})")
     except OSError as exc:
         return _fail(f"cannot write {path}: {exc.strerror or exc}")
     print(f"bsmon: wrote {rows} steps of session {info.id} ({info.name}) to {path}", file=sys.stderr)
@@ -442,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print JSON lines instead of the TUI")
 
     p = sub.add_parser("run", help="run a training command under the monitor")
-    p.add_argument("--name", help="session name (default: the script's name)")
+    p.add_argument("--name", help="session name; wins over watch(name=) and $BSMON_NAME "
+                   "(default: the script's name)")
     p.add_argument("--profile", help="a throughput profile saved by `bsmon sweep` (id, name prefix or path)")
     p.add_argument("--on-hangup", choices=HANGUP_POLICIES, default="detach",
                    help="when the terminal goes away (SSH drop): detach and keep the job running (default), "
@@ -456,13 +420,16 @@ def build_parser() -> argparse.ArgumentParser:
     views(p)
     p.set_defaults(func=cmd_attach)
 
-    p = sub.add_parser("ls", help="list recorded sessions")
+    p = sub.add_parser("ls", help="list recorded sessions, with the last B_simple and recommended batch")
+    p.add_argument("--running", action="store_true", help="only sessions whose job is running")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ls)
 
-    p = sub.add_parser("export", help="write a session as CSV, one row per optimizer step")
+    p = sub.add_parser("export", help="write a session as CSV (or Parquet), one row per optimizer step")
     p.add_argument("session", nargs="?", help="id, unique id prefix or name (default: the newest)")
-    p.add_argument("-o", "--output", help="CSV file (default: stdout)")
+    p.add_argument("-o", "--output", help="output file (default: CSV to stdout)")
+    p.add_argument("--format", choices=("csv", "parquet"), default="csv",
+                   help="parquet: the same columns, typed, with the session's metadata (needs pandas and pyarrow)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("replay", help="open a recorded session in the TUI")

@@ -68,3 +68,47 @@ def optimum(stats) -> str:
     if stats.b_opt_speedup is not None:
         text += f" {band(stats.b_opt_speedup, stats.b_opt_speedup_low, stats.b_opt_speedup_high)}x speedup"
     return text
+
+
+def ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """About ``count`` (at most one more) round axis ticks in [low, high], a 1-2-5 step apart:
+    (0, 9.3e4) -> 0, 20k, 40k, 60k, 80k."""
+    if not (math.isfinite(low) and math.isfinite(high)) or high <= low or count < 2:
+        return [low] if math.isfinite(low) else []
+    base = 10 ** math.floor(math.log10((high - low) / count))
+    for step in (m * base for m in (1, 2, 5, 10, 20, 50)):
+        first, last = math.ceil(low / step - 1e-9), math.floor(high / step + 1e-9)
+        if last - first + 1 <= count + 1:
+            return [round(i * step, 12) for i in range(first, last + 1)]  # 0.30000000000000004 -> 0.3
+    return [low, high]
+
+
+def log_ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """Round ticks for a log axis over [low, high] (both > 0): 1-2-5 within a decade while they fit,
+    else powers of ten (every k-th when there are more than ``count`` decades)."""
+    if not (0 < low < high) or not math.isfinite(high):
+        return ticks(low, high, count)
+    first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
+    for mantissas in ((1, 2, 5), (1, 3), (1,)):
+        values = [m * 10.0 ** d for d in range(first, last + 1) for m in mantissas]
+        values = [v for v in values if low * (1 - 1e-9) <= v <= high * (1 + 1e-9)]
+        if 2 <= len(values) <= count:
+            return values
+        if len(values) > count and mantissas == (1,):
+            stride = math.ceil(len(values) / count)
+            return values[::stride]
+    return ticks(low, high, count)  # less than a decade: round linear steps, placed on the log axis
+
+
+def tick_label(value: float) -> str:
+    """An axis tick: '0', '250', '2.5k', '100k', '5M', '0.02'."""
+    return "0" if value == 0 else si(value)
+
+
+def measured_ago(age_steps: int | None) -> str:
+    """'measured this step', 'measured 12 steps ago': the age of a noise estimate."""
+    if age_steps is None:
+        return "not measured"
+    if age_steps == 0:
+        return "measured this step"
+    return f"measured {age_steps:,} step{'s' if age_steps != 1 else ''} ago"

@@ -8,6 +8,7 @@ from it, so one record stream always gives the same numbers.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 from array import array
 from dataclasses import dataclass, field
@@ -15,10 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from bsmon.stats.branch import BranchCheck, calibrated_factor
+from bsmon.stats.flops import mfu, peak_flops
 from bsmon.stats.optimal import Recommendation, StableRecommendation, optimal_accumulation, optimal_batch_size
 from bsmon.stats.throughput import StepSplit, ThroughputPoint, split_step_time
 from bsmon.stats.noise import (
     DEFAULT_HORIZON_SAMPLES,
+    MEASURE_GAP_STEPS,
     GradNormPoints,
     NoiseScale,
     NoiseScaleTracker,
@@ -29,6 +33,7 @@ from bsmon.stats.noise import (
     statistical_efficiency,
     step_estimate,
 )
+from bsmon.stats.units import ProfileUnits, SessionUnits
 
 #: Step-time percentiles and "now" throughput use this many recent steps.
 RECENT_STEPS = 200
@@ -50,6 +55,10 @@ RANK_SILENCE_STEPS = 20
 #: suggests the GPU waits for its input.
 LOW_GPU_UTIL_PCT = 50.0
 LOW_UTIL_SAMPLES = 10
+CLEARED_BETWEEN_MICRO_BATCHES = (
+    "gradients are cleared between micro-batches: zero_grad() runs inside the accumulation loop, so "
+    "each optimizer step uses only the micro-batch after the last clear ({n:,} {unit}, the batch shown). "
+    "Call zero_grad() once per optimizer step, after optimizer.step()")
 NO_PROFILE_REASON = ("no throughput profile yet: call bsmon.profile(step_fn) in the job, run "
                      "`bsmon sweep -- python script.py` and pass --profile, or change the batch size during the run")
 #: Advice shared by every input-bound hint (GPU utilisation, the wait before each step's forward).
@@ -91,9 +100,13 @@ class Stats:
     grad_sq: float | None = None
     trace_sigma: float | None = None
     noise_steps: int = 0
+    noise_age_steps: int | None = None  # optimizer steps since the estimate last took in a measured step
+    noise_stale: bool = False  # no measured step for more than MEASURE_GAP_STEPS: the estimator stopped
     noise_weak: bool = False
     negative_grad_sq_steps: int = 0
     efficiency: float | None = None
+    skipped_steps: int = 0  # iterations abandoned without an optimizer step (GradScaler overflow, exception)
+    step_problem: str | None = None  # a training-loop mistake that changes what a step is
     noise_groups: tuple[tuple[str, NoiseScale], ...] = ()
     recording_error: str | None = None
     gpu_hints: tuple[str, ...] = ()
@@ -112,6 +125,10 @@ class Stats:
     b_opt_source: str | None = None
     step_split: StepSplit | None = None  # the job's step time, alpha + k*beta_mb, at its micro-batch
     input_hint: str | None = None  # the wait before each step's first forward rivals a micro-batch
+    # The latest branch check (bsmon.branch_check), and the factor B_simple is divided by for the
+    # advice when that check calibrates it (None: the advice uses B_simple as it is).
+    branch_check: BranchCheck | None = None
+    b_noise_calibration: float | None = None
     # Multi-process jobs. batch_size, samples_per_s and samples_seen above are global: rank 0's
     # local figures times the data-parallel size (equal shards assumed; uneven_rank_batches
     # says when the ranks' last local batches differ).
@@ -126,6 +143,15 @@ class Stats:
     ranks_stalled: tuple[int, ...] = ()  # reporting, but no new step for RANK_SILENCE_*
     ranks_lost: tuple[int, ...] = ()  # no report at all for RANK_SILENCE_*
     uneven_rank_batches: bool = False
+    # Achieved FLOP/s and MFU (bsmon.stats.flops): the step's FLOPs per sample (counted on one step
+    # per batch size, or given) times samples/s; None with a reason where they cannot be known.
+    flops_per_sample: float | None = None
+    flops_per_s: float | None = None
+    flops_reason: str | None = None
+    mfu: float | None = None
+    mfu_reason: str | None = None
+    peak_flops: float | None = None  # of all the job's GPUs together
+    peak_name: str | None = None  # which peak: '8 x H100/H200 SXM bf16 peak'
 
 
 @dataclass(frozen=True)
@@ -212,6 +238,9 @@ class History:
     grad_sq: array = field(default_factory=lambda: array("d"))
     trace_sigma: array = field(default_factory=lambda: array("d"))
     noise_coverage: array = field(default_factory=lambda: array("d"))  # share of parameters the estimator covers
+    noise_age_steps: array = field(default_factory=lambda: array("d"))  # NaN: no estimate
+    skipped_steps: array = field(default_factory=lambda: array("q"))  # so far in the session
+    b_noise: array = field(default_factory=lambda: array("d"))  # what the advice used (calibrated or B_simple)
     b_opt: array = field(default_factory=lambda: array("d"))
     b_opt_speedup: array = field(default_factory=lambda: array("d"))
     #: step -> logged scalars of that step
@@ -249,6 +278,17 @@ class History:
         return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
 
 
+@dataclass
+class EstimatorHistory:
+    """One estimator's averages. Kept while the job uses another estimator, and resumed when it
+    returns: a flip (a single-pass step in an accumulating job) discards nothing."""
+
+    total: NoiseScaleTracker
+    groups: list[NoiseScaleTracker]
+    samples_at_update: float  # the session's samples trained when it last took a step (or began)
+    measured_step: int | None = None  # the last step it took in
+
+
 def _nan(value: float | None) -> float:
     return math.nan if value is None else float(value)
 
@@ -266,13 +306,15 @@ class SessionModel:
         self.history: History | None = History() if keep_history else None
         self._horizon_override = horizon_samples
         self._horizon = horizon_samples or DEFAULT_HORIZON_SAMPLES
-        self._unit_scale = 1
-        self._noise = NoiseScaleTracker(self._horizon)
-        self._group_noise: list[NoiseScaleTracker] = []
+        self._units = SessionUnits()
+        self._histories: dict[str, EstimatorHistory] = {}  # by estimator name
+        self._last_estimator: str | None = None  # of the last noise payload
         self._recent = collections.deque(maxlen=RECENT_STEPS)  # (t, dt, n)
         self._step = 0
-        self._samples = 0
-        self._unmeasured_samples = 0
+        self._samples = 0  # samples trained, all ranks
+        self._skipped_steps = 0
+        self._cleared_last_step = 0  # chunks of the last step cleared without an optimizer step
+        self._clearing_micro_batches = False  # gradients cleared between the micro-batches of a step
         self._last: dict[str, Any] | None = None
         self._dropped = 0
         self._recording_error: str | None = None
@@ -280,7 +322,6 @@ class SessionModel:
         self.gpu = None  # the latest bsmon.gpu.GpuSnapshot
         self.ranks: RankSummary | None = None  # from the latest ranks record
         self._world_size = 1
-        self._data_parallel = 1
         self._live_times: dict[int, collections.deque] = {}  # batch size -> recent steady step times
         self._batch_size: int | None = None
         self._steps_at_size = 0
@@ -295,6 +336,11 @@ class SessionModel:
         self.recommendation: Recommendation | None = None
         self._recommend_reason: str | None = NO_PROFILE_REASON
         self._recommend_source: str | None = None
+        self.branch_checks: list[BranchCheck] = []
+        self._calibration: float | None = None
+        self._flops_per_sample: dict[int, float] = {}  # samples per step on a rank -> FLOPs per sample
+        self._flops_dtype: tuple[str | None, bool] = (None, False)  # of the last count: dtype, TF32 allowed
+        self._flops_reason: str | None = None  # why there is no count
 
     # -- ingestion ------------------------------------------------------------
     def ingest(self, record: dict[str, Any]) -> None:
@@ -308,13 +354,13 @@ class SessionModel:
 
     def _on_hello(self, record: dict[str, Any]) -> None:
         self.hello = record
-        if record.get("unit") == "tokens":
-            self._unit_scale = int(record.get("tokens_per_sample") or 1)
+        self._units = SessionUnits.from_hello(record)
         if self._horizon_override is None and record.get("horizon_samples"):
             self._horizon = float(record["horizon_samples"])
         self._world_size = int(record.get("world_size") or 1)
-        self._data_parallel = int(record.get("data_parallel") or 1)
-        self._reset_noise()
+        self._record_flops(1, {"total": record.get("flops_per_sample"), "dtype": record.get("flops_dtype"),
+                               "tf32": record.get("flops_tf32"), "reason": record.get("flops_reason")})
+        self._histories = {}
 
     def _on_bye(self, record: dict[str, Any]) -> None:
         self.bye = record
@@ -329,10 +375,7 @@ class SessionModel:
         if record.get("name") == "per_example" and fraction is not None and fraction < 1:
             # Recorded before bsmon refused partial coverage in the job: withheld here the same way.
             record = {**record, "name": None, "reason": partial_coverage_reason(fraction, record.get("uncovered"))}
-        changed = self.estimator is None or self.estimator.get("name") != record.get("name")
         self.estimator = record
-        if changed:
-            self._reset_noise()
 
     def _on_profile_point(self, record: dict[str, Any]) -> None:
         self.profile_points.append(record)
@@ -343,6 +386,14 @@ class SessionModel:
 
         self.profile = Profile.from_dict(record["profile"])
         self._points_version += 1
+
+    def _record_flops(self, samples: int, flops: dict[str, Any]) -> None:
+        """A step's (or the hello's per-sample) FLOP count, or why there is none."""
+        if flops.get("total") is None:
+            self._flops_reason = flops.get("reason") or self._flops_reason
+            return
+        self._flops_per_sample[samples] = flops["total"] / samples
+        self._flops_dtype = (flops.get("dtype"), bool(flops.get("tf32")))
 
     def _on_gpu(self, record: dict[str, Any]) -> None:
         from bsmon.gpu import GpuSnapshot  # monitor side only: the job never receives gpu records
@@ -368,6 +419,10 @@ class SessionModel:
             h.slowest_rank_lag_steps.append(_nan(summary.slowest_lag_steps))
             h.rank_skew.append(_nan(summary.skew))
 
+    def _on_branch_check(self, record: dict[str, Any]) -> None:
+        self.branch_checks.append(BranchCheck.from_record(record))
+        self._recommend_due = True
+
     def _on_scalars(self, record: dict[str, Any]) -> None:
         values = {k: float(v) for k, v in record["values"].items()}
         self.last_scalars.update(values)
@@ -377,30 +432,48 @@ class SessionModel:
                 self.history.scalar_names.setdefault(name)
 
     def _on_step(self, record: dict[str, Any]) -> None:
-        samples = record["n"] * self._data_parallel  # rank 0's share times the shards
+        samples = self._units.global_samples(record["n"])  # rank 0's share times the shards
         self._step = record["step"]
         self._samples += samples
         self._dropped = record["dropped"]
         self._last = record
-        self._recent.append((record["t"], record["dt"], samples))
-        if "noise" in record:
-            self._update_noise(record["noise"], samples + self._unmeasured_samples)
-            self._unmeasured_samples = 0
+        counted = "flops" in record
+        if counted:  # that step ran several times slower: its FLOPs, not its time
+            self._record_flops(record["n"], record["flops"])
         else:
-            # The probe measures only some steps (its cost budget): the averaging horizon is in
-            # samples trained, so the next measured step carries the samples of these.
-            self._unmeasured_samples += samples
-        self._track_live_throughput(record)
-        self._track_phases(record)
+            self._recent.append((record["t"], record["dt"], samples))
+        self._count_skipped(record.get("skipped") or [])
+        if "noise" in record:
+            # The probe measures only some steps (its cost budget). The averaging horizon is in
+            # samples trained, so a measured step carries the samples since its estimator's last.
+            self._update_noise(record["noise"], record["step"])
+        if not counted:  # nor its time or phases in the throughput and the in-run step-time fit
+            self._track_live_throughput(record)
+            self._track_phases(record)
         if record["step"] % RECOMMEND_EVERY == 0 or self._points_version != self._recommended_version:
             self._recommend_due = True
         if self.history is not None:
             self._append_history(record)
 
+    def _count_skipped(self, skipped: list[dict[str, Any]]) -> None:
+        """Count iterations abandoned before this step (the probe's ``skipped`` list).
+
+        A chunk whose gradients were cleared without an optimizer step is a skipped step (a
+        GradScaler overflow, a retry after an exception), unless the step before had such chunks
+        too: a loop that clears in every step calls zero_grad() between its micro-batches.
+        """
+        cleared = sum(chunk.get("why") == "cleared" for chunk in skipped)
+        between = bool(cleared and self._cleared_last_step)
+        if between and not self._clearing_micro_batches:
+            self._skipped_steps -= self._cleared_last_step  # the first such step's were micro-batches too
+        self._clearing_micro_batches = between
+        self._skipped_steps += len(skipped) - (cleared if between else 0)
+        self._cleared_last_step = cleared
+
     def _track_live_throughput(self, record: dict[str, Any]) -> None:
         """Steady-state step time per batch size (samples per optimizer step), after a warm-up
         at each new size. This is the job's own r(B), in its configuration (accumulation included)."""
-        size = record["n"] * self._data_parallel  # the global batch, as B_simple is global
+        size = record["n"]  # rank 0's samples: converted to the session's unit by throughput_points
         if size <= 0 or record["dt"] <= 0:
             return
         if size != self._batch_size:
@@ -423,8 +496,8 @@ class SessionModel:
         if config != self._phase_config:
             self._phase_config, self._phase_steps = config, 0
         self._phase_steps += 1
-        if "ph" not in record or self._phase_steps <= LIVE_WARMUP_STEPS:
-            return
+        if "ph" not in record or "skipped" in record or self._phase_steps <= LIVE_WARMUP_STEPS:
+            return  # (a step after a skipped attempt also timed the attempt's forwards)
         rows = self._phases.pop(config, None) or collections.deque(maxlen=RECENT_STEPS)
         self._phases[config] = rows  # most recently used last
         if len(self._phases) > MAX_PHASE_CONFIGS:
@@ -446,7 +519,7 @@ class SessionModel:
             rows = [marks for measured, marks in timed if not measured]
             if len(rows) < LIVE_MIN_STEPS:
                 rows = [marks for _, marks in timed]
-            micro = samples // micro_batches * self._data_parallel * self._unit_scale
+            micro = int(self._units.from_rank_samples(samples // micro_batches))
             try:
                 return split_step_time(rows, micro, micro_batches)
             except ValueError:
@@ -469,7 +542,7 @@ class SessionModel:
 
     def next_action(self) -> str:
         """Why there is no optimum yet, and the single most useful thing to do about it, in one line."""
-        noise = self._noise.result()
+        noise = self.noise()
         estimator = self.estimator or {}
         if noise.b_simple is None or noise.b_simple <= 0:
             if self.estimator is not None and estimator.get("name") is None:
@@ -485,21 +558,33 @@ class SessionModel:
         return PROFILE_ACTION[self._framework()]
 
     def memory_limit(self) -> str | None:
-        """The batch-size memory limit in words: known from the profile, or only what was measured."""
+        """The batch-size memory limit in words (session unit, whole job): known from the profile,
+        or only what was measured."""
         if self.profile is not None and self.profile.memory_limit_batch is not None:
-            text = f"memory: fits up to {self.profile.memory_limit_batch:,}"
+            units = self.profile.units
+            text = f"memory: fits up to {self._profile_size(self.profile.memory_limit_batch, units):,}"
             if self.profile.oom_batch is not None:
-                text += f" (out of memory at {self.profile.oom_batch:,})"
-            return text
+                text += f" (out of memory at {self._profile_size(self.profile.oom_batch, units):,})"
+            return text + self._per_rank_note()
         sizes = [p.batch_size for p in self.throughput_points()]
         if sizes:
-            return f"memory limit unknown: the largest size measured is {max(sizes):,}"
+            return f"memory limit unknown: the largest size measured is {max(sizes):,}" + self._per_rank_note()
         return None
 
+    def _per_rank_note(self) -> str:
+        ranks = self._units.data_parallel
+        return f" {self._units.unit} over all {ranks} ranks" if ranks > 1 else ""
+
+    def _profile_size(self, size: float, units: ProfileUnits) -> int:
+        return int(round(self._units.from_profile(size, units)))
+
     def memory_per_sample_bytes(self) -> float | None:
-        """Peak memory per sample: the slope of the throughput profile's peak memory against batch size."""
-        points = [(p.batch_size, p.peak_memory_bytes) for p in self.throughput_points()
-                  if p.source == "profile" and p.peak_memory_bytes is not None]
+        """Peak memory per sample of one rank: the slope of the profile's peak memory against its sizes."""
+        if self.profile is None:
+            return None
+        units = self.profile.units
+        points = [(units.per_rank_samples(p.batch_size), p.peak_memory_bytes) for p in self.profile.points
+                  if p.peak_memory_bytes is not None]
         if len({size for size, _ in points}) < 2:
             return None
         sizes, memory = np.array(points, dtype=float).T
@@ -527,19 +612,28 @@ class SessionModel:
         return tuple(hints)
 
     def throughput_points(self) -> list[ThroughputPoint]:
-        """The profile's points, then live steady-state points (in the session's unit)."""
-        scale = self._unit_scale
-        points = []
+        """The profile's points, then live steady-state points: sizes of the whole job's batch in
+        the session's unit (converted here, the one place, by bsmon.stats.units)."""
         if self.profile is not None:
-            points = list(self.profile.points)
+            units = self.profile.units
+            raw = [(p.batch_size, p.step_time_s, p.peak_memory_bytes) for p in self.profile.points]
         else:
-            points = [ThroughputPoint(int(p["batch_size"]), float(p["step_time_s"]),
-                                      p["batch_size"] / p["step_time_s"]) for p in self.profile_points]
+            # Streamed while bsmon.profile() runs: each point says its units (older sessions did not,
+            # and were in samples per rank).
+            units = ProfileUnits(**{k: v for k, v in (self.profile_points[0] if self.profile_points else {}).items()
+                                    if k in ("unit", "tokens_per_sample", "world_size", "per_rank")})
+            raw = [(p["batch_size"], p["step_time_s"], p.get("peak_memory_bytes")) for p in self.profile_points]
+        points = [self._point(self._units.from_profile(size, units), step_time, memory, "profile")
+                  for size, step_time, memory in raw]
         for size, times in sorted(self._live_times.items()):
             if len(times) >= LIVE_MIN_STEPS:
-                step_time = float(np.median(times))
-                points.append(ThroughputPoint(size * scale, step_time, size * scale / step_time, source="live"))
+                points.append(self._point(self._units.from_rank_samples(size), float(np.median(times)), None, "live"))
         return points
+
+    @staticmethod
+    def _point(size: float, step_time: float, memory: int | None, source: str) -> ThroughputPoint:
+        size = max(1, int(round(size)))
+        return ThroughputPoint(size, step_time, size / step_time, memory, source=source)
 
     def _refresh_recommendation(self) -> None:
         """Recompute the recommendation if due: every RECOMMEND_EVERY steps, or on new throughput points.
@@ -558,40 +652,54 @@ class SessionModel:
         repeat: the profile covers the micro-batch size, the split the accumulation.
         """
         self._recommended_version = self._points_version
-        noise = self._noise.result()
+        noise = self.noise()
+        check = self.branch_checks[-1] if self.branch_checks else None
+        self._calibration = factor = self._calibration_now()
         points = self.throughput_points()
-        current = self._last["n"] * self._data_parallel * self._unit_scale if self._last else None
+        current = int(self._units.from_rank_samples(self._last["n"])) if self._last else None
         split = self.step_split()
         profiled = len({p.batch_size for p in points}) >= 2
         if noise.b_simple is None or noise.b_simple <= 0 or not (profiled or split is not None):
             self._recommend_reason = self.next_action()
             return
-        low, high = noise.b_simple_low, noise.b_simple_high
+        b_noise, low, high = noise.b_simple, noise.b_simple_low, noise.b_simple_high
+        if factor is not None:  # B_noise = B_simple / (B_simple/B_crit measured), decaying (stats.branch)
+            b_noise, low, high = (None if v is None else v / factor for v in (b_noise, low, high))
         if low is not None and high is not None:
             # A band reaching 0 (noise swamps |G|^2 at the low end) is kept as a tiny positive
             # B_noise: goodput ratios stay finite there.
-            low = max(low, noise.b_simple * 1e-6)
+            low = max(low, b_noise * 1e-6)
         else:
             low = high = None
         try:
             if profiled:
-                rec = self._profiled_recommendation(points, noise.b_simple, current, low, high, split)
+                rec = self._profiled_recommendation(points, b_noise, current, low, high, split)
                 source = "profile" if any(p.source == "profile" for p in points) else "live"
             else:
-                rec = optimal_accumulation(split, noise.b_simple, b_noise_low=low, b_noise_high=high)
+                rec = optimal_accumulation(split, b_noise, b_noise_low=low, b_noise_high=high)
                 source = "in-run"
         except ValueError as exc:
             self._recommend_reason = f"cannot recommend: {exc}"
             return
         self.recommendation = self._stable.update(rec)
+        if factor is not None:
+            self.recommendation = dataclasses.replace(self.recommendation, reason=(
+                f"Calibrated by the branch check at step {check.step}: B_noise = B_simple/{factor:.3g} "
+                f"(measured ratio {check.ratio:.3g}, decaying as training moves on). " + self.recommendation.reason))
         self._recommend_source = source
         self._recommend_reason = None
+
+    def _calibration_now(self) -> float | None:
+        """What B_simple is divided by for B_noise now: the latest branch check's decaying ratio, if it calibrates."""
+        return calibrated_factor(self.branch_checks[-1] if self.branch_checks else None,
+                                 self._units.from_samples(self._samples))
 
     def _profiled_recommendation(self, points, b_noise, current, low, high, split) -> Recommendation:
         profile = self.profile is not None or bool(self.profile_points)
         # A finished profile knows the largest micro-batch that fits; live points (steps of the job,
         # accumulation included) do not raise it.
-        limit = self.profile.memory_limit_batch if self.profile is not None else None
+        limit = (self._profile_size(self.profile.memory_limit_batch, self.profile.units)
+                 if self.profile is not None and self.profile.memory_limit_batch is not None else None)
         if profile and split is not None and split.alpha_s > 0:
             try:
                 return optimal_batch_size(points, b_noise, max_batch=limit, current_batch=current, b_noise_low=low,
@@ -601,31 +709,52 @@ class SessionModel:
         return optimal_batch_size(points, b_noise, max_batch=limit, current_batch=current, b_noise_low=low,
                                   b_noise_high=high)
 
-    def _reset_noise(self) -> None:
-        self._noise = NoiseScaleTracker(self._horizon)
-        groups = (self.estimator or {}).get("groups") or []
-        # One group is the whole model: its breakdown would repeat the total.
-        self._group_noise = [NoiseScaleTracker(self._horizon) for _ in groups] if len(groups) > 1 else []
+    def _history_of(self, name: str) -> EstimatorHistory:
+        history = self._histories.get(name)
+        if history is None:
+            groups = (self.estimator or {}).get("groups") or []
+            # One group is the whole model: its breakdown would repeat the total.
+            history = self._histories[name] = EstimatorHistory(
+                NoiseScaleTracker(self._horizon),
+                [NoiseScaleTracker(self._horizon) for _ in groups] if len(groups) > 1 else [],
+                samples_at_update=self._samples - (self._units.global_samples(self._last["n"]) if self._last else 0))
+        return history
 
-    def _update_noise(self, noise: dict[str, Any], samples: int) -> None:
-        per_group = noise_points(noise, groups=bool(self._group_noise))
-        if not per_group:
+    def _shown_history(self) -> EstimatorHistory | None:
+        """The history of the estimator in use (as announced; else that of the last payload)."""
+        name = self.estimator.get("name") if self.estimator is not None else self._last_estimator
+        return self._histories.get(name) if name is not None else None
+
+    def _update_noise(self, noise: dict[str, Any], step: int) -> None:
+        name = noise.get("est")
+        if name is None:
             return
-        scale = self._unit_scale
+        self._last_estimator = name
+        history = self._history_of(name)
+        per_group = noise_points(noise, groups=bool(history.groups))
+        samples = self._samples - history.samples_at_update  # the horizon is in samples, in any unit
+        if not per_group or per_group[0] is None or samples <= 0:
+            return
         total, groups = per_group[0], per_group[1:]
-        if total is not None:
-            self._noise.update(step_estimate(_scaled(total, scale)), samples * scale)
-        for tracker, points in zip(self._group_noise, groups):
+        history.total.update(step_estimate(self._in_unit(total)), samples)
+        for tracker, points in zip(history.groups, groups):
             if points is not None:
-                tracker.update(step_estimate(_scaled(points, scale)), samples * scale)
+                tracker.update(step_estimate(self._in_unit(points)), samples)
+        history.samples_at_update = self._samples
+        history.measured_step = step
+
+    def _in_unit(self, points: GradNormPoints) -> GradNormPoints:
+        if self._units.scale == 1:
+            return points
+        return GradNormPoints(tuple(self._units.from_samples(b) for b in points.batch_sizes), points.sq_norms)
 
     def _append_history(self, record: dict[str, Any]) -> None:
         h = self.history
-        noise = self._noise.result()
+        noise = self.noise()
         h.step.append(record["step"])
         h.time.append(record["t"])
         h.step_time_s.append(record["dt"])
-        h.batch_size.append(record["n"] * self._data_parallel * self._unit_scale)
+        h.batch_size.append(self._units.from_rank_samples(record["n"]))
         h.micro_batches.append(record["mb"])
         h.b_simple.append(_nan(noise.b_simple))
         h.b_simple_low.append(_nan(noise.b_simple_low))
@@ -633,8 +762,12 @@ class SessionModel:
         h.grad_sq.append(_nan(noise.grad_sq))
         h.trace_sigma.append(_nan(noise.trace_sigma))
         h.noise_coverage.append(_nan((self.estimator or {}).get("covered_fraction")))
+        h.noise_age_steps.append(_nan(self.noise_age_steps() if noise.b_simple is not None else None))
+        h.skipped_steps.append(self._skipped_steps)
         self._refresh_recommendation()
         rec = self.recommendation if self._recommend_reason is None else None
+        factor = self._calibration_now()
+        h.b_noise.append(_nan(noise.b_simple / factor if factor and noise.b_simple else noise.b_simple))
         h.b_opt.append(_nan(rec.batch_size if rec else None))
         h.b_opt_speedup.append(_nan(rec.speedup if rec else None))
 
@@ -650,6 +783,11 @@ class SessionModel:
         end = self.bye["t"] if self.bye else self._last["t"]
         return max(0.0, end - self.hello["t0"])
 
+    @property
+    def last_step_time(self) -> float | None:
+        """Wall-clock time of the latest step record, None before the first."""
+        return self._last["t"] if self._last else None
+
     def throughput_now(self) -> float | None:
         """Samples (or tokens) per second over the recent window."""
         if not self._recent:
@@ -663,25 +801,41 @@ class SessionModel:
                 break
         if total_dt <= 0 or total_n <= 0:
             return None
-        return total_n * self._unit_scale / total_dt
+        return self._units.from_samples(total_n) / total_dt
 
     def noise(self) -> NoiseScale:
-        return self._noise.result()
+        """The noise scale of the estimator in use (an empty result, with its reason, if none)."""
+        history = self._shown_history()
+        return (history.total if history is not None else NoiseScaleTracker(self._horizon)).result()
+
+    def noise_age_steps(self) -> int | None:
+        """Optimizer steps since the shown estimate last took in a measured step."""
+        history = self._shown_history()
+        if history is None or history.measured_step is None:
+            return None
+        return self._step - history.measured_step
 
     def stats(self) -> Stats:
         self._refresh_recommendation()
         last = self._last
-        noise = self._noise.result()
+        noise = self.noise()
+        history = self._shown_history()
         estimator = self.estimator or {}
-        local_batch = last["n"] * self._unit_scale if last else None
-        batch = local_batch * self._data_parallel if last else None
+        local_batch = last["n"] * self._units.scale if last else None
+        batch = int(self._units.from_rank_samples(last["n"])) if last else None
+        age = self.noise_age_steps()
+        step_problem = (CLEARED_BETWEEN_MICRO_BATCHES.format(n=batch, unit=self.unit)
+                        if self._clearing_micro_batches and batch is not None else None)
+        noise_reason = estimator.get("reason") if estimator.get("name") is None else noise.reason
+        if step_problem is not None and noise.b_simple is None:
+            noise_reason = step_problem
         dts = np.fromiter((dt for _, dt, _ in self._recent), dtype=float) if self._recent else None
         efficiency = (statistical_efficiency(batch, noise.b_simple)
                       if batch and noise.b_simple and noise.b_simple > 0 else None)
         labels = estimator.get("groups") or []
         return Stats(
             step=self._step,
-            samples_seen=self._samples * self._unit_scale,
+            samples_seen=int(self._units.from_samples(self._samples)),
             step_time_s=last["dt"] if last else None,
             step_time_p50_s=float(np.percentile(dts, 50)) if dts is not None else None,
             step_time_p95_s=float(np.percentile(dts, 95)) if dts is not None else None,
@@ -691,7 +845,7 @@ class SessionModel:
             dropped=self._dropped,
             unit=self.unit,
             noise_estimator=estimator.get("name"),
-            noise_reason=estimator.get("reason") if estimator.get("name") is None else noise.reason,
+            noise_reason=noise_reason,
             noise_covered_fraction=estimator.get("covered_fraction"),
             b_simple=noise.b_simple,
             b_simple_low=noise.b_simple_low,
@@ -699,17 +853,44 @@ class SessionModel:
             grad_sq=noise.grad_sq,
             trace_sigma=noise.trace_sigma,
             noise_steps=noise.steps,
+            noise_age_steps=age,
+            noise_stale=age is not None and age > MEASURE_GAP_STEPS,
             noise_weak=noise.weak,
             negative_grad_sq_steps=noise.negative_grad_sq_steps,
             efficiency=efficiency,
-            noise_groups=tuple((label, t.result()) for label, t in zip(labels, self._group_noise))
-            if len(labels) > 1 else (),
+            skipped_steps=self._skipped_steps,
+            step_problem=step_problem,
+            noise_groups=tuple((label, t.result()) for label, t in zip(labels, history.groups))
+            if len(labels) > 1 and history is not None else (),
             recording_error=self._recording_error,
             gpu_hints=self.gpu_hints(),
             **self._recommendation_fields(),
+            branch_check=self.branch_checks[-1] if self.branch_checks else None,
+            b_noise_calibration=self._calibration,
             local_batch_size=local_batch,
             **self._rank_fields(),
+            **self._flops_fields(),
         )
+
+    def _flops_fields(self) -> dict[str, Any]:
+        """FLOPs per sample at the current batch (else the nearest counted one) times samples/s."""
+        if not self._flops_per_sample:
+            return {"flops_reason": self._flops_reason or ("no FLOP count recorded" if self.bye else "not counted yet")}
+        local = self._last["n"] if self._last else 0
+        nearest = min(self._flops_per_sample, key=lambda n: (abs(n - local), -n))
+        per_sample = self._flops_per_sample[nearest]
+        rate = self.throughput_now()
+        fields: dict[str, Any] = {"flops_per_sample": per_sample}
+        if rate is None:
+            return {**fields, "flops_reason": "waiting for the step rate"}
+        fields["flops_per_s"] = flops_per_s = per_sample * rate / self._units.scale
+        devices = (self.hello or {}).get("devices") or []
+        peak, what = peak_flops(devices[0]["name"] if devices else None, *self._flops_dtype)
+        if peak is None:
+            return {**fields, "mfu_reason": what}
+        gpus = self._world_size * len(devices)
+        return {**fields, "mfu": mfu(flops_per_s, peak, gpus), "peak_flops": peak * gpus,
+                "peak_name": f"{gpus} x {what}"}
 
     def _rank_fields(self) -> dict[str, Any]:
         ranks = self.ranks
@@ -734,10 +915,32 @@ class SessionModel:
                 "b_opt_micro_batch": rec.micro_batch, "b_opt_accumulation": rec.accumulation}
 
 
-def _scaled(points: GradNormPoints, scale: int) -> GradNormPoints:
-    if scale == 1:
-        return points
-    return GradNormPoints(tuple(b * scale for b in points.batch_sizes), points.sq_norms)
+#: The numbers sent to a tracker (W&B, TensorBoard, a Trainer's loggers), by their name there,
+#: and the Stats field each comes from. ``{unit}`` is "samples" or "tokens".
+TRACKER_FIELDS = {
+    "b_simple": "b_simple",
+    "b_simple_low": "b_simple_low",
+    "b_simple_high": "b_simple_high",
+    "b_opt": "b_opt",
+    "b_opt_speedup": "b_opt_speedup",
+    "batch_size": "batch_size",
+    "{unit}_per_s": "samples_per_s",
+    "noise_coverage": "noise_covered_fraction",
+}
+
+
+def tracker_metrics(stats: Stats, prefix: str = "bsmon/") -> dict[str, float]:
+    """The headline numbers of ``stats`` as ``{prefix + name: value}`` for a tracker.
+
+    A number bsmon has no value for (no estimate yet, withheld, or an open band's infinite
+    end) is left out rather than sent as a placeholder: a tracker's chart then shows a gap.
+    """
+    metrics = {}
+    for name, field_name in TRACKER_FIELDS.items():
+        value = getattr(stats, field_name)
+        if value is not None and math.isfinite(value):
+            metrics[prefix + name.format(unit=stats.unit)] = float(value)
+    return metrics
 
 
 def noise_points(noise: dict[str, Any], groups: bool = True) -> list[GradNormPoints | None]:

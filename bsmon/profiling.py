@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import numbers
-import random
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bsmon.stats.throughput import ThroughputFit, ThroughputPoint, fit_step_time
+from bsmon.stats.units import ProfileUnits
 
 #: Plateau: stop doubling once PLATEAU_PATIENCE doublings in a row each raised throughput by
 #: less than PLATEAU_MIN_GAIN. On t = alpha + beta*B a doubling from B gains B_half/(B_half + 2B),
@@ -43,21 +44,35 @@ class Profile:
     ``oom_batch`` is the size that ran out of memory, if any. ``stop_reason`` is one of
     STOP_REASONS. ``peak_memory_bytes`` of each point is CUDA peak allocation on a GPU, and on the
     CPU the growth of the process's peak RSS since the sweep began (see ``profile``).
+
+    Sizes (and ``samples_per_s``) are in ``unit`` ("samples", or "tokens" with
+    ``tokens_per_sample``), of one rank's batch when ``per_rank`` (what ``step_fn(batch_size)``
+    receives) or of the whole job's, measured on ``world_size`` ranks. A job converts them into
+    its own unit and data-parallel size (bsmon.stats.units).
     """
 
     points: list[ThroughputPoint]
     oom_batch: int | None
     device: str
     stop_reason: str
+    unit: str = "samples"
+    tokens_per_sample: int | None = None
+    world_size: int = 1
+    per_rank: bool = True
     fit: ThroughputFit | None = field(init=False)
     memory_limit_batch: int | None = field(init=False)
 
     def __post_init__(self) -> None:
         if self.stop_reason not in STOP_REASONS:
             raise ValueError(f"stop_reason must be one of {STOP_REASONS}, got {self.stop_reason!r}")
+        self.units  # checks the unit fields
         sizes = {p.batch_size for p in self.points}
         self.fit = fit_step_time(self.points) if len(sizes) >= 2 else None
         self.memory_limit_batch = max(sizes) if sizes else None
+
+    @property
+    def units(self) -> ProfileUnits:
+        return ProfileUnits(self.unit, self.tokens_per_sample, self.world_size, self.per_rank)
 
     def to_dict(self) -> dict:
         """JSON-safe. The fit and memory limit are left out: from_dict derives them again."""
@@ -66,13 +81,21 @@ class Profile:
             "oom_batch": self.oom_batch,
             "device": self.device,
             "stop_reason": self.stop_reason,
+            "unit": self.unit,
+            "tokens_per_sample": self.tokens_per_sample,
+            "world_size": self.world_size,
+            "per_rank": self.per_rank,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> Profile:
+        """A Profile from to_dict's output. Profiles saved before the unit fields existed were
+        all in samples per rank, on one rank: those are the defaults."""
         try:
             points = [ThroughputPoint(**p) for p in d["points"]]
-            return cls(points, d["oom_batch"], d["device"], d["stop_reason"])
+            return cls(points, d["oom_batch"], d["device"], d["stop_reason"], unit=d.get("unit", "samples"),
+                       tokens_per_sample=d.get("tokens_per_sample"), world_size=d.get("world_size", 1),
+                       per_rank=d.get("per_rank", True))
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not a Profile dict ({exc}); expected the output of Profile.to_dict") from exc
 
@@ -95,6 +118,8 @@ def profile(
     start: int = 1,
     device=None,
     on_point: Callable[[ThroughputPoint], object] | None = None,
+    unit: str = "samples",
+    tokens_per_sample: int | None = None,
 ) -> Profile:
     """Time ``step_fn(batch_size)``, one full training step, at several batch sizes.
 
@@ -103,6 +128,10 @@ def profile(
     doubling sequence), or a throughput plateau (see PLATEAU_MIN_GAIN). Each size runs ``warmup``
     untimed steps and ``steps`` timed ones; on CUDA the device is synchronised once before and once
     after the timed steps, never between them. ``on_point`` receives each point as it is measured.
+
+    Sizes are what ``step_fn`` receives: one rank's batch, in ``unit`` ("samples" by default;
+    "tokens" with ``tokens_per_sample``). In a multi-process job every rank profiles its own
+    share at the same time; the profile records the world size, and a job scales it to its own.
 
     Out of memory (torch.OutOfMemoryError, or the CPU allocator's RuntimeError) at a size ends the
     sweep there and is recorded as ``oom_batch``; memory is released before returning. Any other
@@ -125,6 +154,7 @@ def profile(
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"profile supports cpu and cuda devices, got {device}")
+    units = ProfileUnits(unit, tokens_per_sample, _world_size(), per_rank=True)  # refuses bad units early
     limit = max_batch if max_batch is not None else SIZE_CEILING
     if batch_sizes is not None:
         for size in batch_sizes:
@@ -152,7 +182,7 @@ def profile(
             continue
         points.append(point)
         if monitor is not None:
-            monitor.record_profile_point(asdict(point))
+            monitor.record_profile_point({**asdict(point), **_units_dict(units)})
         if on_point is not None:
             on_point(point)
         if planned is not None:
@@ -170,10 +200,27 @@ def profile(
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    result = Profile(points, oom_batch, str(device), stop_reason)
+    result = Profile(points, oom_batch, str(device), stop_reason, **_units_dict(units))
     if monitor is not None:
         monitor.record_profile(result.to_dict())
     return result
+
+
+def _units_dict(units: ProfileUnits) -> dict:
+    return {"unit": units.unit, "tokens_per_sample": units.tokens_per_sample,
+            "world_size": units.world_size, "per_rank": units.per_rank}
+
+
+def _world_size() -> int:
+    """Ranks profiling together: torch.distributed's world, else $WORLD_SIZE (torchrun), else 1."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 
 def _measure(step_fn, batch_size: int, warmup: int, steps: int, device, meter: _MemoryMeter
@@ -286,7 +333,10 @@ def profile_training(
         step(batches[size])
 
     began = time.perf_counter()
-    saved = TrainingState(model, optimizer, scaler)
+    from bsmon.snapshot import Snapshot
+
+    # Host memory, not the device: a copy on the GPU would take the memory the sweep is measuring.
+    saved = Snapshot(model, optimizer, scaler=scaler, to_host=True)
     with monitor.paused() if monitor is not None else contextlib.nullcontext():
         try:
             result = profile(step_fn, batch_sizes, max_batch=max_batch, warmup=warmup, steps=steps,
@@ -300,100 +350,3 @@ def profile_training(
             f"throughput profile of micro-batch sizes {sizes} took {time.perf_counter() - began:.1f} s "
             f"(stopped: {result.stop_reason.replace('_', ' ')}); training state restored"))
     return result
-
-
-class TrainingState:
-    """A host copy of everything a training step changes, to put back exactly (see profile_training).
-
-    Host memory, not the device: a copy on the GPU would take the memory the sweep is measuring.
-    """
-
-    def __init__(self, model, optimizer, scaler) -> None:
-        import torch
-
-        self._model, self._optimizer, self._scaler = model, optimizer, scaler
-        self._tensors = [(t, t.detach().to("cpu", copy=True)) for t in (*model.parameters(), *model.buffers())]
-        self._grads = [(p, _host_tree(p.grad)) for p in model.parameters()]
-        self._modes = [(m, m.training) for m in model.modules()]
-        self._optimizer_state = {p: _host_tree(s) for p, s in optimizer.state.items()}
-        self._hyperparameters = [_host_tree({k: v for k, v in g.items() if k != "params"})
-                                 for g in optimizer.param_groups]
-        # GradScaler.state_dict() is empty until its first step, so load_state_dict cannot put
-        # back "not yet initialised": keep its two tensors (None before the first step) directly.
-        self._scaler_state = (None if scaler is None else
-                              [_host_tree(getattr(scaler, name, None)) for name in _SCALER_TENSORS])
-        self._rng = (random.getstate(), _numpy_rng_state(), torch.get_rng_state(),
-                     torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
-
-    def restore(self) -> None:
-        import torch
-
-        with torch.no_grad():
-            for tensor, copy in self._tensors:
-                tensor.copy_(copy)
-            for param, grad in self._grads:
-                param.grad = _device_tree(grad)
-        for module, training in self._modes:
-            module.training = training
-        state = self._optimizer.state
-        state.clear()
-        state.update({p: _device_tree(s) for p, s in self._optimizer_state.items()})
-        for group, saved in zip(self._optimizer.param_groups, self._hyperparameters):
-            group.update(_device_tree(saved))
-        if self._scaler is not None:
-            for name, saved in zip(_SCALER_TENSORS, self._scaler_state):
-                if hasattr(self._scaler, name):
-                    setattr(self._scaler, name, _device_tree(saved))
-            if hasattr(self._scaler, "_per_optimizer_states"):  # a step the sweep abandoned mid-way
-                self._scaler._per_optimizer_states.clear()
-        python, numpy_state, cpu, cuda = self._rng
-        random.setstate(python)
-        if numpy_state is not None:
-            import numpy
-
-            numpy.random.set_state(numpy_state)
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
-
-
-_SCALER_TENSORS = ("_scale", "_growth_tracker")
-
-
-def _numpy_rng_state():
-    numpy = sys.modules.get("numpy")
-    return None if numpy is None else numpy.random.get_state()
-
-
-def _host_tree(value):
-    """Tensors in nested dicts/lists/tuples as host copies that remember their device; the rest deep-copied."""
-    import copy
-
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return _HostTensor(value.detach().to("cpu", copy=True), value.device)
-    if isinstance(value, dict):
-        return {k: _host_tree(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_host_tree(v) for v in value)
-    return copy.deepcopy(value)
-
-
-def _device_tree(value):
-    """The inverse of _host_tree: fresh tensors on their original devices."""
-    import copy
-
-    if isinstance(value, _HostTensor):
-        return value.tensor.to(value.device, copy=True)
-    if isinstance(value, dict):
-        return {k: _device_tree(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_device_tree(v) for v in value)
-    return copy.deepcopy(value)
-
-
-@dataclass(frozen=True)
-class _HostTensor:
-    tensor: Any
-    device: Any

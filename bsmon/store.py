@@ -30,6 +30,8 @@ from bsmon import wire
 RECORDS_FILE = "records.bsr"
 GPU_FILE = "gpu.bsr"
 OUTPUT_FILE = "output.log"
+#: ``bsmon run --name`` reaches the job in this variable; it wins over ``watch(name=)``.
+RUN_NAME_ENV = "BSMON_RUN_NAME"
 
 #: sockaddr_un.sun_path holds 108 bytes on Linux, 104 on macOS; stay under both.
 _MAX_SOCKET_PATH = 100

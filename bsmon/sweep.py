@@ -40,7 +40,8 @@ def load_step_fn(script: Path, args: list[str]):
 
 
 def print_profile(result) -> None:
-    print(f"{'batch':>8} {'step time':>12} {'samples/s':>12} {'peak memory':>12}")
+    print(f"batch sizes in {result.units.describe()}; a job converts them to its own unit and ranks")
+    print(f"{'batch':>8} {'step time':>12} {result.unit + '/s':>12} {'peak memory':>12}")
     for p in result.points:
         memory = "N/A" if p.peak_memory_bytes is None else f"{p.peak_memory_bytes / 2**20:.1f} MiB"
         print(f"{p.batch_size:>8} {fmt.duration(p.step_time_s):>12} {fmt.si(p.samples_per_s):>12} {memory:>12}")

@@ -36,7 +36,10 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     # A monitor's first (and only) frame to the probe.
     "attach": {"v": (int,), "client": (str,)},
     # One optimizer step. Optional "noise" holds the raw norms (see bsmon.probe.noise), optional
-    # "ph" the step's phase marks (see bsmon.probe.phases).
+    # "ph" the step's phase marks (see bsmon.probe.phases), optional "flops" the step's FLOP
+    # count (see bsmon.probe.flops), optional "skipped" the attempts abandoned before it:
+    # [{"n": samples, "mb": forwards, "why": "cleared" or "raised"}] (bsmon.probe.monitor),
+    # which n and mb do not include.
     "step": {"step": (int,), "t": _NUM, "dt": _NUM, "n": (int,), "mb": (int,), "dropped": (int,)},
     # Values from Monitor.log(), tagged with the step they belong to.
     "scalars": {"step": (int,), "values": (dict,)},
@@ -54,6 +57,12 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     # rank (bsmon.probe.distributed.RankReporter); None where a rank has not reported.
     "ranks": {"t": _NUM, "world_size": (int,), "step": (list,), "dt": (list,), "dt95": (list,),
               "busy": (list,), "n": (list,), "since_step": (list,), "since_report": (list,)},
+    # A branch check's result (bsmon.branch_check; fields as bsmon.stats.branch.BranchCheck, one
+    # dict per branch in "branches"). An aborted check leaves only an event.
+    "branch_check": {"t": _NUM, "step": (int,), "samples_seen": (int,), "base_batch": (int,), "samples": (int,),
+                     "start_loss": _NUM, "branches": (list,), "b_crit": _OPT_NUM, "b_crit_low": _OPT_NUM,
+                     "b_crit_high": _OPT_NUM, "censored": _OPT_STR, "b_simple": _OPT_NUM, "calibrate": (bool,),
+                     "confidence": _NUM, "cost_samples": (int,), "cost_s": _NUM},
     # Last record: how the job ended.
     "bye": {"t": _NUM, "status": (str,), "code": (int, type(None))},
 }
@@ -110,6 +119,12 @@ def validate(record: Any) -> dict[str, Any]:
         if not (isinstance(phases, list) and len(phases) == 4
                 and all(isinstance(v, _NUM) and not isinstance(v, bool) for v in phases)):
             raise ProtocolError("step.ph is not a list of 4 numbers")
+    if kind == "step" and "skipped" in record:
+        _validate_skipped(record["skipped"])
+    if kind == "branch_check":
+        _validate_branches(record)
+    if kind == "step" and "flops" in record:
+        _validate_flops(record["flops"])
     if kind == "scalars":
         for name, value in record["values"].items():
             if not isinstance(value, _NUM) or isinstance(value, bool):
@@ -118,6 +133,18 @@ def validate(record: Any) -> dict[str, Any]:
 
 
 _MISSING = object()
+
+
+def _validate_flops(flops: Any) -> None:
+    """A step's optional FLOP count: {"total": number or null, "dtype", "tf32", "reason"}."""
+    if not isinstance(flops, dict):
+        raise ProtocolError("step.flops is not an object")
+    total = flops.get("total")
+    if not isinstance(total, _OPT_NUM) or isinstance(total, bool) or (total is not None and total < 0):
+        raise ProtocolError("step.flops.total is not a non-negative number or null")
+    for field in ("dtype", "reason"):
+        if not isinstance(flops.get(field), _OPT_STR):
+            raise ProtocolError(f"step.flops.{field} is not a string or null")
 
 
 def _validate_rank_columns(record: dict[str, Any]) -> None:
@@ -133,6 +160,39 @@ def _validate_rank_columns(record: dict[str, Any]) -> None:
         types = (int, type(None)) if field in ("step", "n") else _OPT_NUM
         if any(not isinstance(v, types) or isinstance(v, bool) for v in column):
             raise ProtocolError(f"ranks.{field} holds a value that is not a number or null")
+
+
+SKIP_CAUSES = ("cleared", "raised")
+
+
+def _validate_skipped(skipped: Any) -> None:
+    if not isinstance(skipped, list):
+        raise ProtocolError("step.skipped is not a list")
+    for chunk in skipped:
+        if (not isinstance(chunk, dict) or chunk.get("why") not in SKIP_CAUSES
+                or any(not isinstance(chunk.get(f), int) or isinstance(chunk.get(f), bool) for f in ("n", "mb"))):
+            raise ProtocolError(f"step.skipped holds {chunk!r}, not {{n: int, mb: int, why: {SKIP_CAUSES}}}")
+
+
+#: Required fields of each entry of a branch_check record's "branches".
+BRANCH_FIELDS: dict[str, tuple[type, ...]] = {"batch_size": (int,), "steps": (int,), "lr": _NUM, "loss": _NUM,
+                                              "lrs": (list,), "losses": (list,)}
+
+
+def _validate_branches(record: dict[str, Any]) -> None:
+    branches = record["branches"]
+    if not branches:
+        raise ProtocolError("branch_check.branches is empty")
+    for i, branch in enumerate(branches):
+        if not isinstance(branch, dict):
+            raise ProtocolError(f"branch_check.branches[{i}] is not an object")
+        for field, types in BRANCH_FIELDS.items():
+            value = branch.get(field, _MISSING)
+            if value is _MISSING or not isinstance(value, types) or isinstance(value, bool):
+                raise ProtocolError(f"branch_check.branches[{i}].{field} is missing or mistyped")
+        if len(branch["lrs"]) != len(branch["losses"]) or any(
+                not isinstance(v, _NUM) or isinstance(v, bool) for v in branch["lrs"] + branch["losses"]):
+            raise ProtocolError(f"branch_check.branches[{i}]: lrs and losses must be equally long lists of numbers")
 
 
 def decode_payload(payload: bytes) -> dict[str, Any]:

@@ -76,8 +76,12 @@ class TeacherTask:
 
     def excess_loss(self, student_logits: torch.Tensor) -> torch.Tensor:
         """Mean KL(teacher || student) over eval_x, from logits of shape (..., eval_size, classes)."""
+        return self.excess_loss_items(student_logits).mean(-1)
+
+    def excess_loss_items(self, student_logits: torch.Tensor) -> torch.Tensor:
+        """KL(teacher || student) at each held-out input."""
         log_q = torch.log_softmax(student_logits, -1)
-        return (self._eval_log_p.exp() * (self._eval_log_p - log_q)).sum(-1).mean(-1)
+        return (self._eval_log_p.exp() * (self._eval_log_p - log_q)).sum(-1)
 
     def bayes_loss(self) -> float:
         """The cross-entropy of the teacher itself (the floor no student can beat), on eval_x."""

@@ -12,6 +12,8 @@ teacher-student task of demos/adaptive_batch.py, with a small student so it runs
 2. Fit S(B) = S_min + E_min/B to the tuned step counts of each target: B_crit = E_min/S_min.
 3. Train the same student under bsmon.watch at one batch size, at that size's tuned rate, and
    read bsmon's B_simple where the loss passes each target, and averaged over the way there.
+4. Train it at a small batch, at that size's tuned rate, until the loss passes each target, and
+   run bsmon.branch_check there: the critical batch measured locally, set beside the sweep's.
 
     .venv/bin/python demos/critical_batch.py            # full run, about 2 minutes
     .venv/bin/python demos/critical_batch.py --quick    # smoke test, seconds
@@ -216,6 +218,53 @@ def measure_b_simple(task: TeacherTask, target: float, batch_size: int, lr: floa
                         float(known.mean()) if known.size else None)
 
 
+def branch_reading(task: TeacherTask, target: float, lr: float, args: argparse.Namespace):
+    """Train at --branch-batch and lr until the loss passes ``target``; run a branch check there."""
+    batch = args.branch_batch
+    model = student(task.inputs, args.hidden, task.classes, seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(batch)
+
+    def step_fn(batch_size: int) -> None:
+        x, y = task.batch(batch_size, generator)
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    for step in range(1, args.max_samples // batch + 1):
+        step_fn(batch)
+        if step % args.noise_eval_every == 0 and evaluate(task, model) <= target:
+            break
+    else:
+        return None
+    # extra=[generator]: every branch starts from the same data stream, and training would resume on it
+    return bsmon.branch_check(step_fn, lambda: task.excess_loss_items(model(task.eval_x)), model=model,
+                              optimizer=optimizer, batch_size=batch, multiples=args.branch_multiples,
+                              steps=args.branch_steps, lrs=args.branch_lrs or None, extra=[generator], verbose=False)
+
+
+def print_branch_table(targets: list[float], fits: list[CriticalFit | None], checks: list, args) -> None:
+    sizes = [args.branch_batch * k for k in sorted(args.branch_multiples)]
+    rule = ("lr x " + ", ".join(f"{m:g}" for m in args.branch_lrs) if args.branch_lrs
+            else "lr x 1/2, 1, 2 (base) and x 1, sqrt(k), k (branch k)")
+    print(f"\nbranch checks at each target's loss level (base batch {args.branch_batch} at its tuned lr, "
+          f"{args.branch_steps} base steps; {rule})")
+    print(f"{'target':>7} | {'sweep B_crit':>12} | {'branch B_crit':>13} {'90% interval':>15} {'within 2x':>9} | "
+          f"{'branch/sweep':>12} | E/E_base at " + " ".join(f"{b:>5}" for b in sizes))
+    for target, fit, check in zip(targets, fits, checks):
+        sweep = f"{fit.b_crit:>12.0f}" if fit is not None else f"{'-':>12}"
+        if check is None:
+            print(f"{target:>7g} | {sweep} | {'target not reached':>40}")
+            continue
+        value = f"{check.b_crit:>13.0f}" if check.b_crit is not None else f"{'> ' + format(check.b_crit_low or 0, '.0f'):>13}"
+        interval = (f"{check.b_crit_low:.0f}-{check.b_crit_high:.0f}" if check.b_crit_low is not None
+                    and check.b_crit_high is not None else "-")
+        ratio = f"{check.b_crit / fit.b_crit:.2f}" if check.b_crit is not None and fit is not None else "-"
+        ratios = " ".join(f"{r.samples_ratio:>5.2f}" for r in check.branches[1:])
+        print(f"{target:>7g} | {sweep} | {value} {interval:>15} {check.within:>9} | {ratio:>12} | {ratios}   "
+              f"({check.cost_samples:,} samples, {check.cost_s:.1f} s)")
+
+
 def print_sweep_header(targets: list[float]) -> None:
     print("\nsteps to target at the tuned learning rate (mean of seeds; the lr in brackets; "
           "* = the best lr is at the edge of the grid)")
@@ -266,15 +315,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-samples", type=int, default=2_000_000, help="per model, at each batch size")
     parser.add_argument("--noise-batch", type=int, default=256, help="batch size of the B_simple runs")
     parser.add_argument("--horizon", type=float, default=20_000, help="bsmon's noise-scale horizon (samples)")
+    parser.add_argument("--branch-batch", type=int, default=64, help="base batch of the branch checks")
+    parser.add_argument("--branch-multiples", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64, 128])
+    parser.add_argument("--branch-steps", type=int, default=512, help="steps of the base branch")
+    parser.add_argument("--temperature", type=float, nargs="+", metavar="LR",
+                        help="skip everything else: read B_simple at --noise-batch at each of these learning rates, at "
+                             "the last target (one controlled comparison of B_simple against the learning rate)")
+    parser.add_argument("--branch-lrs", type=float, nargs="*", metavar="FACTOR",
+                        default=[2.0 ** k for k in range(-5, 3)],
+                        help="learning-rate multipliers tried in every branch (default 1/32 to 4; with no values, bsmon's default "
+                             "rule, which sees no slowdown on this task: docs/demos.md)")
+    parser.add_argument("--branch-only", type=float, nargs="+", metavar="LR",
+                        help="skip the sweep (its table is deterministic): run only the branch checks, at these tuned "
+                             "learning rates of --branch-batch, one per target; --sweep-b-crit gives the comparison")
+    parser.add_argument("--sweep-b-crit", type=float, nargs="+", help="with --branch-only: the sweep's B_crit per target")
     args = parser.parse_args(argv)
     args.hidden = (64,)
     args.noise_eval_every = 5
     if args.quick:
         args.targets, args.batch_sizes, args.lrs = [0.3], [16, 64, 256], [0.2, 0.4, 0.8, 1.6]
         args.seeds, args.noise_batch, args.max_samples = 1, 64, 200_000
-    if args.noise_batch not in args.batch_sizes:
-        parser.error(f"--noise-batch {args.noise_batch} must be one of --batch-sizes (it uses that size's tuned lr)")
+        args.branch_batch, args.branch_multiples, args.branch_steps = 16, [2, 4], 16
+    for name in ("noise_batch", "branch_batch"):
+        if getattr(args, name) not in args.batch_sizes:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be one of --batch-sizes "
+                         "(it uses that size's tuned lr)")
     args.targets = sorted(args.targets, reverse=True)
+    if args.branch_only is not None and (len(args.branch_only) != len(args.targets) or (
+            args.sweep_b_crit is not None and len(args.sweep_b_crit) != len(args.targets))):
+        parser.error("--branch-only and --sweep-b-crit take one value per target")
     return args
 
 
@@ -285,6 +354,18 @@ def main(argv: list[str] | None = None) -> None:
     print(describe_task(task, args.hidden))
     print(f"targets (excess loss, nats): {args.targets}; lr grid {[float(f'{lr:.3g}') for lr in args.lrs]}; "
           f"{args.seeds} seed(s) per lr")
+    if args.temperature is not None:
+        print(f"\nB_simple at batch {args.noise_batch} where the loss passes {args.targets[-1]}, by learning rate")
+        for lr in args.temperature:
+            r = measure_b_simple(task, args.targets[-1], args.noise_batch, lr, args)
+            print(f"  lr {lr:<6g} steps {r.steps}  B_simple at target {r.at_target or float('nan'):.0f}  "
+                  f"mean before {r.mean_before or float('nan'):.0f}", flush=True)
+        return
+    if args.branch_only is not None:
+        fits = [None if args.sweep_b_crit is None else CriticalFit(1.0, b, 0.0) for b in args.sweep_b_crit]
+        checks = [branch_reading(task, target, lr, args) for target, lr in zip(args.targets, args.branch_only)]
+        print_branch_table(args.targets, fits, checks, args)
+        return
     print_sweep_header(args.targets)
     sweeps = []
     for batch_size in args.batch_sizes:
@@ -300,6 +381,12 @@ def main(argv: list[str] | None = None) -> None:
         readings.append(measure_b_simple(task, target, args.noise_batch, tuned[0], args) if tuned is not None
                         else NoiseReading(target, args.noise_batch, math.nan, None, None, None))
     print_summary(args.targets, fits, readings)
+    checks = []
+    for k, target in enumerate(args.targets):
+        tuned = next(s for s in sweeps if s.batch_size == args.branch_batch).tuned(k)
+        checks.append(branch_reading(task, target, tuned[0], args) if tuned is not None else None)
+    if any(check is not None for check in checks):
+        print_branch_table(args.targets, fits, checks, args)
 
 
 if __name__ == "__main__":

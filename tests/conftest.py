@@ -32,7 +32,7 @@ def bsmon_home(tmp_path, monkeypatch):
     """Every test gets its own BSMON_HOME so sessions never leak between tests."""
     home = tmp_path / "bsmon-home"
     monkeypatch.setenv("BSMON_HOME", str(home))
-    for var in ("BSMON_SESSION_ID", "BSMON_NAME", "BSMON_COMMAND"):
+    for var in ("BSMON_SESSION_ID", "BSMON_NAME", "BSMON_RUN_NAME", "BSMON_COMMAND"):
         monkeypatch.delenv(var, raising=False)
     return home
 

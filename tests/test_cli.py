@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bsmon import store
+from bsmon import fmt, store
 from conftest import WAIT_S, bsmon_cli, spawn, start_job, train_command, wait_for
 
 
@@ -31,6 +31,51 @@ def test_run_headless_passes_the_exit_code_and_records_it():
     assert "ok-job" in listing.stdout and "failed (3)" in listing.stdout
     as_json = json.loads(bsmon_cli("ls", "--json").stdout)
     assert {s["name"] for s in as_json} == {"ok-job", "train_small"}
+
+
+def test_the_command_lines_name_wins_then_watch_then_the_environment(monkeypatch):
+    """Precedence: `bsmon run --name` > watch(name=) > $BSMON_NAME > the script's name."""
+    run = bsmon_cli("run", "--headless", "--name", "t1", "--", *train_command("--steps", "3", "--name", "in-script"))
+    assert run.returncode == 0, run.stderr
+    exported = bsmon_cli("export", "t1")
+    assert exported.returncode == 0, exported.stderr
+    assert len(exported.stdout.splitlines()) == 4  # header and three steps
+    from bsmon.probe.monitor import session_name
+
+    monkeypatch.setenv("BSMON_NAME", "from-env")
+    assert session_name("in-script") == "in-script"
+    assert session_name(None) == "from-env"
+    monkeypatch.setenv("BSMON_RUN_NAME", "t1")
+    assert session_name("in-script") == "t1"
+    monkeypatch.delenv("BSMON_NAME")
+    monkeypatch.delenv("BSMON_RUN_NAME")
+    monkeypatch.setattr(sys, "argv", ["/somewhere/train_gpt.py"])
+    assert session_name(None) == "train_gpt"
+
+
+def test_ls_shows_the_last_noise_scale_and_advice_and_filters_running(tmp_path):
+    assert bsmon_cli("run", "--headless", "--", *train_command("--steps", "12")).returncode == 0
+    [done] = store.list_sessions()
+    ready = tmp_path / "ready"
+    job = start_job("--steps", "2000", "--sleep", "0.05", "--ready-file", str(ready))
+    try:
+        wait_for(ready.exists, "the job to be ready", job)
+        listing = bsmon_cli("ls").stdout.splitlines()
+        assert listing[0].split()[:9] == ["ID", "NAME", "PID", "STATUS", "STEPS", "STARTED", "B*", "B_SIMPLE",
+                                          "COMMAND"]
+        row = next(line for line in listing if line.startswith(done.id)).split()
+        from bsmon.cli import session_figures
+
+        figures = session_figures(done)
+        assert figures.b_simple is not None
+        assert row[7:9] == ["-", fmt.si(figures.b_simple)]  # no profile: no recommended batch
+        running = bsmon_cli("ls", "--running").stdout.splitlines()
+        assert len(running) == 2 and "running" in running[1] and done.id not in running[1]
+        as_json = json.loads(bsmon_cli("ls", "--json").stdout)
+        assert {s["id"]: s["b_simple"] for s in as_json}[done.id] == figures.b_simple
+    finally:
+        job.kill()
+        job.wait()
 
 
 def test_json_lines_keep_stdout_machine_readable():
@@ -55,14 +100,16 @@ def test_attach_to_a_plain_job_then_export_csv(tmp_path):
     assert exported.returncode == 0 and "wrote 60 steps" in exported.stderr
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
     header = out.read_text().splitlines()[0].split(",")
-    assert header[:8] == ["step", "time", "elapsed_s", "batch_size", "micro_batches", "step_time_s",
-                          "samples_per_s", "loss"]
-    assert header[8:] == ["lr", "b_simple", "b_simple_low", "b_simple_high", "grad_sq", "trace_sigma", "noise_coverage", "b_opt",
-                          "b_opt_speedup", "world_size", "slowest_rank_step_time_s", "gpu_util_pct", "gpu_mem_used_mib", "gpu_mem_total_mib", "gpu_job_mem_mib",
+    assert header[:9] == ["step", "time", "elapsed_s", "batch_size", "micro_batches", "skipped_steps",
+                          "step_time_s", "samples_per_s", "loss"]
+    assert header[9:] == ["lr", "b_simple", "b_simple_low", "b_simple_high", "noise_age_steps", "grad_sq",
+                          "trace_sigma", "noise_coverage", "b_noise", "b_opt", "b_opt_speedup", "branch_b_crit",
+                          "branch_b_crit_low", "branch_b_crit_high", "branch_b_simple_ratio",
+                          "world_size", "slowest_rank_step_time_s", "gpu_util_pct", "gpu_mem_used_mib", "gpu_mem_total_mib", "gpu_job_mem_mib",
                           "gpu_power_w", "gpu_temp_c", "gpu_sm_clock_mhz"]
     assert [int(r["step"]) for r in rows] == list(range(1, 61))
     for r in rows:
-        assert int(r["batch_size"]) == 32 and int(r["micro_batches"]) == 2
+        assert int(r["batch_size"]) == 32 and int(r["micro_batches"]) == 2 and int(r["skipped_steps"]) == 0
         assert float(r["samples_per_s"]) == pytest.approx(32 / float(r["step_time_s"]))
         assert float(r["loss"]) >= 0 and float(r["lr"]) == 0.05
     assert rows[-1]["b_simple"] != ""  # the micro-batch estimator has a value by the end

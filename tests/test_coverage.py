@@ -18,7 +18,7 @@ from torch.func import functional_call, grad, replace_all_batch_norm_modules_, v
 
 import bsmon
 import bsmon.store
-from bsmon.cli import stats_json, status_line
+from bsmon.headless import stats_json, status_line
 from bsmon.export import write_csv
 from bsmon.model import SessionModel
 from bsmon.probe.noise import REASON_COMPILED, REASON_MIXES_SAMPLES

@@ -109,3 +109,6 @@ def test_critical_demo_quick():
     s_min, e_min, b_crit, b_simple, b_simple_mean = map(float, row.groups())
     assert b_crit == pytest.approx(e_min / s_min, rel=0.05)
     assert b_simple > 0 and b_simple_mean > 0
+    # the branch checks' table: one row per target, the sweep's B_crit beside the check's reading
+    branch = re.search(r"^\s+0\.3 \|\s+([\d.]+) \|\s+(>?\s*[\d.]+)\s+\S+\s+(\d+) \|", out, re.MULTILINE)
+    assert branch and float(branch[1]) == pytest.approx(b_crit, abs=1), out

@@ -327,7 +327,7 @@ def test_busy_time_is_sampled_at_most_every_50_ms_on_fast_steps(monkeypatch):
     with bsmon.watch(model, optimizer, noise=None) as monitor:
         deadline = time.monotonic() + 0.6
         while time.monotonic() < deadline:
-            hooked_before.append(bool(model._forward_hooks))
+            hooked_before.append(monitor._follow_backward)  # output gradient hooks on this step's forward
             model(torch.randn(8, 4)).pow(2).mean().backward()
             optimizer.step()
     records = [r for r in store.read_records(store.resolve_session(monitor.session_id).records_path)[0]
@@ -447,7 +447,8 @@ def test_ddp_points_give_exactly_unbiased_estimates(world, micro_batches, c):
 
 def test_ddp_points_skip_what_cannot_be_measured():
     assert ddp_points([32], [], 1.0, 0.5, 1) is None  # one rank, one pass: a single batch size
-    assert ddp_points([32, 16], [2.0], 1.0, 0.5, 2) is None  # unequal micro-batches
+    local = 2 * 2 / (1 / 32 + 1 / 16)  # unequal micro-batches are used: m^2 / sum(1/b_i) (mean convention)
+    assert ddp_points([32, 16], [2.0], 1.0, 0.5, 2).batch_sizes == pytest.approx((32, local, 2 * local))
     assert ddp_points([32], [], math.inf, 0.5, 2) is None  # overflowed gradients
     points = ddp_points([32], [], 1.0, 0.5, 4)
     assert points.batch_sizes == (32.0, 128.0) and points.sq_norms == (1.0, 0.5)

@@ -380,7 +380,7 @@ def test_event_marks_are_read_without_waiting_until_complete():
 
 
 def test_the_headless_line_shows_the_in_run_optimum_or_the_next_action():
-    from bsmon.cli import status_line
+    from bsmon.headless import status_line
 
     model = SessionModel()
     model.ingest(_hello())

@@ -185,6 +185,31 @@ def test_profile_round_trips_through_json():
     assert restored.fit == result.fit
 
 
+def test_a_profile_records_its_unit_and_world_size_and_a_watched_job_converts_it(monkeypatch):
+    import bsmon
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    trainer = TinyTrainer()
+    with bsmon.watch(trainer.model, trainer.optimizer, unit="tokens", tokens_per_sample=16) as monitor:
+        result = profile(trainer.step, [2, 8], warmup=0, steps=2, device="cpu", unit="tokens", tokens_per_sample=4)
+    records = bsmon.store.read_records(bsmon.store.resolve_session(monitor.session_id).records_path)[0]
+    streamed = [r for r in records if r["k"] == "profile_point"]
+    assert (result.unit, result.tokens_per_sample, result.world_size, result.per_rank) == ("tokens", 4, 1, True)
+    assert [(p["batch_size"], p["unit"], p["tokens_per_sample"], p["per_rank"]) for p in streamed] == [
+        (2, "tokens", 4, True), (8, "tokens", 4, True)]
+    # 8 tokens of 4 a sample are 2 samples, 32 tokens in the job's unit of 16 tokens a sample.
+    from bsmon.model import SessionModel
+
+    model = SessionModel()
+    model.ingest({"k": "hello", "unit": "tokens", "tokens_per_sample": 16})
+    model.ingest_all(streamed)  # while the sweep runs: its streamed points
+    assert [p.batch_size for p in model.throughput_points()] == [8, 32]
+    model.ingest({"k": "profile", "profile": result.to_dict()})
+    assert [p.batch_size for p in model.throughput_points()] == [8, 32]
+    with pytest.raises(ValueError, match="a profile in tokens needs tokens_per_sample"):
+        profile(trainer.step, [2], unit="tokens")
+
+
 def test_profile_from_bad_dict():
     with pytest.raises(ValueError, match="Profile.to_dict"):
         Profile.from_dict({"points": []})

@@ -423,13 +423,16 @@ def test_no_steps_says_what_is_needed():
     assert "two batch sizes" in result.reason
 
 
-def test_one_step_gives_a_value_without_a_band():
+def test_one_step_shows_progress_not_a_value_without_a_band():
     tracker = NoiseScaleTracker()
     tracker.update(_estimate(0.5, 100.0), 64)
     result = tracker.result()
-    assert result.b_simple == pytest.approx(200.0)
-    assert result.b_simple_low is None and result.b_simple_high is None
-    assert "only 1 step" in result.reason
+    assert result.b_simple is None and result.b_simple_low is None and result.b_simple_high is None
+    assert result.reason.startswith("measuring: 1 step, no uncertainty band yet")
+    assert result.grad_sq == pytest.approx(0.5) and result.trace_sigma == pytest.approx(100.0)
+    for _ in range(2):  # decayed weights: 2 steps count as slightly fewer than 2 independent ones
+        tracker.update(_estimate(0.5, 100.0), 64)
+    assert tracker.result().b_simple == pytest.approx(200.0)  # the band exists
 
 
 def test_zero_variance_collapses_the_band_to_the_point():
@@ -579,7 +582,6 @@ def test_statistical_efficiency():
 
 def test_point_builders_skip_unusable_steps():
     assert microbatch_points([16], [1.0]) is None
-    assert microbatch_points([16, 8], [1.0, 0.5]) is None
     assert microbatch_points([16, 16], [1.0, math.inf]) is None
     assert per_example_points(1, 1.0, 1.0) is None
     assert per_example_points(32, math.nan, 1.0) is None
@@ -587,6 +589,29 @@ def test_point_builders_skip_unusable_steps():
     assert points.batch_sizes == (16, 32, 48)
     assert points.sq_norms == pytest.approx((9.0, 3.0 * 2.25, 6.0))
     assert per_example_points(8, 0.5, 0.2) == GradNormPoints((1, 8), (4.0, 0.2))
+
+
+@pytest.mark.parametrize("sizes", [[34, 33, 33], [40, 20, 10, 30]])
+def test_unequal_micro_batches_give_the_exact_line_in_the_mean_convention(sizes):
+    # Each pass adds its micro-batch mean with weight 1/m: E a_j = (j^2 G + T sum_{i<=j} 1/b_i) / m^2.
+    m = len(sizes)
+    expected = [(j * j * 2.0 + 1000.0 * sum(1 / b for b in sizes[:j])) / m**2 for j in range(1, m + 1)]
+    estimate = step_estimate(microbatch_points(sizes, expected))
+    assert estimate.grad_sq == pytest.approx(2.0) and estimate.trace_sigma == pytest.approx(1000.0)
+
+
+@pytest.mark.parametrize("convention", ["mean", "sum"])
+def test_a_ragged_last_micro_batch_is_left_out_whatever_the_reduction(convention):
+    sizes = [32, 32, 32, 7]
+    cumulative = np.cumsum(sizes)
+    if convention == "sum":  # .grad = sum of per-example gradients: E a_j = S_j^2 G + S_j T
+        expected = [s * s * 2.0 + s * 1000.0 for s in cumulative]
+    else:
+        expected = [(j * j * 2.0 + 1000.0 * sum(1 / b for b in sizes[:j])) / 16 for j in range(1, 5)]
+    points = microbatch_points(sizes, expected)
+    assert points.batch_sizes == (32, 64, 96)  # the equal passes only
+    estimate = step_estimate(points)
+    assert estimate.trace_sigma / estimate.grad_sq == pytest.approx(500.0)
 
 
 def test_bad_input_raises_with_a_message():

@@ -25,14 +25,15 @@ from bsmon.client import Feed
 from bsmon.export import export_to_file
 from bsmon.gpu import GpuSampler
 from bsmon.model import MEASURE_NOISE_ACTION, SessionModel
+from bsmon.probe import monitor as monitor_module
 from bsmon.probe.monitor import watch
 from bsmon.stats.optimal import optimal_batch_size
 from bsmon.tui import BsmonApp
 from bsmon.tui.app import Binned
-from bsmon.tui.screens import HelpScreen
+from bsmon.tui.screens import HelpScreen, WhyScreen
 from bsmon.tui.widgets import (
-    BatchPanel, BatchSizeChart, GpuPanel, JobHeader, LossChart, OptimalPanel, RanksPanel, ScalarsPanel,
-    ThroughputPanel, regime,
+    BatchPanel, BatchSizeChart, GpuPanel, JobHeader, LossChart, NoiseChart, OptimalPanel, RanksPanel, ScalarsPanel,
+    OPTIMAL_GIST, ThroughputChart, ThroughputPanel, noise_source, regime,
 )
 from conftest import WAIT_S, spawn
 from fake_nvml import FakeDriver, FakeGpu
@@ -77,6 +78,9 @@ def sessions(tmp_path_factory):
     home = tmp_path_factory.mktemp("bsmon-home")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("BSMON_HOME", str(home))
+        # A plain loop, whatever frameworks other tests imported into this process (the next-action
+        # wording names the framework the job imported).
+        patch.setattr(monitor_module, "FRAMEWORKS", ())
         return {"noise": train(home, steps=60, accumulate=4),
                 "no_noise": train(home, steps=20, accumulate=1, noise="microbatch")}
 
@@ -168,10 +172,13 @@ async def test_panels_show_the_numbers_of_the_model(sessions):
         band = fmt.band(stats.b_simple, stats.b_simple_low, stats.b_simple_high)
         assert shown(app, BatchPanel, "b_simple") == f"B_simple {band}"
         assert shown(app, BatchPanel, "batch") == "batch 64 samples = 4 x 16"
-        assert shown(app, BatchPanel, "source").startswith("microbatch estimator, 100% of parameters, 60 steps")
+        # At 100 columns the panel is narrow: the short forms, which fit one line.
+        assert shown(app, BatchPanel, "source") == (
+            f"microbatch, 60 steps, measured this step, |G|²<0 in {stats.negative_grad_sq_steps}")
+        assert noise_source(stats).startswith("microbatch estimator, 100% of parameters, 60 steps")
         efficiency = 1 / (1 + 64 / stats.b_simple)
         assert shown(app, BatchPanel, "efficiency").startswith(f"efficiency {efficiency:.0%} per sample at B=64")
-        assert shown(app, BatchPanel, "regime") == regime(64, stats.b_simple)
+        assert shown(app, BatchPanel, "regime") == regime(64, stats.b_simple, short=True)
         assert len(stats.noise_groups) == 2
         assert shown(app, BatchPanel, "groups").splitlines() == [
             f"{label}: {fmt.band(noise.b_simple, noise.b_simple_low, noise.b_simple_high)}"
@@ -223,11 +230,18 @@ async def test_the_optimal_panel_and_chart_show_the_models_recommendation():
         await pilot.pause()
         app = pilot.app
         assert shown(app, OptimalPanel, "optimal") == f"B* {stats.b_opt} (now {rec.current_batch})"
+        # At 100 columns the panel is narrow: the band's name and the full reason are left to w.
         assert shown(app, OptimalPanel, "speedup") == (
-            f"predicted speedup {rec.speedup:.2f}x [{rec.speedup_low:.2f}, {rec.speedup_high:.2f}] over the B_simple band")
+            f"predicted speedup {rec.speedup:.2f}x [{rec.speedup_low:.2f}, {rec.speedup_high:.2f}]")
         assert shown(app, OptimalPanel, "lr") == f"lr: SGD x{rec.lr_factor_sgd:.3g}, Adam x{rec.lr_factor_adam:.3g}"
-        assert shown(app, OptimalPanel, "why") == rec.reason
+        assert shown(app, OptimalPanel, "why") == OPTIMAL_GIST
         assert shown(app, OptimalPanel, "memory") == "memory limit unknown: the largest size measured is 512"
+        await pilot.press("w")
+        assert isinstance(app.screen, WhyScreen)
+        why = str(app.screen.query_one("#why-text", Static).visual)
+        assert rec.reason in why and rec.lr_advice in why and "largest size measured is 512" in why
+        await pilot.press("escape")
+        assert not isinstance(app.screen, WhyScreen)
         chart = app.query_one(BatchSizeChart)
         sizes, throughput, efficiency, goodput, measured, _, current, optimal = chart._data
         # The curve peaks at the closed form sqrt(B_half * B_noise); the marker is the (hysteresis-held) advice.
@@ -236,9 +250,9 @@ async def test_the_optimal_panel_and_chart_show_the_models_recommendation():
         assert (current, optimal) == (rec.current_batch, stats.b_opt)
         assert efficiency == pytest.approx(1 / (1 + sizes / stats.b_simple))
         assert sorted(measured) == [16, 32, 64, 128, 256, 512]
-    async with BsmonApp(feed, mode="replay").run_test(size=(80, 24)) as pilot:
+    async with BsmonApp(feed, mode="replay").run_test(size=(200, 60)) as pilot:
         await pilot.pause()
-        assert shown(pilot.app, OptimalPanel, "why") == ""  # no room at 80x24; the numbers stay
+        assert shown(pilot.app, OptimalPanel, "why") == OPTIMAL_GIST  # one line, never the paragraph
 
 
 @pilot_test
@@ -257,10 +271,45 @@ async def test_without_noise_data_the_reason_is_shown_and_never_a_number(session
         assert shown(app, OptimalPanel, "optimal") == MEASURE_NOISE_ACTION[None]
 
 
+@pilot_test
+async def test_the_batch_panel_shows_measuring_progress_age_stale_and_skipped_steps():
+    import test_units
+
+    model = SessionModel()
+    model.ingest(test_units._hello())
+    model.ingest({"k": "estimator", "name": "microbatch", "reason": None, "groups": ["all"]})
+    noise = test_units._exact_noise([8, 8], 1.0, 50.0)
+
+    def step(n, **extra):
+        model.ingest({"k": "step", "step": n, "t": n * 0.1, "dt": 0.1, "n": 16, "mb": 2, "dropped": 0, **extra})
+
+    step(1, noise=noise)
+    feed = Feed(model)
+    feed.state = "replay"
+    async with BsmonApp(feed, mode="replay").run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert shown(pilot.app, BatchPanel, "b_simple") == "B_simple: measuring: 1 step"  # no band: no number
+        assert shown(pilot.app, BatchPanel, "reason") == ""
+    for n in range(2, 11):
+        step(n, noise=noise, **({"skipped": [{"n": 16, "mb": 2, "why": "cleared"}]} if n == 5 else {}))
+    for n in range(11, 113):
+        step(n)
+    async with BsmonApp(feed, mode="replay").run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        app = pilot.app
+        assert shown(app, BatchPanel, "b_simple") == "B_simple 50 [50, 50]"
+        assert shown(app, BatchPanel, "source").endswith("10 steps, measured 102 steps ago")
+        assert shown(app, BatchPanel, "stale") in (  # the long form where it fits, else the short one
+            "stale: no measured step for 102 steps; the estimator stopped measuring", "stale: not measured for 102 steps")
+        assert shown(app, BatchPanel, "steps") == "1 skipped step (no optimizer.step())"
+
+
 def test_regime_wording_covers_below_near_and_above_the_noise_scale():
     assert regime(100, 1000) == "batch is 0.1x the noise scale: larger batches are nearly free statistically"
     assert "near the critical batch" in regime(1000, 1000)
     assert "most extra samples are wasted" in regime(5000, 1000)
+    assert [regime(b, 1000, short=True) for b in (100, 1000, 5000)] == [
+        "0.1x B_simple: larger batch ~free", "1x B_simple: near critical batch", "5x B_simple: most samples wasted"]
 
 
 @pilot_test
@@ -390,6 +439,57 @@ async def test_the_run_view_leaves_when_the_terminal_hangs_up(sessions, sleeping
 
 
 @pilot_test
+async def test_q_in_the_demo_ends_the_demo_job():
+    """The demo is bsmon's own job: q stops it (it finishes normally) instead of leaving it training."""
+    import os
+    import sys
+
+    from bsmon.client import wait_for_session
+
+    session = "demo0001"
+    env = dict(os.environ, BSMON_SESSION_ID=session)
+    job = ChildJob(subprocess.Popen([sys.executable, "-m", "bsmon.demo", "--steps", "1000000"], env=env,
+                                    stdout=subprocess.DEVNULL, start_new_session=True))
+    try:
+        info = wait_for_session(session, alive=lambda: job.returncode() is None, timeout=120)
+        assert info is not None and info.status == "running"
+        feed = Feed().attach(info.socket, info.directory)
+        app = BsmonApp(feed, mode="run", job=job, quit_ends_job=True)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause()
+            assert footer_keys(app)["q"] == "Quit, ends demo"
+            await pilot.press("q")
+        assert job.process.wait(timeout=60) == 0
+        feed.wait(timeout=30)
+        feed.stop()
+        assert store.session_info(info.directory).status == "finished"
+    finally:
+        job.restore_signals()
+        job.process.kill()
+        job.process.wait()
+
+
+def footer_keys(app):
+    """Key -> description of the bindings the footer shows."""
+    return {active.binding.key: active.binding.description for active in app.active_bindings.values()
+            if active.enabled and active.binding.show}
+
+
+@pilot_test
+async def test_the_footer_says_what_q_does_in_each_mode(sleeping_job):
+    cases = [("run", sleeping_job, "Detach (job runs on)"), ("attach", None, "Detach"), ("replay", None, "Quit")]
+    for mode, job, q in cases:
+        app = BsmonApp(synthetic_feed(), mode=mode, job=job)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause()
+            assert footer_keys(app)["q"] == q, mode
+            await pilot.press("question_mark")
+            keys = str(app.screen.query_one("#help-keys", Static).visual)
+            assert {"run": "detach: the job keeps running and is still recorded", "attach": "detach: the job keeps",
+                    "replay": "q       quit"}[mode] in keys
+
+
+@pilot_test
 async def test_ctrl_c_quits_a_replay():
     async with BsmonApp(synthetic_feed(), mode="replay").run_test(size=SIZE) as pilot:
         await pilot.press("ctrl+c")
@@ -512,8 +612,39 @@ async def test_a_log_scale_chart_survives_being_rendered_again():
 
 
 def y_ticks(plot):
-    """The y-axis tick values of a rendered plotext chart, top to bottom."""
-    return [float(line.split("┤")[0]) for line in plot.splitlines() if "┤" in line]
+    """The y-axis tick values of a rendered plotext chart, top to bottom ('20k' -> 20000.0)."""
+    return [si_value(line.split("┤")[0].strip()) for line in plot.splitlines() if "┤" in line]
+
+
+def si_value(label):
+    scale = {"k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}.get(label[-1:], 1.0)
+    return float(label[:-1] if scale != 1.0 else label) * scale
+
+
+@pilot_test
+async def test_chart_axes_read_in_round_si_numbers_and_an_early_band_edge_stays_open():
+    """Ticks 1-2-5 apart with SI suffixes; one band edge of 5.4M (or infinite) does not stretch the axis."""
+    app = BsmonApp(synthetic_feed(), mode="replay")
+    async with app.run_test(size=(200, 60)) as pilot:
+        chart = app.query_one(ThroughputChart)
+        chart.show(np.arange(1.0, 101.0), np.linspace(80_000, 106_294.5, 100), "samples")
+        await pilot.pause()
+        plot = chart.render().plain
+        assert y_ticks(plot) == [100_000, 80_000, 60_000, 40_000, 20_000, 0]
+        assert "100k┤" in plot and "106294" not in plot
+        noise = app.query_one(NoiseChart)
+        step = np.arange(1.0, 201.0)
+        b_simple = np.full(200, 1000.0)
+        low, high = b_simple / 2, b_simple * 2
+        high[:5] = [5.4e6, np.inf, 5.4e6, np.inf, 5.4e6]  # early steps: |G|² barely resolved
+        low[:3] = 0.0
+        noise.show(step, b_simple, low, high, np.full(200, 64.0))
+        await pilot.pause()
+        plot = noise.render().plain
+        ticks = y_ticks(plot)
+        assert max(ticks) <= 3 * 1000 and min(ticks) >= 64 / 3  # clipped to 3x the estimates and batch
+        assert all(fmt.tick_label(t) in plot for t in ticks)
+        assert "▲" in plot and "▼" in plot and "band open beyond" in plot
 
 
 # -- how it looks ----------------------------------------------------------------------------------
@@ -562,3 +693,30 @@ async def test_the_ranks_panel_shows_the_straggler_and_silent_ranks():
     async with BsmonApp(synthetic_feed(), mode="replay").run_test(size=SIZE) as pilot:
         await pilot.pause()
         assert not pilot.app.query_one(RanksPanel).display  # a single process has no rank view
+
+
+@pilot_test
+async def test_the_optimal_panel_shows_the_measured_critical_batch_and_b_opens_the_details():
+    from test_branch import calibrated_session
+    from bsmon.tui.screens import BranchScreen
+
+    model, b_simple, _ = calibrated_session(True)
+    feed = Feed(model)
+    feed.state = "replay"
+    check = model.branch_checks[-1]
+    async with BsmonApp(feed, mode="replay").run_test(size=(200, 60)) as pilot:
+        await pilot.pause()
+        line = shown(pilot.app, OptimalPanel, "branch")
+        assert line.startswith(f"measured critical batch now: {check.b_crit:,.0f} "
+                               f"[{check.b_crit_low:,.0f}-{fmt.si(check.b_crit_high)}] "
+                               f"(B_simple: {b_simple:,.0f}, ratio 4.00)")
+        assert "advice calibrated: B_noise = B_simple/4" in line and "(b: details)" in line
+        assert any(b.key == "b" for b in pilot.app.BINDINGS)
+        await pilot.press("b")
+        assert isinstance(pilot.app.screen, BranchScreen)
+        text = str(pilot.app.screen.query_one("#branch-checks", Static).visual)
+        assert "The advice is calibrated now" in text and "E/E_base" in text and "2.40" in text
+        await pilot.press("escape")
+        assert not isinstance(pilot.app.screen, BranchScreen)
+        await pilot.press("question_mark")
+        assert "branch checks" in str(pilot.app.screen.query_one("#help-keys", Static).visual)

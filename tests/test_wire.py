@@ -39,6 +39,9 @@ def _frame(payload: bytes, crc=None, length=None):
     (_frame(b'{"k":"scalars","step":1,"values":{"loss":"high"}}'), "not a number"),
     (_frame(b'{"k":"hello","v":1,"session":"s","name":"n","pid":1,"t0":0,"command":[],"host":"h","user":"u",'
             b'"unit":"samples","pid_namespace":4026531836}'), "hello.pid_namespace has type int"),
+    (_frame(b'{"k":"step","step":1,"t":1,"dt":1,"n":1,"mb":1,"dropped":0,"skipped":3}'), "step.skipped is not a list"),
+    (_frame(b'{"k":"step","step":1,"t":1,"dt":1,"n":1,"mb":1,"dropped":0,"skipped":[{"n":1,"mb":1,"why":"?"}]}'),
+     "step.skipped holds"),
 ])
 def test_bad_frames_raise_protocol_error(frame, message):
     with pytest.raises(wire.ProtocolError, match=message):

@@ -84,14 +84,17 @@ def main() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
     with bsmon.watch(model, optimizer, name="demo") as monitor:
-        for micro in micro_batch_schedule(args.steps, monitor):
-            for _ in range(ACCUMULATE):
-                idx = torch.randint(0, len(x), (micro,), generator=generator)
-                loss = loss_fn(model(x[idx]), y[idx]) / ACCUMULATE
-                loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            monitor.log(loss=loss.detach() * ACCUMULATE, lr=args.lr)
+        try:
+            for micro in micro_batch_schedule(args.steps, monitor):
+                for _ in range(ACCUMULATE):
+                    idx = torch.randint(0, len(x), (micro,), generator=generator)
+                    loss = loss_fn(model(x[idx]), y[idx]) / ACCUMULATE
+                    loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                monitor.log(loss=loss.detach() * ACCUMULATE, lr=args.lr)
+        except KeyboardInterrupt:  # q (or ctrl+c) in `bsmon demo`: a demo that stops early ends normally
+            print(f"demo stopped at step {monitor.stats().step}", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,18 @@ Hot path, per training step, on the training thread:
 * a forward pre-hook on the model reads the first dimension of the first
   tensor argument (samples of this micro-batch) and marks the micro-batch's
   start, and an optimizer step pre-hook marks the optimizer's (a perf_counter
-  each, or a CUDA event for a model on a GPU: bsmon/probe/phases.py);
+  each, or a CUDA event for a model on a GPU: bsmon/probe/phases.py); a forward
+  hook notes that the forward returned;
+* a post-accumulate-grad hook on one parameter (the sentinel) counts the
+  backward passes that reached it. A forward that starts while the sentinel's
+  .grad is None although a pass reached it since the last optimizer step, or
+  after a forward that never returned (it raised), begins a new attempt: the
+  micro-batches before it never reach an optimizer step (a GradScaler overflow
+  skipped optimizer.step(), a retry after an exception, or zero_grad() between
+  micro-batches). They are recorded as skipped, not merged into the next step
+  (docs/noise-scale.md, "Steps are steps");
 * on steps the noise estimator measures (and in a multi-process job, on one
-  step every 50 ms at most), a forward hook puts a gradient hook on the output,
+  step every 50 ms at most), the forward hook puts a gradient hook on the output,
   which queues one callback on the autograd engine: that callback marks the end
   of each backward pass and takes the gradient norms the noise estimator needs;
 * an optimizer step post-hook closes the step and queues one record; every
@@ -42,16 +51,18 @@ import torch
 from torch import nn
 
 from bsmon import store, wire
-from bsmon.model import SessionModel, Stats
+from bsmon.model import SessionModel, Stats, tracker_metrics
 from bsmon.probe import distributed
 from bsmon.probe.deferred import Deferred
+from bsmon.probe.entry import EntryFinder, first_batch_dim
+from bsmon.probe.flops import FlopCounter
 from bsmon.probe.guard import Guard
 from bsmon.probe.noise import MEASURE_BUDGET, NoiseProbe, check_mode
 from bsmon.probe.per_example import is_compiling
 from bsmon.probe.phases import StepPhases
 from bsmon.probe.publisher import Publisher
+from bsmon.stats.units import UNITS
 
-UNITS = ("samples", "tokens")
 #: A multi-process job times "busy" (until this rank's gradients were ready) on a step at most
 #: this often: the per-rank summary is a median over a second, and each timed step costs hooks.
 BUSY_SAMPLE_INTERVAL_S = 0.05
@@ -67,6 +78,16 @@ STATS_REFRESH_S = 0.25
 #: its advice for them (e.g. gradient_accumulation_steps for a Hugging Face Trainer).
 FRAMEWORKS = ("transformers", "lightning", "pytorch_lightning", "accelerate")
 
+ENTRY_FOUND = (
+    "the watched model's forward did not run before optimizer step {step} (a training step that calls "
+    "a submodule, such as Lightning's training_step calling self.net(x)): bsmon counts samples, "
+    "micro-batches and backward passes at '{name}' ({kind}), the first submodule with trainable "
+    "parameters that ran. If it runs more than once per micro-batch, pass batch_size= to bsmon.watch()")
+ENTRY_MISSING = (
+    "neither the watched model nor any of its trainable submodules ran a training forward before "
+    "optimizer step {step}: bsmon cannot count samples or find the backward passes. Pass bsmon.watch() "
+    "the module that is trained with this optimizer")
+
 _active_lock = threading.Lock()
 _active: "Monitor | None" = None
 
@@ -75,17 +96,37 @@ class BsmonWarning(UserWarning):
     """Something bsmon could not do; training is unaffected."""
 
 
+def session_name(name: str | None) -> str:
+    """The session's name, first given of: ``bsmon run --name`` (``$BSMON_RUN_NAME``),
+    ``watch(name=)``, ``$BSMON_NAME``, the script's file name (docs/cli.md)."""
+    return (os.environ.get(store.RUN_NAME_ENV) or name or os.environ.get("BSMON_NAME")
+            or Path(sys.argv[0] or "python").stem or "job")
+
+
 def active_monitor() -> "Monitor | None":
     """The Monitor of this process, if ``bsmon.watch()`` is active."""
     return _active
 
 
-def first_batch_dim(args: tuple, kwargs: dict) -> int | None:
-    """Samples in a forward call: the first dimension of the first tensor argument."""
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor):
-            return int(value.shape[0]) if value.dim() > 0 else None
-    return None
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside a wrapper: accelerate's ``AcceleratedOptimizer``,
+    Lightning's ``LightningOptimizer``, or any object holding it as ``.optimizer``.
+
+    A wrapper's ``step()`` calls the inner optimizer's, so hooking the inner one sees
+    every real step (and not one that accelerate's GradScaler skips). An optimizer is
+    taken as it is once it is a fully initialised torch optimizer (AcceleratedOptimizer
+    subclasses Optimizer without initialising it, so it has no hook registry).
+    """
+    found = optimizer
+    for _ in range(8):  # wrappers of wrappers; a cycle ends here
+        if isinstance(found, torch.optim.Optimizer) and hasattr(found, "_optimizer_step_post_hooks"):
+            return found
+        inner = getattr(found, "optimizer", None)
+        if inner is None or inner is found:
+            break
+        found = inner
+    raise TypeError(f"bsmon.watch(..., optimizer) needs a torch.optim.Optimizer, or a wrapper that holds one "
+                    f"as .optimizer (accelerate, Lightning); got {type(optimizer).__name__}")
 
 
 def _output_tensors(output: Any) -> list[torch.Tensor]:
@@ -140,13 +181,19 @@ class Monitor:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, **options: Any) -> None:
         """All or nothing: a set-up that raises undoes what it had done (hooks, threads, socket,
         session files, excepthook, atexit handler) before the exception reaches the caller."""
-        # What _undo_set_up() looks at, in place before _set_up() creates any of it.
+        # What _remove_hooks() and _undo_set_up() look at, in place before _set_up() creates any of it.
         self._writer: store.RecordWriter | None = None
         self._publisher: Publisher | None = None
         self._noise: NoiseProbe | None = None
         self._ranks: distributed.RankReporter | None = None
+        self._flops: FlopCounter | None = None
         self._handles: list = []
-        self._output_hook = None
+        self._entry_hooks: list = []
+        self._finder: EntryFinder | None = None
+        self._idle_finder: EntryFinder | None = None  # under torch.compile, removed at close()
+        self._grad_hooks: list = []
+        self._sentinel: nn.Parameter | None = None
+        self._sentinel_hook = None
         try:
             self._set_up(model, optimizer, **options)
         except BaseException:
@@ -157,8 +204,8 @@ class Monitor:
                 unit: str, tokens_per_sample: int | None, name: str | None, noise: str | None,
                 layers: str | tuple[type, ...], horizon_samples: float | None,
                 profile: dict[str, Any] | None, noise_budget: float,
-                mixes_samples: tuple[type, ...] = ()) -> None:
-        self._model = model
+                mixes_samples: tuple[type, ...] = (), flops_per_sample: float | None = None) -> None:
+        self._model = model  # the watched model; samples are counted at self._entry (it or a submodule)
         self._optimizer = optimizer
         self._fixed_batch = batch_size
         self._step = 0
@@ -169,6 +216,9 @@ class Monitor:
         self._busy_timed = -BUSY_SAMPLE_INTERVAL_S  # when a step last recorded "busy"
         self._backward_queued = False
         self._mid_iteration = False
+        self._forward_open = False  # a forward started and has not returned (yet, or ever: it raised)
+        self._skipped: list[dict[str, Any]] = []  # attempts abandoned since the last step
+        self._sentinel_passes = 0  # backward passes that reached the sentinel since the last step or clear
         self._rejected_names: set[str] = set()
         self._closed = False
         self._paused = False
@@ -185,7 +235,9 @@ class Monitor:
         identity = distributed.rank_identity()
         leader = identity.rank == 0
         self.session_id = os.environ.get("BSMON_SESSION_ID") or (store.new_session_id() if leader else None)
-        self.name = name or os.environ.get("BSMON_NAME") or Path(sys.argv[0] or "python").stem or "job"
+        self.name = session_name(name)
+        # Rank 0 records the session, so only it counts FLOPs (ranks run the same model).
+        self._flops = FlopCounter(model, flops_per_sample) if leader else None
         writer = self._writer = self._open_record(home) if leader else None
         socket_path = self._socket_path(home) if leader else None
         command = json.loads(os.environ["BSMON_COMMAND"]) if os.environ.get("BSMON_COMMAND") else list(sys.orig_argv)
@@ -200,6 +252,7 @@ class Monitor:
             "unit": unit, "tokens_per_sample": tokens_per_sample,
             "batch_size": batch_size, "noise_mode": noise, "horizon_samples": horizon_samples,
             "socket": socket_path, "frameworks": [name for name in FRAMEWORKS if name in sys.modules],
+            **(self._flops.hello_fields if self._flops else {}),
         }
         self._model_state.ingest(hello)
         self._publisher = Publisher(hello, writer, socket_path, self._on_published, guard=self._guard)
@@ -211,32 +264,51 @@ class Monitor:
         self._ranks = (distributed.RankReporter(identity, self._publisher.submit if leader else None,
                                                 guard=self._guard)
                        if identity.world_size > 1 else None)
+
         if profile is not None:
             self.record_profile(profile)
+        self._entry = model  # where samples are counted: the model, or the submodule a step calls
+        self._entry_hooks = self._hook_entry(model)
+        self._finder = EntryFinder(model, self._guard)  # until the model's forward runs
+        self._forward_ran = False
+        self._entry_missing_warned = False
         # One at a time, so a failed set-up knows each hook to remove.
-        self._handles.append(model.register_forward_pre_hook(self._guard(self._on_forward_pre), with_kwargs=True))
         self._handles.append(optimizer.register_step_pre_hook(self._guard(self._on_step_pre)))
         self._handles.append(optimizer.register_step_post_hook(self._guard(self._on_step)))
         self._compiled = False  # the model's forward has run under torch.compile
         self._compiled_size: int | None = None  # samples in the last compiled forward
         self._trainable = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-        self._grad_hooks: list = []
         self._guarded_output_grad = self._guard(self._on_output_grad)  # wrapped once, used every measured step
         self._guarded_backward_end = self._guard(self._on_backward_end)
+        self._sentinel_checked = False
+        self._watch_sentinel(self._trainable[-1:])
+        self._follow_backward = False
         self._follow_backward_ends(time.perf_counter())
         self._previous_excepthook = sys.excepthook
         self._failure: str | None = None
         sys.excepthook = self._excepthook
         atexit.register(self._atexit)
 
+    def _remove_hooks(self) -> None:
+        """Every hook on the model, its parameters and the optimizer (close(), or a failed set-up)."""
+        for handle in [*self._handles, *self._entry_hooks]:
+            handle.remove()
+        self._handles, self._entry_hooks = [], []
+        for finder in (self._finder, self._idle_finder):
+            if finder is not None:
+                finder.remove()
+        self._finder = self._idle_finder = None
+        self._remove_grad_hooks()
+        self._watch_sentinel([])
+
     def _undo_set_up(self) -> None:
         """Remove whatever a failed ``_set_up()`` had put in place, in reverse order."""
         atexit.unregister(self._atexit)
         if sys.excepthook == self._excepthook:
             sys.excepthook = self._previous_excepthook
-        for handle in [*self._handles, self._output_hook]:
-            if handle is not None:
-                handle.remove()
+        self._remove_hooks()
+        if self._flops is not None:
+            self._flops.close()
         if self._ranks is not None:
             self._ranks.close()
         if self._noise is not None:
@@ -289,12 +361,45 @@ class Monitor:
         self._publisher.report({"k": "event", "t": time.time(), "level": "error", "msg": message,
                                 "traceback": details[-TRACEBACK_CHARS:]})
 
+    # -- the sentinel: which forwards start a new attempt ---------------------------
+    def _watch_sentinel(self, candidates: list[nn.Parameter]) -> None:
+        """Count backward passes reaching the last of ``candidates``. The optimizer's last parameter
+        is usually the output layer's, among the first a backward computes: a backward that fails
+        part-way has most likely reached it already."""
+        if self._sentinel_hook is not None:
+            self._sentinel_hook.remove()
+            self._sentinel_hook = self._sentinel = None
+        if candidates and hasattr(candidates[-1], "register_post_accumulate_grad_hook"):
+            self._sentinel = candidates[-1]
+            self._sentinel_hook = self._sentinel.register_post_accumulate_grad_hook(
+                self._guard(self._on_sentinel_grad))
+
+    def _on_sentinel_grad(self, param: torch.Tensor) -> None:
+        self._sentinel_passes += 1
+
+    def _check_sentinel(self) -> None:
+        """At the first step: a sentinel without a gradient (unused, frozen path) would never see a
+        clear, so watch the last parameter that has one."""
+        self._sentinel_checked = True
+        if self._sentinel is not None and self._sentinel.grad is None:
+            self._watch_sentinel([p for p in self._trainable if p.grad is not None])
+
+    def _abandon(self, why: str, micro_sizes: list[int]) -> None:
+        """Record micro-batches whose gradients never reach an optimizer step as one skipped attempt."""
+        self._skipped.append({"n": sum(micro_sizes), "mb": len(micro_sizes), "why": why})
+
+    def _hook_entry(self, module: nn.Module) -> list:
+        """Hook the module where samples are counted: each forward's start and return."""
+        return [module.register_forward_pre_hook(self._guard(self._on_forward_pre), with_kwargs=True),
+                module.register_forward_hook(self._guard(self._on_forward))]
+
     # -- hooks (training thread) ----------------------------------------------
     def _on_forward_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._paused or not (module.training and torch.is_grad_enabled()):
             return
         size = first_batch_dim(args, kwargs)
         self._mid_iteration = True
+        self._forward_ran = True
         if is_compiling():
             # Traced into a compiled graph: dynamo replays attribute stores after each call
             # without a graph break (time.perf_counter() would break it), but it guards on a
@@ -303,31 +408,40 @@ class Monitor:
             self._compiled = True
             self._compiled_size = size
             return
+        if self._finder is not None:  # the watched forward runs: no entry to look for
+            self._finder.remove()
+            self._finder = None
+        cleared = self._sentinel_passes > 0 and self._sentinel is not None and self._sentinel.grad is None
+        if self._forward_open and self._micro_sizes and self._sentinel_passes and not cleared:
+            # The last forward raised and the job retries it inside the accumulation: only it is lost.
+            self._abandon("raised", [self._micro_sizes.pop()])
+        elif (self._forward_open or cleared) and self._micro_sizes:
+            # Gradients cleared without an optimizer step, or the attempt raised: none of it trains.
+            self._abandon("raised" if self._forward_open else "cleared", self._micro_sizes)
+            self._micro_sizes = []
+            self._sentinel_passes = 0
+            self._noise.discard()
+        self._forward_open = True
         if self._step_started is None:
             self._step_started = time.perf_counter()
         self._phases.forward()
+        if not self._micro_sizes and self._flops is not None and not self._flops.off:  # the step's first forward
+            self._flops.start(size, measured=self._noise.measuring)  # a set lookup, except once per size
         if size is not None:
             self._micro_sizes.append(size)
 
     def _follow_backward_ends(self, now: float) -> None:
         """Hook the model's outputs, to catch each backward pass's end, only for the next step
         that needs it (a measured step, or a step that times a multi-process job's busy time):
-        other steps pay nothing."""
-        needed = self._noise.measuring or (
+        other steps pay one flag test."""
+        self._follow_backward = self._noise.measuring or (
             self._ranks is not None and now - self._busy_timed >= BUSY_SAMPLE_INTERVAL_S)
-        if self._compiled:
-            # Under torch.compile the output hook is traced away, and adding or removing a module
-            # hook would recompile. Hooks on the parameters' accumulated gradients run outside
-            # the graph and recompile nothing; they stay, as each backward's end counts a micro-batch.
-            if not self._grad_hooks:
-                self._grad_hooks = [p.register_post_accumulate_grad_hook(self._guard(self._on_param_grad))
-                                    for p in self._trainable]
-            return
-        if needed and self._output_hook is None:
-            self._output_hook = self._model.register_forward_hook(self._guard(self._on_forward))
-        elif not needed and self._output_hook is not None:
-            self._output_hook.remove()
-            self._output_hook = None
+        if self._compiled and not self._grad_hooks:
+            # Under torch.compile the output hook's work is traced away. Hooks on the parameters'
+            # accumulated gradients run outside the graph and recompile nothing; they stay, as
+            # each backward's end counts a micro-batch.
+            self._grad_hooks = [p.register_post_accumulate_grad_hook(self._guard(self._on_param_grad))
+                                for p in self._trainable]
 
     def _remove_grad_hooks(self) -> None:
         for handle in self._grad_hooks:
@@ -335,7 +449,10 @@ class Monitor:
         self._grad_hooks = []
 
     def _on_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if self._paused or is_compiling() or not (module.training and torch.is_grad_enabled()):
+        if self._paused or is_compiling():
+            return
+        self._forward_open = False
+        if not (self._follow_backward and not self._compiled and module.training and torch.is_grad_enabled()):
             return
         start = time.perf_counter()
         for tensor in _output_tensors(output):
@@ -366,18 +483,33 @@ class Monitor:
         if self._paused:
             return
         now = time.perf_counter()
+        if self._finder is not None and self._step_started is None:
+            self._step_started = self._finder.started  # a forward-less first step began there
         start = self._last_step_end or self._step_started or now
         self._last_step_end = now
         self._step += 1
+        if self._finder is not None:
+            self._settle_entry()
+        if self._forward_open and self._micro_sizes:  # the last forward raised; the step went on without it
+            self._abandon("raised", [self._micro_sizes.pop()])
         micro = self._micro_sizes
         self._micro_sizes = []
         self._mid_iteration = False
+        self._forward_open = False
+        self._sentinel_passes = 0
+        if not self._sentinel_checked:
+            self._check_sentinel()
         samples = self._fixed_batch if self._fixed_batch is not None else sum(micro)
         record = {"k": "step", "step": self._step, "t": time.time(), "dt": now - start,
                   "n": samples, "mb": max(1, len(micro)), "dropped": self._publisher.dropped}
         phases = self._phases.end()
         if phases is not None:
             record["ph"] = phases
+        flops = self._flops.stop() if self._flops is not None else None
+        if flops is not None:
+            record["flops"] = flops
+        if self._skipped:
+            record["skipped"], self._skipped = self._skipped, []
         noise = self._noise.end_step(micro, now - start)
         if noise is not None:
             record["noise"] = noise
@@ -388,6 +520,36 @@ class Monitor:
         self._follow_backward_ends(now)
         self._publisher.submit(record)
         self._publisher.poll()
+
+    def _settle_entry(self) -> None:
+        """The first step(s): keep counting at the model if its forward ran (under torch.compile
+        the traced pre-hook could not retire the finder's hooks: that happens here), else count
+        from now on at the first trainable submodule the step called, this step included."""
+        if self._forward_ran:
+            if self._compiled:  # removing hooks from modules dynamo traced would recompile them
+                self._finder.active = False
+                self._idle_finder = self._finder
+            else:
+                self._finder.remove()
+            self._finder = None
+            return
+        found = self._finder.entry()
+        if found is None:
+            if not self._entry_missing_warned:
+                self._entry_missing_warned = True
+                self.record_event("warning", ENTRY_MISSING.format(step=self._step))
+            self._finder.reset()
+            return
+        name, module, sizes = found
+        self._finder.remove()
+        self._finder = None
+        for handle in self._entry_hooks:
+            handle.remove()
+        self._entry = module
+        self._entry_hooks = self._hook_entry(module)
+        self._noise.set_entry(module)
+        self._micro_sizes = sizes
+        self.record_event("warning", ENTRY_FOUND.format(step=self._step, name=name, kind=type(module).__name__))
 
     # -- flushes (usually the training thread, between steps) -----------------
     def _on_published(self, records: list[dict]) -> None:
@@ -438,10 +600,17 @@ class Monitor:
         shape = f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else ""
         message = (f"log({key}=...) ignored: a {type(value).__name__}{shape} is not a number. "
                    "Pass a Python number or a one-element tensor.")
-        self._publisher.submit({"k": "event", "t": time.time(), "level": "warning", "msg": message})
+        self.record_event("warning", message)
         if key not in self._rejected_names:
             self._rejected_names.add(key)
             warnings.warn(f"bsmon: {message}", BsmonWarning, stacklevel=3)
+
+    def warn(self, message: str) -> None:
+        """Record a warning in the session (the TUI's events, headless replay) and warn once here.
+
+        For integrations that must say what they did: "watching the first of 2 optimizers"."""
+        self.record_event("warning", message)
+        self._warn(message)
 
     def stats(self) -> Stats:
         """The latest numbers: up to the last step, or at most STATS_REFRESH_S old when
@@ -482,11 +651,18 @@ class Monitor:
             raise RuntimeError("this monitor is already paused")
         self._paused = True
         self._noise.pause()
+        if self._flops is not None:
+            self._flops.close()  # a step being counted is left uncounted: its size is counted later
         try:
             yield
         finally:
             self._noise.resume()
             self._micro_sizes = []
+            if self._finder is not None:
+                self._finder.reset()  # the sweep's calls say nothing about the training step
+            self._skipped = []
+            self._sentinel_passes = 0
+            self._forward_open = False
             self._mid_iteration = False
             self._phases.restart()
             self._last_step_end = time.perf_counter()
@@ -496,6 +672,13 @@ class Monitor:
         """Record something a person should see (a profile's cost, say)."""
         self._publisher.submit({"k": "event", "t": time.time(), "level": level, "msg": message})
 
+    def metrics(self, prefix: str = "bsmon/") -> dict[str, float]:
+        """The headline numbers, named ``prefix + name``, for a tracker: ``wandb.log(monitor.metrics())``.
+
+        See :func:`bsmon.model.tracker_metrics`: numbers bsmon has no value for are left out.
+        """
+        return tracker_metrics(self.stats(), prefix)
+
     def record_profile_point(self, point: dict[str, Any]) -> None:
         """Stream one throughput-profile point (bsmon.profile calls this)."""
         self._publisher.submit({"k": "profile_point", **point})
@@ -503,6 +686,26 @@ class Monitor:
     def record_profile(self, profile: dict[str, Any]) -> None:
         """Store a finished throughput profile in the session."""
         self._publisher.submit({"k": "profile", "profile": profile})
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self._optimizer
+
+    def throughput_points(self) -> list:
+        """The session's throughput points so far (profile and live), in its unit."""
+        self._publisher.poll(now=True)
+        with self._state_lock:
+            self._ingest_unread()
+            return self._model_state.throughput_points()
+
+    def record(self, record: dict[str, Any]) -> None:
+        """Add a record (an event, a branch check) to the session."""
+        self._publisher.submit(record)
+        self._publisher.poll()
 
     @property
     def dropped(self) -> int:
@@ -514,12 +717,10 @@ class Monitor:
         if self._closed:
             return
         self._closed = True
-        for handle in self._handles:
-            handle.remove()
-        if self._output_hook is not None:
-            self._output_hook.remove()
-        self._remove_grad_hooks()
+        self._remove_hooks()
         self._noise.close()
+        if self._flops is not None:
+            self._flops.close()
         if self._ranks is not None:
             self._ranks.close()
         if sys.excepthook == self._excepthook:  # bound methods: equal, never identical
@@ -559,7 +760,8 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int
           unit: str = "samples", tokens_per_sample: int | None = None, name: str | None = None,
           noise: str | None = "auto", layers: str | tuple[type, ...] = "all",
           horizon_samples: float | None = None, profile: Any = None,
-          noise_budget: float = MEASURE_BUDGET, mixes_samples: tuple[type, ...] = ()) -> Monitor:
+          noise_budget: float = MEASURE_BUDGET, mixes_samples: tuple[type, ...] = (),
+          flops_per_sample: float | None = None) -> Monitor:
     """Instrument a training loop; returns the :class:`Monitor`.
 
     ``batch_size`` fixes the samples per optimizer step (otherwise inferred from
@@ -578,12 +780,19 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int
     ``mixes_samples`` declares module types whose forward mixes the samples of a batch (like
     BatchNorm in training mode, which bsmon detects itself: in-batch negatives, say): per-example
     norms are not used in a step where one runs (docs/noise-scale.md).
+
+    ``optimizer`` may be a wrapper (accelerate's AcceleratedOptimizer, Lightning's
+    LightningOptimizer, anything holding the torch optimizer as ``.optimizer``). When
+    ``model``'s own forward never runs (a training step that calls ``model.net(x)``),
+    samples are counted at the first trainable submodule that does run (bsmon/probe/entry.py).
+    ``flops_per_sample`` is the FLOPs of one training step (forward and backward) per sample, for
+    FLOP/s and MFU; without it bsmon counts one step per micro-batch size with
+    ``torch.utils.flop_counter.FlopCounterMode`` (docs/api.md).
     """
     global _active
     if not isinstance(model, nn.Module):
         raise TypeError(f"bsmon.watch(model, ...) needs a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"bsmon.watch(..., optimizer) needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    optimizer = unwrap_optimizer(optimizer)
     if unit not in UNITS:
         raise ValueError(f"unit={unit!r}: use 'samples' or 'tokens'")
     if unit == "tokens" and not (isinstance(tokens_per_sample, int) and tokens_per_sample > 0):
@@ -594,6 +803,8 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int
         raise ValueError(f"horizon_samples={horizon_samples!r} must be positive")
     if not (isinstance(noise_budget, (int, float)) and 0 < noise_budget <= 1):
         raise ValueError(f"noise_budget={noise_budget!r}: give the share of training time, in (0, 1]")
+    if flops_per_sample is not None and not (isinstance(flops_per_sample, (int, float)) and flops_per_sample > 0):
+        raise ValueError(f"flops_per_sample={flops_per_sample!r}: give the FLOPs of one step per sample (> 0)")
     check_mode(model, noise)
     if not (isinstance(mixes_samples, tuple)
             and all(isinstance(t, type) and issubclass(t, nn.Module) for t in mixes_samples)):
@@ -608,7 +819,7 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int
         _active = Monitor(model, optimizer, batch_size=batch_size, unit=unit,
                           tokens_per_sample=tokens_per_sample, name=name, noise=noise, layers=layers,
                           horizon_samples=horizon_samples, profile=profile_dict, noise_budget=noise_budget,
-                          mixes_samples=mixes_samples)
+                          mixes_samples=mixes_samples, flops_per_sample=flops_per_sample)
         return _active
 
 

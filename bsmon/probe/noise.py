@@ -25,14 +25,17 @@ from __future__ import annotations
 
 import time
 
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from bsmon.probe import distributed
 from bsmon.probe.deferred import Deferred
-from bsmon.stats.noise import partial_coverage_reason
+from bsmon.stats.noise import MEASURE_GAP_STEPS, partial_coverage_reason
+
+if TYPE_CHECKING:
+    from bsmon.probe.per_example import PerExampleNorms
 
 #: The share of the training thread's time the noise measurement may take (see NoiseProbe.end_step).
 MEASURE_BUDGET = 0.01
@@ -60,7 +63,11 @@ REASON_COMPILED = (
     "graph (running them inside would break it), so no per-example norms were taken. Accumulate >= 2 "
     "micro-batches per step: the micro-batch estimator needs only the norm of .grad after each backward "
     "pass and works compiled. Or measure per-example norms on the model without torch.compile")
-REASON_UNEQUAL_MICROBATCHES = "micro-batches of unequal size in this step; it is left out"
+REASON_DDP_NO_SYNC = (
+    "{synced} of this step's {m} backward passes all-reduced: gradient accumulation under "
+    "DistributedDataParallel without no_sync(). Every pass then pays an all-reduce, and the "
+    "local gradient of one rank is never seen on its own. Run all but the last micro-batch "
+    "inside `with model.no_sync():`")
 REASON_HOOK_BEFORE_WATCH = (
     "this DistributedDataParallel model already had a communication hook ({hook}) when "
     "bsmon.watch() was called, and DDP accepts only one. Call bsmon.watch() before "
@@ -148,13 +155,16 @@ class NoiseProbe:
         self._per_example = None
         self._ddp_hook: distributed.DdpNormHook | None = None
         self._passes: list[torch.Tensor | None] = []  # None: the pass that synchronised (ddp)
-        self._current: tuple[str | None, str | None] | None = None
+        self._current: tuple | None = None  # (estimator, reason, coverage) last announced
         self.budget = budget
         self._measuring = True  # whether the current step is measured
         self._spent_s = 0.0  # host seconds spent measuring here and in charge()d hooks
         self._retired_spent_s = 0.0  # the same, by per-example hooks since removed
         self._trained_s = 0.0
         self._measured_steps = 0
+        self._unmeasured_run = 0  # steps since the last measured one
+        self._warmup_spent_s = 0.0  # what the warm-up cost, and the training time it covered:
+        self._warmup_trained_s = 0.0  # a one-off, left out of the budget that follows
         if mode is None:
             self._set_estimator(None, REASON_OFF)
         elif mode == "per_example":
@@ -185,15 +195,28 @@ class NoiseProbe:
             self._passes.append(grad_sq_norms(self._measured))
         self._spent_s += time.perf_counter() - start
 
+    def discard(self) -> None:
+        """Forget what this step measured so far: its gradients were cleared without an optimizer step."""
+        self._passes = []
+        if self._per_example is not None:
+            self._per_example.pop()
+        if self._ddp_hook is not None:
+            self._ddp_hook.take()
+
     def end_step(self, micro_sizes: Sequence[int], step_time_s: float) -> dict | None:
         """The step's noise payload (values still on the device), or None.
 
         Measuring costs the training thread a norm per backward pass (and per-example or
         all-reduce hooks); on a CPU that can be a tenth of a step. So a step is measured only
-        while the measuring time so far stays within MEASURE_BUDGET of the training time: a
-        GPU job, whose measurements are tiny kernel launches, measures every step; a CPU job
-        every k-th. The first WARMUP_MEASUREMENTS steps are always measured, so an estimate
-        exists early. Unmeasured steps still count towards the averaging horizon (in samples).
+        while the measuring time since the warm-up stays within MEASURE_BUDGET of the training
+        time since then: a GPU job, whose measurements are tiny kernel launches, measures every
+        step; a CPU job every k-th (k about the cost of one measurement over the budget). The
+        first WARMUP_MEASUREMENTS steps are always measured, so an estimate exists early; their
+        cost is a one-off, not a debt that later steps pay back (that starved small models of
+        measurements for 1,000+ steps). And whatever the budget, after the warm-up at most
+        MEASURE_GAP_STEPS - 1 steps in a row go unmeasured: a measurement dearer than
+        MEASURE_GAP_STEPS * budget steps of training then costs 1/MEASURE_GAP_STEPS of its
+        steps instead. Unmeasured steps still count towards the averaging horizon (in samples).
         """
         measured, passes, self._passes = self._measuring, self._passes, []
         self._trained_s += step_time_s
@@ -203,8 +226,13 @@ class NoiseProbe:
             payload = self._payload(passes, micro_sizes)
             self._spent_s += time.perf_counter() - start
         self._measured_steps += measured
-        self._measuring = (self._measured_steps < WARMUP_MEASUREMENTS
-                           or self._measuring_cost() <= self.budget * self._trained_s)
+        self._unmeasured_run = 0 if measured else self._unmeasured_run + 1
+        if measured and self._measured_steps == WARMUP_MEASUREMENTS:
+            self._warmup_spent_s, self._warmup_trained_s = self._measuring_cost(), self._trained_s
+        self._measuring = (self.budget >= 1.0 or self._measured_steps < WARMUP_MEASUREMENTS
+                           or self._unmeasured_run + 1 >= MEASURE_GAP_STEPS
+                           or self._measuring_cost() - self._warmup_spent_s
+                           <= self.budget * (self._trained_s - self._warmup_trained_s))
         self._set_hooks_active(self._measuring)
         return payload
 
@@ -262,6 +290,14 @@ class NoiseProbe:
         if self._ddp_hook is not None:
             self._ddp_hook.active = active
 
+    def set_entry(self, module: nn.Module) -> None:
+        """Measure at ``module``, the submodule a forward-less training step calls
+        (bsmon/probe/entry.py): per-example norms need its forward to run."""
+        self._model = module
+        if self._per_example is not None:
+            self._remove_per_example()
+            self._install_per_example()
+
     def close(self) -> None:
         self._remove_per_example()
         if self._ddp_hook is not None:
@@ -273,6 +309,10 @@ class NoiseProbe:
         A step counts only when its last backward pass, and no other, synchronised.
         """
         norms = self._ddp_hook.take()
+        synced = sum(p is None for p in passes)
+        if synced > 1:
+            self._set_estimator(None, REASON_DDP_NO_SYNC.format(synced=synced, m=len(passes)))
+            return None
         if norms is None or not passes or passes[-1] is not None or any(p is None for p in passes[:-1]):
             return None
         self._set_estimator("ddp", None, groups=[], world_size=self._ddp_world,
@@ -312,8 +352,9 @@ class NoiseProbe:
         norms = self._per_example
         covered = {id(p) for p in norms.covered_params}
         self._measured = [[p for p in group if id(p) in covered] for group in self._group_params]
-        details = {"covered_fraction": norms.covered_fraction, "uncovered": norms.uncovered}
-        if norms.covered_fraction >= 1.0:
+        share = self._covered_share(norms)
+        details = {"covered_fraction": share, "uncovered": norms.uncovered}
+        if share >= 1.0:
             self._set_estimator("per_example", None, layers=self._layers_name(), **details)
             return
         mixer = norms.mixing_now()
@@ -322,7 +363,7 @@ class NoiseProbe:
         elif not covered:
             reason = REASON_NO_COVERAGE
         else:
-            reason = partial_coverage_reason(norms.covered_fraction, norms.uncovered)
+            reason = partial_coverage_reason(share, norms.uncovered)
         self._refusal = (reason, details)
         self._remove_per_example()
         self._set_estimator(None, reason, **details)
@@ -336,9 +377,15 @@ class NoiseProbe:
             self._set_estimator(None, REASON_COMPILED)
         elif norms.mixed_by is not None:
             self._set_estimator(None, REASON_MIXES_SAMPLES.format(module=norms.mixed_by),
-                                covered_fraction=norms.covered_fraction, uncovered=norms.uncovered)
+                                covered_fraction=self._covered_share(norms), uncovered=norms.uncovered)
         elif len(norms.covered_params) != sum(len(group) for group in self._measured):
             self._announce_per_example()  # the step excluded layers that broke an assumption
+
+    def _covered_share(self, norms: "PerExampleNorms") -> float:
+        """Share of the optimizer's trainable parameters the per-example norms cover. Not the
+        measured module's share: after set_entry() that module may hold only some of them."""
+        total = sum(p.numel() for group in self._group_params for p in group)
+        return sum(p.numel() for p in norms.covered_params) / total if total else 0.0
 
     def _remove_per_example(self) -> None:
         if self._per_example is not None:
@@ -351,9 +398,10 @@ class NoiseProbe:
         return self._layers if isinstance(self._layers, str) else ",".join(t.__name__ for t in self._layers)
 
     def _set_estimator(self, name: str | None, reason: str | None, **details: Any) -> None:
-        if self._current == (name, reason):
+        current = (name, reason, details.get("covered_fraction"))
+        if self._current == current:
             return
-        self._current = (name, reason)
+        self._current = current
         record = {"k": "estimator", "name": name, "reason": reason, "groups": self._group_labels}
         record.update(details)
         if name in ("microbatch", "ddp"):

@@ -2,6 +2,7 @@
 
 from bsmon.stats.noise import (
     DEFAULT_HORIZON_SAMPLES,
+    MEASURE_GAP_STEPS,
     WEAK_RATIO,
     GradNormPoints,
     NoiseScale,
@@ -28,3 +29,4 @@ from bsmon.stats.throughput import (
     mean_step_times,
     split_step_time,
 )
+from bsmon.stats.units import ProfileUnits, SessionUnits

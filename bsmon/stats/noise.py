@@ -19,6 +19,11 @@ DEFAULT_HORIZON_SAMPLES: int = 100_000
 """EMA horizon in samples: about two epochs of MNIST/CIFAR-sized data. Long enough for ~25
 effective steps even at batch 8192, short next to the tens of epochs over which B_simple drifts."""
 
+MEASURE_GAP_STEPS: int = 100
+"""After its warm-up the probe measures at least one step in every MEASURE_GAP_STEPS, whatever its
+cost budget (bsmon.probe.noise.NoiseProbe.end_step). An estimate whose last measured step lies
+further back than this is stale: the estimator has stopped measuring, not merely slowed down."""
+
 WEAK_RATIO: float = 10.0
 """B_simple > WEAK_RATIO * B_big marks an estimate as weak: the steps needed for a given
 precision grow like (B_simple / B_big)^2, so past 10x the band, not the point, is the message."""
@@ -90,10 +95,10 @@ def microbatch_points(
     constant c (1/m for a mean loss divided by m, b for a summed loss, times any AMP scale).
     The points are expressed as if c = 1/m, the convention in which the final .grad is the
     batch-mean gradient: B_j = j*b and |G_{B_j}|^2 = a_j * (m/j)^2. Any other c multiplies every
-    point by the same factor, which cancels in B_simple.
+    point by the same factor, which cancels in B_simple. Unequal micro-batches are used too (see
+    _accumulated_passes for the size each pass stands for).
 
-    Returns None (skip the step) for fewer than two micro-batches, unequal micro-batch sizes (the
-    mean/sum convention is then ambiguous) or any non-finite value.
+    Returns None (skip the step) for fewer than two micro-batches or any non-finite value.
     """
     if len(micro_sizes) != len(accumulated_sq):
         raise ValueError(
@@ -103,25 +108,33 @@ def microbatch_points(
     m = len(micro_sizes)
     if m < 2 or not _all_finite(micro_sizes) or not _all_finite(accumulated_sq):
         return None
-    passes = _accumulated_passes(micro_sizes, accumulated_sq)
-    return None if passes is None else GradNormPoints(*passes)
+    return GradNormPoints(*_accumulated_passes(micro_sizes, accumulated_sq))
 
 
 def _accumulated_passes(
     micro_sizes: Sequence[float], accumulated_sq: Sequence[float]
-) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(B_j, |G_{B_j}|^2) after each pass in accumulated_sq, in the convention c = 1/m.
 
-    None when the micro-batches differ in size (the mean/sum convention is then ambiguous).
+    Equal sizes b give B_j = j*b whatever the loss's reduction. Unequal sizes make the weight of
+    each pass depend on it: a mean-reduced loss divided by m adds every micro-batch mean with the
+    same weight, a summed loss weights each by its size, and the two differ in B_simple by far
+    more than a band (70% for 34/33/33 at B_simple = 500). So when the first two or more passes
+    share a size (a ragged last micro-batch), only those passes are used: their points do not
+    depend on the reduction. Otherwise every pass is used in the mean convention: the sum of j
+    independent micro-batch means has E|.|^2 = j^2 |G|^2 + tr(Sigma) * sum_{i<=j} 1/b_i, so
+    a_j (m/j)^2 estimates |G|^2 + tr(Sigma)/B_j with 1/B_j = (sum_{i<=j} 1/b_i) / j^2.
     """
     m = len(micro_sizes)
-    b = float(micro_sizes[0])
-    if b <= 0:
+    sizes = [float(size) for size in micro_sizes[:len(accumulated_sq)]]
+    if any(size <= 0 for size in micro_sizes):
         raise ValueError(f"micro-batch sizes must be positive; got {list(micro_sizes)}.")
-    if any(float(size) != b for size in micro_sizes):
-        return None
-    return (tuple(j * b for j in range(1, len(accumulated_sq) + 1)),
-            tuple(a * (m / j) ** 2 for j, a in enumerate(accumulated_sq, start=1)))
+    equal = next((j for j, size in enumerate(sizes) if size != sizes[0]), len(sizes))
+    if 2 <= equal < len(sizes):
+        sizes = sizes[:equal]
+    inverse_sums = np.cumsum([1.0 / size for size in sizes])
+    return (tuple(j * j / float(inverse) for j, inverse in enumerate(inverse_sums, start=1)),
+            tuple(a * (m / j) ** 2 for j, a in zip(range(1, len(sizes) + 1), accumulated_sq)))
 
 
 def per_example_points(
@@ -157,8 +170,8 @@ def ddp_points(
     of microbatch_points (c = 1/m) the micro-batch points are a_j * (m/j)^2; the last two need
     no rescaling, because the all-reduce averages. An unknown c scales every point alike.
 
-    Returns None (skip the step) for unequal micro-batch sizes, fewer than two batch sizes
-    (one rank, one pass) or any non-finite value.
+    Unequal micro-batches are used as in microbatch_points. Returns None (skip the step) for fewer
+    than two batch sizes (one rank, one pass) or any non-finite value.
     """
     m = len(micro_sizes)
     if len(accumulated_sq) != m - 1:
@@ -171,11 +184,8 @@ def ddp_points(
     values = (*micro_sizes, *accumulated_sq, local_sq, averaged_sq)
     if m == 0 or not _all_finite(values) or (m == 1 and world_size == 1):
         return None
-    passes = _accumulated_passes(micro_sizes, accumulated_sq)
-    if passes is None:
-        return None
-    sizes, norms = passes
-    local = m * float(micro_sizes[0])
+    sizes, norms = _accumulated_passes(micro_sizes, accumulated_sq)
+    local = m * m / math.fsum(1.0 / float(size) for size in micro_sizes)
     return GradNormPoints((*sizes, local, local * world_size), (*norms, local_sq, averaged_sq))
 
 
@@ -319,9 +329,17 @@ class NoiseScaleTracker:
                 **common,
             )
         b_simple = max(trace, 0.0) / grad
-        weak = b_simple > WEAK_RATIO * b_big
         band = self._fieller_band(b_simple)
-        low, high = band if band is not None else (None, None)
+        if band is None:
+            # A point without a band is not shown as B_simple: say how far the measuring got.
+            return NoiseScale(
+                b_simple=None, b_simple_low=None, b_simple_high=None, weak=False,
+                reason=f"measuring: {steps_text}, no uncertainty band yet (it needs about 2 "
+                f"steps' worth of independent estimates).",
+                **common,
+            )
+        weak = b_simple > WEAK_RATIO * b_big
+        low, high = band
 
         caveats = []
         if trace <= 0:
@@ -330,8 +348,6 @@ class NoiseScaleTracker:
                 f"so B_simple is below what these batch sizes can resolve; a smaller B_small "
                 f"(per-example norms, smaller micro-batches) would measure it."
             )
-        if band is None:
-            caveats.append(f"only {steps_text} so far: no uncertainty band yet.")
         if weak:
             caveats.append(
                 f"weak: B_big (~{b_big:.4g}) is far below B_simple, so |G|^2 is a small "

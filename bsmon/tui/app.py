@@ -30,11 +30,11 @@ from bsmon.gpu import GpuSnapshot
 from bsmon.model import SessionModel, Stats
 from bsmon.stats.optimal import Recommendation
 from bsmon.stats.throughput import ThroughputPoint
-from bsmon.tui.screens import HelpScreen
+from bsmon.tui.screens import BranchScreen, HelpScreen, WhyScreen, why_text
 from bsmon.tui.widgets import (
     BatchPanel, BatchSizeChart, Chart, EventsLog, GpuChart, GpuPanel, JobHeader, LossChart, NoiseChart,
-    NoiseLossChart, OptimalPanel, RanksPanel, ScalarsPanel, ThroughputChart, ThroughputPanel, exit_text,
-    job_status, short_command,
+    NoiseLossChart, OptimalPanel, RanksPanel, ScalarsPanel, ThroughputChart, ThroughputPanel, Trend, branch_line,
+    exit_text, job_status, short_command, unit_label,
 )
 
 MODES = ("run", "attach", "replay")
@@ -201,8 +201,9 @@ class BsmonApp(App):
     """The live (or replayed) view of one training session.
 
     ``feed``: where the records arrive (the app only reads its model under ``feed.lock``).
-    ``mode``: "run" (the app's job is ``job``; q detaches, ctrl+c interrupts the job),
-    "attach" or "replay" (q and ctrl+c quit). GPU readings come from the model (an attached
+    ``mode``: "run" (the app's job is ``job``; q detaches, or with ``quit_ends_job`` (``bsmon
+    demo``, bsmon's own job) interrupts the job and quits; ctrl+c interrupts the job),
+    "attach" (q and ctrl+c detach) or "replay" (q and ctrl+c quit). GPU readings come from the model (an attached
     monitor records NVML samples into it; replay reads them back). ``export``: writes the CSV and returns its
     path (called on a worker thread; an OSError is shown to the user).
     """
@@ -212,23 +213,30 @@ class BsmonApp(App):
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (150, "-wide")]
     VERTICAL_BREAKPOINTS = [(0, "-short"), (36, "-tall"), (56, "-taller")]
     ENABLE_COMMAND_PALETTE = False
+    #: One q binding per mode; the footer says what q does in this one (check_action picks it).
     BINDINGS = [
-        Binding("q", "detach", "Detach"),
-        Binding("q", "leave", "Quit"),
+        Binding("q", "detach", "Detach (job runs on)"),
+        Binding("q", "end_job", "Quit, ends demo"),
+        Binding("q", "leave('detach')", "Detach"),
+        Binding("q", "leave('quit')", "Quit"),
         Binding("e", "export", "Export CSV"),
         Binding("p", "pause", "Pause"),
         Binding("p", "resume", "Resume"),
+        Binding("b", "branch", "Branch checks"),
+        Binding("w", "why", "Why B*"),
         Binding("question_mark", "help", "Help", key_display="?"),
-        Binding("ctrl+c", "interrupt_job", "Interrupt job", priority=True),
+        Binding("ctrl+c", "interrupt_job", "Interrupt", priority=True),
         Binding("ctrl+c", "leave", "Quit", show=False, priority=True),
     ]
 
     def __init__(self, feed: Feed, *, mode: str, job: JobControl | None = None,
-                 export: Callable[[], Path] | None = None) -> None:
+                 export: Callable[[], Path] | None = None, quit_ends_job: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: use one of {', '.join(MODES)}")
         if job is not None and mode != "run":
             raise ValueError(f"a job to control is only meaningful in mode='run', not mode={mode!r}")
+        if quit_ends_job and job is None:
+            raise ValueError("quit_ends_job=True needs the job to end (job=..., mode='run')")
         if feed.model.history is None:
             raise ValueError("the feed's SessionModel keeps no history (keep_history=False); "
                              "the TUI needs it for its charts: use SessionModel()")
@@ -237,11 +245,13 @@ class BsmonApp(App):
         self.mode = mode
         self.job = job
         self.export_csv = export
+        self.quit_ends_job = quit_ends_job
         self.paused = False
         self.series = RunSeries()  # the history as the charts see it
         self._numbers_key: tuple | None = None
         self._charts_key: tuple | None = None
         self._charts_due = 0.0  # time.monotonic() before which the charts are not redrawn
+        self._numbers: Numbers | None = None  # the last numbers drawn
 
     def compose(self) -> ComposeResult:
         yield JobHeader(id="header")
@@ -255,6 +265,9 @@ class BsmonApp(App):
                     yield OptimalPanel(id="optimal-panel", classes="panel")
                     yield GpuPanel(id="gpu-panel", classes="panel")
                     yield ScalarsPanel(id="scalars-panel", classes="panel")
+        with Horizontal(id="trends"):
+            yield Trend("rate", id="rate-trend", classes="trend")
+            yield Trend("B_simple", log=True, id="noise-trend", classes="trend")
         with Grid(id="charts"):
             yield ThroughputChart(id="throughput-chart", classes="chart primary")
             yield NoiseChart(id="noise-chart", classes="chart primary")
@@ -311,6 +324,7 @@ class BsmonApp(App):
         return True
 
     def _draw_numbers(self, numbers: Numbers, returncode: int | None) -> None:
+        self._numbers = numbers
         hello = numbers.hello or {}
         status, status_kind = job_status(self.mode, self.feed.state, numbers.bye, returncode)
         if not hello:
@@ -331,7 +345,8 @@ class BsmonApp(App):
         self.query_one(RanksPanel).show(numbers.stats)
         self.query_one(BatchPanel).show(numbers.stats)
         self.query_one(OptimalPanel).show(numbers.recommendation, numbers.stats.b_opt_reason, numbers.memory_limit,
-                                          numbers.stats.input_hint, fmt.data_parallel(numbers.stats))
+                                          numbers.stats.input_hint, fmt.data_parallel(numbers.stats),
+                                          branch_line(numbers.stats))
         self.query_one(BatchSizeChart).show(numbers.recommendation, numbers.stats.b_simple, numbers.points)
         self.query_one(GpuPanel).show(numbers.gpu, numbers.stats.gpu_hints, live=self._live(returncode, numbers.bye))
         self.query_one(ScalarsPanel).show(numbers.scalars)
@@ -378,17 +393,23 @@ class BsmonApp(App):
                                         steps["batch"])
         self.query_one(NoiseLossChart).show(mean_loss, b_at_loss)
         self.query_one(LossChart).show(loss["step"], mean_loss)
-        self.query_one(ThroughputPanel).show_history(rate)
-        self.query_one(BatchPanel).show_history(steps["b_simple"])
+        self.query_one("#rate-trend", Trend).show(rate, f"{unit_label(unit)}/s")
+        self.query_one("#noise-trend", Trend).show(steps["b_simple"])
 
     # -- actions -----------------------------------------------------------------------------------
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "detach":
-            return self.mode == "run"
+            return self.mode == "run" and not self.quit_ends_job
+        if action == "end_job":
+            return self.quit_ends_job
         if action == "interrupt_job":
             return self.job is not None
         if action == "leave":
-            return self.mode != "run"
+            if parameters == ("detach",):
+                return self.mode == "attach"
+            if parameters == ("quit",):
+                return self.mode == "replay"
+            return self.mode != "run"  # ctrl+c: leaves an attached or replayed session
         if action == "pause":
             return not self.paused
         if action == "resume":
@@ -401,7 +422,12 @@ class BsmonApp(App):
         """Leave the job running; the CLI says where its output goes."""
         self.exit()
 
-    def action_leave(self) -> None:
+    def action_end_job(self) -> None:
+        """bsmon's own job (the demo): interrupt it and quit; the CLI waits for it to end."""
+        self.job.interrupt()
+        self.exit()
+
+    def action_leave(self, how: str = "quit") -> None:
         self.exit()
 
     def action_pause(self) -> None:
@@ -417,9 +443,22 @@ class BsmonApp(App):
         if not paused:
             self.refresh_charts(force=True)
 
+    def action_branch(self) -> None:
+        if not isinstance(self.screen, BranchScreen):
+            checks, calibration = self.feed.read(lambda model: (list(model.branch_checks),
+                                                                model.stats().b_noise_calibration))
+            self.push_screen(BranchScreen(checks, calibration))
+
+    def action_why(self) -> None:
+        if isinstance(self.screen, WhyScreen) or self._numbers is None:
+            return
+        rec, stats = self._numbers.recommendation, self._numbers.stats
+        self.push_screen(WhyScreen(why_text(rec.reason if rec else stats.b_opt_reason,
+                                            rec.lr_advice if rec else None, self._numbers.memory_limit)))
+
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
-            self.push_screen(HelpScreen(self.mode, self.output_log))
+            self.push_screen(HelpScreen(self.mode, self.output_log, self.quit_ends_job))
 
     @property
     def output_log(self) -> Path | None:

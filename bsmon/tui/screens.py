@@ -1,4 +1,4 @@
-"""The help screen: the keys, and what the numbers mean (and do not mean)."""
+"""The help screen (the keys, what the numbers mean and do not mean) and the optimal batch's why view."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from textual.containers import VerticalScroll
 from textual.markup import escape
 from textual.screen import ModalScreen
 from textual.widgets import Static
+
+from bsmon.stats.branch import CALIBRATION_HALF_LIFE, TOLERANCE_RATIO, BranchCheck
 
 NUMBERS_HELP = """\
 [b]What the numbers mean[/b]
@@ -32,35 +34,148 @@ it fall.
 """
 
 
-def keys_help(mode: str, output_log: Path | None) -> str:
+def keys_help(mode: str, output_log: Path | None, quit_ends_job: bool = False) -> str:
     where = escape(str(output_log)) if output_log else "the session's output.log"
-    quit_line = (f"[b]q[/b]       detach: the job keeps running and is still recorded; its output goes to {where}"
-                 if mode == "run" else "[b]q[/b]       quit")
+    if quit_ends_job:
+        quit_line = "[b]q[/b]       quit and end the demo (bsmon's own job)"
+    elif mode == "run":
+        quit_line = f"[b]q[/b]       detach: the job keeps running and is still recorded; its output goes to {where}"
+    elif mode == "attach":
+        quit_line = "[b]q[/b]       detach: the job keeps running"
+    else:
+        quit_line = "[b]q[/b]       quit"
     ctrl_c = ("[b]ctrl+c[/b]  send SIGINT to the job; this view stays open to show how it ends"
               if mode == "run" else "[b]ctrl+c[/b]  quit")
     return "\n".join([
         "[b]Keys[/b]", quit_line, ctrl_c,
         "[b]e[/b]       export the session as CSV (one row per step)",
         "[b]p[/b]       pause or resume redrawing; data keeps arriving",
+        "[b]b[/b]       the branch checks: critical batch measured by bsmon.branch_check, per branch",
+        "[b]w[/b]       why this batch size: the optimal-batch panel's full explanation",
         "[b]?[/b]       this help; esc closes it",
     ])
+
+
+def why_text(reason: str | None, lr_advice: str | None, memory: str | None) -> str:
+    """The optimal-batch panel's full explanation, for the w view."""
+    parts = ["[b]Why this batch size[/b]", escape(reason or "no recommendation yet")]
+    if lr_advice:
+        parts += ["", "[b]Learning rate[/b]", escape(lr_advice)]
+    if memory:
+        parts += ["", "[b]Memory[/b]", escape(memory)]
+    return "\n".join(parts)
+
+
+class WhyScreen(ModalScreen[None]):
+    """The full reason behind the optimal batch size (the panel keeps one line of it)."""
+
+    BINDINGS = [Binding("escape,w,q", "close", "Close")]
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self._text = text
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="help"):
+            yield Static(self._text, id="why-text")
+
+    def on_mount(self) -> None:
+        self.query_one("#help").border_title = "optimal batch size: why (esc closes)"
+
+    def action_close(self) -> None:
+        self.dismiss()
 
 
 class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,question_mark,q", "close", "Close")]
 
-    def __init__(self, mode: str, output_log: Path | None) -> None:
+    def __init__(self, mode: str, output_log: Path | None, quit_ends_job: bool = False) -> None:
         super().__init__()
         self._mode = mode
         self._output_log = output_log
+        self._quit_ends_job = quit_ends_job
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="help"):
-            yield Static(keys_help(self._mode, self._output_log), id="help-keys")
+            yield Static(keys_help(self._mode, self._output_log, self._quit_ends_job), id="help-keys")
             yield Static(NUMBERS_HELP, id="help-numbers")
 
     def on_mount(self) -> None:
         self.query_one("#help").border_title = "bsmon help"
+
+    def action_close(self) -> None:
+        self.dismiss()
+
+
+BRANCH_HELP = f"""\
+[b]How it is measured[/b] (bsmon.branch_check, docs/branch-check.md)
+From one snapshot, branches at the job's batch B and at larger batches b train on the same samples N, \
+each at its best of a few learning rates; then the exact state is restored. [b]E/E_base[/b]: samples the \
+base branch needed to reach the loss branch b reached on N, divided into N (MKA's E(b)/E(B)); \
+[b]S/S_base[/b] the same for steps. A branch is within tolerance while E/E_base <= {TOLERANCE_RATIO:g} \
+(its loss no worse than the base's at N/{TOLERANCE_RATIO:g}). Under MKA's model E/E_base = (b + B_crit)/(B + B_crit), \
+so that crossing lies at B_crit + 2B: the measured critical batch is the crossing minus 2B. \
+The interval is a bootstrap over the evaluation (held-out items, or repeated evaluations); it does not \
+cover the branches' own data-order noise.
+[b]Calibration[/b] (opt-in, branch_check(..., calibrate=True)): the advice uses B_noise = B_simple/r, \
+r = (B_simple/B_crit measured)^w, w halving every {CALIBRATION_HALF_LIFE:g}x the samples trained before the check.
+"""
+
+
+def branch_details(checks: list[BranchCheck], calibration: float | None) -> str:
+    """Every branch check of the session, newest first, with its branches."""
+    if not checks:
+        return ("No branch check in this session. Call bsmon.branch_check(step_fn, eval_fn) in the job to "
+                "measure the critical batch directly.")
+    parts = []
+    for check in reversed(checks):
+        head = f"[b]step {check.step:,}[/b] (after {check.samples_seen:,} samples), base batch {check.base_batch:,}, " \
+               f"{check.samples:,} samples per branch: "
+        if check.b_crit is not None:
+            head += f"measured critical batch [b]{check.b_crit:,.0f}[/b]"
+            if check.b_crit_low is not None and check.b_crit_high is not None:
+                head += escape(f" [{check.b_crit_low:,.0f}, {check.b_crit_high:,.0f}]") + \
+                        f" ({check.confidence:.0%}, {escape(check.interval or '')})"
+        else:
+            head += escape(check.reason or "no number")
+        if check.b_simple is not None:
+            head += f"; B_simple then {check.b_simple:,.0f}"
+            if check.ratio is not None:
+                head += f", ratio {check.ratio:.2f}"
+        head += (f"\ncost {check.cost_samples:,} samples, {check.cost_steps:,} steps, {check.cost_evals:,} "
+                 f"evaluations, {check.cost_s:.1f} s; calibrates the advice: {'yes' if check.calibrate else 'no'}")
+        if check.tolerance_loss is not None:
+            head += f"; tolerance {check.tolerance_loss:.4g} (loss units)"
+        rows = [f"{'batch':>9} {'steps':>6} {'best lr':>9} {'loss':>10} {'E/E_base':>9} {'S/S_base':>9}   losses at each lr"]
+        for run in check.branches:
+            ratio = "base" if run.samples_ratio is None else f"{run.samples_ratio:.2f}"
+            steps = "" if run.steps_ratio is None else f"{run.steps_ratio:.3f}"
+            losses = ", ".join(f"{lr:.3g}: {loss:.4g}" for lr, loss in zip(run.lrs, run.losses))
+            lr = f"{run.lr:.3g}" + ("*" if run.lr_at_edge else "")
+            rows.append(f"{run.batch_size:>9,} {run.steps:>6,} {lr:>9} {run.loss:>10.5g} {ratio:>9} "
+                        f"{steps:>9}   {escape(losses)}")
+        if any(run.lr_at_edge for run in check.branches):
+            rows.append("* best rate at the edge of those tried: the optimum may lie beyond (widen lrs=)")
+        parts.append(head + "\n" + "\n".join(rows))
+    if calibration is not None:
+        parts.insert(0, f"[b]The advice is calibrated now:[/b] B_noise = B_simple/{calibration:.3g}.")
+    return "\n\n".join(parts)
+
+
+class BranchScreen(ModalScreen[None]):
+    BINDINGS = [Binding("escape,b,q", "close", "Close")]
+
+    def __init__(self, checks: list[BranchCheck], calibration: float | None) -> None:
+        super().__init__()
+        self._text = branch_details(checks, calibration)
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="branch"):
+            yield Static(self._text, id="branch-checks")
+            yield Static(BRANCH_HELP, id="branch-help")
+
+    def on_mount(self) -> None:
+        self.query_one("#branch").border_title = "Branch checks"
 
     def action_close(self) -> None:
         self.dismiss()

@@ -8,6 +8,7 @@ means (the batch regime, the status) lives next to the panel that shows it.
 
 from __future__ import annotations
 
+import math
 import shlex
 import signal
 import textwrap
@@ -171,6 +172,16 @@ class FitLine(Widget):
         return fit(self._text, self.content_size.width)
 
 
+def fits(text: str, width: int) -> bool:
+    """True when ``text`` (markup) takes one line of ``width`` cells (or the width is not known yet)."""
+    return not width or Content.from_markup(text).cell_length <= width
+
+
+def first_fitting(width: int, *forms: str | None) -> str | None:
+    """The first of ``forms`` (longest first) that fits one line of ``width``, else the last."""
+    return next((form for form in forms[:-1] if form is None or fits(form, width)), forms[-1])
+
+
 def fit(text: str, width: int) -> str:
     """``text`` on one line of ``width`` cells, cut at a word boundary with '…' when too long."""
     text = " ".join(text.split())
@@ -186,17 +197,49 @@ def show_sparkline(sparkline: Sparkline, values: np.ndarray) -> None:
     sparkline.parent.set_class(len(data) < 2, "-empty")  # a class, so the layout's CSS can hide it too
 
 
+class Trend(Vertical):
+    """A sparkline that fills the rows it is given, its range in its title: the bottom strip of a
+    short screen (80x24), where charts do not fit but rows would otherwise stay empty."""
+
+    def __init__(self, name: str, log: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._name = name
+        self._log = log
+        self.border_title = f"{name}: waiting for data"
+
+    def compose(self) -> ComposeResult:
+        yield Sparkline([], classes="trend-spark")
+
+    def show(self, values: np.ndarray, name: str | None = None) -> None:
+        """The finite (on a log scale: positive) values; the title gives their range.
+
+        A log scale, because B_simple grows tenfold and more over a run and one early spike
+        would flatten everything after it.
+        """
+        values = values[np.isfinite(values) & ((values > 0) if self._log else True)]
+        with np.errstate(divide="ignore"):
+            self.query_one(Sparkline).data = (np.log10(values) if self._log else values).tolist()
+        self._name = name or self._name
+        scale = " (log)" if self._log else ""
+        self.border_title = (f"{self._name}{scale}: {fmt.si(values.min())} to {fmt.si(values.max())}"
+                             if values.size > 1 else f"{self._name}: waiting for data")
+
+
 # -- throughput ------------------------------------------------------------------------------------
+
+def flops_text(stats: Stats) -> str:
+    """'12.3T FLOP/s, MFU 38.2% of 1 x H100/H200 SXM bf16 peak', or what is not known and why."""
+    if stats.flops_per_s is None:
+        return escape(f"FLOP/s N/A: {stats.flops_reason}")
+    text = f"[b]{fmt.si(stats.flops_per_s)}[/b] FLOP/s, "
+    if stats.mfu is None:
+        return text + escape(f"MFU N/A ({stats.mfu_reason})")
+    return text + f"MFU [b]{stats.mfu:.1%}[/b] of {escape(stats.peak_name)}"
+
 
 class ThroughputPanel(Lines):
     TITLE = "Throughput"
     LINE_STYLES = {"dropped": "$text-error b", "recording_error": "$text-error b", "seen": "dim"}
-
-    def compose(self) -> ComposeResult:
-        yield from super().compose()
-        with Horizontal(classes="spark -empty"):
-            yield Static("rate ", classes="spark-label")
-            yield Sparkline([], id="rate-spark")
 
     def show(self, stats: Stats) -> None:
         unit = unit_label(stats.unit)
@@ -205,14 +248,12 @@ class ThroughputPanel(Lines):
                   else f"{unit}/s: waiting for the first step"),
             step_time=None if stats.step_time_p50_s is None else
             f"step time {fmt.duration(stats.step_time_p50_s)} p50, {fmt.duration(stats.step_time_p95_s)} p95",
+            flops=flops_text(stats) if stats.step else None,
             seen=f"{fmt.si(stats.samples_seen)} {unit} in {stats.step:,} steps" if stats.step else None,
             dropped=f"{stats.dropped:,} records dropped: the job outran its buffer; counts and charts miss "
                     "those steps" if stats.dropped else None,
             recording_error=escape(stats.recording_error) if stats.recording_error else None,
         )
-
-    def show_history(self, rates: np.ndarray) -> None:
-        show_sparkline(self.query_one("#rate-spark", Sparkline), rates)
 
 
 # -- ranks of a multi-process job -------------------------------------------------------------------
@@ -266,34 +307,37 @@ class RanksPanel(Lines):
 # -- batch size and noise scale --------------------------------------------------------------------
 
 def noise_value(noise: Stats | NoiseScale) -> str:
-    """'94.3 [49.4, 194]' with the band, or the value alone while there is no band yet."""
-    if noise.b_simple_low is None or noise.b_simple_high is None:
-        return f"{fmt.si(noise.b_simple)} (no band yet)"
+    """'94.3 [49.4, 194]': a value always has its band (without one there is no value)."""
     return fmt.band(noise.b_simple, noise.b_simple_low, noise.b_simple_high)
 
 
-def regime(batch: float, b_simple: float) -> str:
-    """What B/B_simple means for this run, in one sentence."""
+#: regime(): (full advice, the few words a narrow panel has room for) below, near and above B_simple.
+REGIME_ADVICE = (("larger batches are nearly free statistically", "larger batch ~free"),
+                 ("near the critical batch; each extra sample now buys less progress", "near critical batch"),
+                 ("most extra samples are wasted; a smaller batch learns more per sample", "most samples wasted"))
+
+
+def regime(batch: float, b_simple: float, short: bool = False) -> str:
+    """What B/B_simple means for this run, in one sentence (``short``: in a few words)."""
     ratio = batch / b_simple
-    if ratio < REGIME_LOW:
-        advice = "larger batches are nearly free statistically"
-    elif ratio <= REGIME_HIGH:
-        advice = "near the critical batch; each extra sample now buys less progress"
-    else:
-        advice = "most extra samples are wasted; a smaller batch learns more per sample"
-    return f"batch is {ratio:.2g}x the noise scale: {advice}"
+    full, brief = REGIME_ADVICE[0 if ratio < REGIME_LOW else 1 if ratio <= REGIME_HIGH else 2]
+    return f"{ratio:.2g}x B_simple: {brief}" if short else f"batch is {ratio:.2g}x the noise scale: {full}"
 
 
-def noise_source(stats: Stats) -> str | None:
+def noise_source(stats: Stats, short: bool = False) -> str | None:
     """'microbatch estimator, 100% of parameters, 400 steps, |G|²<0 in 12'; the coverage alone
-    when per-example norms were refused for covering part of the model."""
+    when per-example norms were refused for covering part of the model. ``short``: 'microbatch,
+    400 steps, |G|²<0 in 12' (the coverage only when partial)."""
     fraction = stats.noise_covered_fraction
+    partial = fraction is not None and fraction < 1
     if stats.noise_estimator is None:
-        return f"per-example norms cover {fraction:.0%} of parameters" if fraction is not None and fraction < 1 else None
-    parts = [f"{stats.noise_estimator} estimator"]
-    if stats.noise_covered_fraction is not None:
-        parts.append(f"{stats.noise_covered_fraction:.0%} of parameters")
+        return f"per-example norms cover {fraction:.0%} of parameters" if partial else None
+    parts = [stats.noise_estimator if short else f"{stats.noise_estimator} estimator"]
+    if fraction is not None and (partial or not short):
+        parts.append(f"{fraction:.0%} of params" if short else f"{fraction:.0%} of parameters")
     parts.append(f"{stats.noise_steps:,} steps")
+    if stats.noise_age_steps is not None:
+        parts.append(fmt.measured_ago(stats.noise_age_steps))
     if stats.negative_grad_sq_steps:
         parts.append(f"|G|²<0 in {stats.negative_grad_sq_steps:,}")
     return ", ".join(parts)
@@ -302,13 +346,7 @@ def noise_source(stats: Stats) -> str | None:
 class BatchPanel(Lines):
     TITLE = "Batch size & noise scale"
     LINE_STYLES = {"source": "dim", "weak": "$text-warning", "reason": "$text-warning",
-                   "regime": "dim"}
-
-    def compose(self) -> ComposeResult:
-        yield from super().compose()
-        with Horizontal(classes="spark -empty"):
-            yield Static("B_simple ", classes="spark-label")
-            yield Sparkline([], id="noise-spark")
+                   "stale": "$text-warning", "steps": "$text-warning", "regime": "dim"}
 
     def show(self, stats: Stats) -> None:
         unit = unit_label(stats.unit)
@@ -321,38 +359,76 @@ class BatchPanel(Lines):
                 batch += ", 1 micro-batch"
         has_value = stats.b_simple is not None
         known = stats.efficiency is not None  # the model sets it only with a batch size and B_simple > 0
+        width = self.query_one(".lines").content_size.width  # narrow (80x24): the short forms, no wrapping
+        efficiency = f"efficiency {stats.efficiency:.0%} per sample at B={fmt.si(stats.batch_size)}" if known else ""
+        measuring = not has_value and (stats.noise_reason or "").startswith("measuring:")
         self.show_lines(
             batch=batch,
-            b_simple=f"B_simple [b]{noise_value(stats)}[/b]" if has_value else "B_simple: no estimate",
-            source=noise_source(stats),
+            b_simple=(f"B_simple [b]{noise_value(stats)}[/b]" if has_value
+                      else f"B_simple: {escape(stats.noise_reason.split(',')[0])}" if measuring
+                      else "B_simple: no estimate"),
+            source=first_fitting(width, noise_source(stats), noise_source(stats, short=True)),
+            stale=first_fitting(
+                width, f"stale: no measured step for {stats.noise_age_steps:,} steps; the estimator stopped measuring",
+                f"stale: not measured for {stats.noise_age_steps:,} steps") if stats.noise_stale else None,
+            steps="; ".join(filter(None, (
+                f"{stats.skipped_steps:,} skipped step{'s' if stats.skipped_steps != 1 else ''} (no optimizer.step())" if stats.skipped_steps else None,
+                escape(stats.step_problem) if stats.step_problem and has_value else None))) or None,
             weak="B_big << B_simple: estimate noisy" if stats.noise_weak else None,
-            reason=escape(stats.noise_reason) if not has_value and stats.noise_reason else None,
-            efficiency=f"efficiency {stats.efficiency:.0%} per sample at B={fmt.si(stats.batch_size)}, "
-                       "1/(1+B/B_simple)" if known else None,
-            regime=regime(stats.batch_size, stats.b_simple) if known else None,
+            reason=escape(stats.noise_reason) if not has_value and not measuring and stats.noise_reason else None,
+            efficiency=first_fitting(width, f"{efficiency}, 1/(1+B/B_simple)", efficiency) if known else None,
+            regime=first_fitting(width, regime(stats.batch_size, stats.b_simple),
+                                 regime(stats.batch_size, stats.b_simple, short=True)) if known else None,
             groups="\n".join(
                 f"{escape(label)}: {noise_value(noise) if noise.b_simple is not None else 'no estimate'}"
                 for label, noise in stats.noise_groups),
         )
 
-    def show_history(self, b_simple: np.ndarray) -> None:
-        show_sparkline(self.query_one("#noise-spark", Sparkline), b_simple)
+
+#: The panel's one line of why; the full reason (the fit, the band, the objective) is behind w.
+OPTIMAL_GIST = "most progress per second (w: why)"
+
+
+def branch_line(stats: Stats) -> str | None:
+    """The latest branch check in one line: measured critical batch, B_simple, ratio, cost, calibration."""
+    check = stats.branch_check
+    if check is None:
+        return None
+    if check.b_crit is None:
+        low = f"> {check.b_crit_low:,.0f}" if check.censored == "above" and check.b_crit_low else "below the batch"
+        text = f"measured critical batch now: {low}"
+    else:
+        text = f"measured critical batch now: [b]{check.b_crit:,.0f}[/b]"
+        if check.b_crit_low is not None and check.b_crit_high is not None:
+            text += escape(f" [{check.b_crit_low:,.0f}-{fmt.si(check.b_crit_high)}]")
+    if check.b_simple is not None:
+        text += f" (B_simple: {check.b_simple:,.0f}"
+        text += f", ratio {check.ratio:.2f})" if check.ratio is not None else ")"
+    text += f", step {check.step:,}, cost {fmt.si(check.cost_samples)} samples {check.cost_s:.1f} s"
+    if stats.b_noise_calibration is not None:
+        text += f"; advice calibrated: B_noise = B_simple/{stats.b_noise_calibration:.3g}"
+    return text + " (b: details)"
 
 
 class OptimalPanel(Lines):
+    """The recommended batch: its numbers and one line of why; the full reason is behind w."""
+
     TITLE = "Optimal batch size"
-    LINE_STYLES = {"input": "$text-warning"}
+    LINE_STYLES = {"input": "$text-warning", "why": "dim"}
 
     def show(self, recommendation: Recommendation | None, reason: str | None, memory: str | None = None,
-             input_hint: str | None = None, ranks: int = 1) -> None:
+             input_hint: str | None = None, ranks: int = 1, branch: str | None = None) -> None:
         """The recommendation, or why there is none yet (``reason``, from the model), the memory limit,
-        whether the job waits for its input (``input_hint``), and the data-parallel size (``ranks``)."""
+        whether the job waits for its input (``input_hint``), the data-parallel size (``ranks``), and the
+        latest branch check (``branch``, from branch_line)."""
         memory = escape(memory) if memory else None
         input_hint = escape(input_hint) if input_hint else None
         if recommendation is None:
-            self.show_lines(optimal=escape(reason or "no recommendation yet"), memory=memory, input=input_hint)
+            self.show_lines(optimal=escape(reason or "no recommendation yet"), memory=memory, input=input_hint,
+                            branch=branch)
             return
         r = recommendation
+        width = self.query_one(".lines").content_size.width
         optimal = f"B* [b]{r.batch_size:,}[/b]"
         if r.current_batch is not None:
             optimal += f" (now {r.current_batch:,})"
@@ -365,13 +441,13 @@ class OptimalPanel(Lines):
         if r.speedup is not None and r.current_batch is not None:
             speedup = f"predicted speedup [b]{r.speedup:.2f}x[/b]"
             if r.speedup_low is not None and r.speedup_high is not None:
-                speedup += f" [{r.speedup_low:.2f}, {r.speedup_high:.2f}] over the B_simple band"
+                speedup += f" [{r.speedup_low:.2f}, {r.speedup_high:.2f}]"
+                speedup = first_fitting(width, f"{speedup} over the B_simple band", speedup)
         lr = None
         if r.lr_factor_sgd is not None and r.batch_size != r.current_batch:
             lr = f"lr: SGD x{r.lr_factor_sgd:.3g}, Adam x{r.lr_factor_adam:.3g}"
-        roomy = not self.screen.has_class("-short")  # at 80x24 the reason would push the GPU panel away
-        self.show_lines(optimal=optimal, speedup=speedup, lr=lr, memory=memory, input=input_hint,
-                        why=escape(r.reason) if roomy else None)
+        self.show_lines(optimal=optimal, speedup=speedup, lr=lr, memory=memory, input=input_hint, branch=branch,
+                        why=escape(fit(OPTIMAL_GIST, width)))
 
 
 # -- GPUs --------------------------------------------------------------------------------------------
@@ -464,12 +540,22 @@ class EventsLog(Widget):
 
 # -- charts ----------------------------------------------------------------------------------------
 
+#: Axis tick density: one y tick per this many rows, one x tick per this many columns (at most).
+ROWS_PER_Y_TICK, COLUMNS_PER_X_TICK = 3, 10
+#: B_simple chart: band edges further than this factor beyond the estimates and batch sizes are
+#: clipped to the chart's edge and drawn open (▲ ▼); so is an infinite edge. One early band edge
+#: (a few steps' |G|² near 0) would otherwise stretch the axis to millions.
+BAND_CLIP_FACTOR = 3.0
+OPEN_TOP, OPEN_BOTTOM = "▲", "▼"
+
+
 class Chart(PlotextPlot):
     """A plotext chart of the data last given to ``show``, or ``waiting`` in plain words until then.
 
     Plotting happens in ``render``, from the stored data, because plotext's build rescales its
     data in place (a second build of a log-scale plot would take the log twice). ``render_cost_s``
     is how long the last render took, so the app can slow chart redraws down on a big terminal.
+    Axes get round 1-2-5 ticks with SI labels (:meth:`axes`), never plotext's own (106294.5).
     """
 
     def __init__(self, title: str, waiting: str, **kwargs: Any) -> None:
@@ -491,7 +577,7 @@ class Chart(PlotextPlot):
             self.render_cost_s = time.perf_counter() - start
 
     def draw(self, *data: Any) -> None:
-        """Plot ``data`` (what ``show`` stored) on the cleared ``self.plt``."""
+        """Plot ``data`` (what ``show`` stored) on the cleared ``self.plt``, and set its :meth:`axes`."""
         raise NotImplementedError
 
     def trace(self, xs: list, ys: list, **style: Any) -> None:
@@ -499,6 +585,22 @@ class Chart(PlotextPlot):
         (two per cell), where they look the same and plotext builds them in half the time."""
         dense = len(xs) >= 2 * self.size.width
         (self.plt.scatter if dense else self.plt.plot)(xs, ys, marker="braille", **style)
+
+    def axes(self, x: tuple[float, float], y: tuple[float, float], *, log_x: bool = False,
+             log_y: bool = False) -> None:
+        """Scale, limits and round ticks of both axes over the ranges ``x`` and ``y``."""
+        plt = self.plt
+        for axis, (low, high), log, count in (
+                ("x", x, log_x, self.size.width // COLUMNS_PER_X_TICK),
+                ("y", y, log_y, self.size.height // ROWS_PER_Y_TICK)):
+            log = log and low > 0
+            if high <= low:  # one value: a range around it, so it gets a tick
+                low, high = (low / 2, low * 2) if log else (low - abs(low) / 2 - 1, high + abs(high) / 2 + 1)
+            values = (fmt.log_ticks if log else fmt.ticks)(low, high, max(2, min(count, 8)))
+            getattr(plt, f"{axis}scale")("log" if log else "linear")
+            # plotext takes the log of data and ticks, but not of the limits
+            getattr(plt, f"{axis}lim")(*((math.log10(low), math.log10(high)) if log else (low, high)))
+            getattr(plt, f"{axis}ticks")(values, [fmt.tick_label(v) for v in values])
 
     def _store(self, data: tuple | None) -> None:
         """Keep what ``draw`` needs, or None for the waiting message, and redraw."""
@@ -511,16 +613,16 @@ def _finite(*columns: np.ndarray) -> tuple[np.ndarray, ...]:
     return tuple(c[keep] for c in columns)
 
 
-def _y_scale(plt: Any, *ys: np.ndarray) -> bool:
-    """A log y axis when the positive values span more than 20x; True if it chose log."""
-    log = _spread(*ys)
-    plt.yscale("log" if log else "linear")
-    return log
-
-
 def _spread(*values: np.ndarray) -> bool:
+    """True when the positive values span more than 20x: then a log axis reads better."""
     positive = np.concatenate([v[v > 0] for v in values])
     return positive.size > 1 and positive.max() > 20 * positive.min()
+
+
+def _range(*values: np.ndarray, log: bool = False) -> tuple[float, float]:
+    """(min, max) of the values (the positive ones on a log axis)."""
+    joined = np.concatenate([v[v > 0] if log else v for v in values])
+    return float(joined.min()), float(joined.max())
 
 
 def _points(xs: np.ndarray, ys: np.ndarray, log_y: bool, log_x: bool = False) -> tuple[list, list]:
@@ -549,12 +651,25 @@ class ThroughputChart(Chart):
         self._store((elapsed_s, rate, unit) if elapsed_s.size > 1 else None)
 
     def draw(self, elapsed_s: np.ndarray, rate: np.ndarray, unit: str) -> None:
-        plt = self.plt
-        plt.yscale("linear")
-        scale = _time_axis(plt, elapsed_s)
-        self.trace((elapsed_s / scale).tolist(), rate.tolist(), color="cyan")
-        plt.ylim(0, float(rate.max()) * 1.1)  # from zero, so jitter does not look like a collapse
-        plt.ylabel(f"{unit_label(unit)}/s")
+        x = elapsed_s / _time_axis(self.plt, elapsed_s)
+        self.trace(x.tolist(), rate.tolist(), color="cyan")
+        # From zero, so jitter does not look like a collapse.
+        self.axes((float(x.min()), float(x.max())), (0.0, float(rate.max()) * 1.1))
+        self.plt.ylabel(f"{unit_label(unit)}/s")
+
+
+def band_range(b_simple: np.ndarray, batch: np.ndarray) -> tuple[float, float]:
+    """The B_simple chart's y range: the estimates and batch sizes, widened by BAND_CLIP_FACTOR."""
+    low, high = _range(b_simple[np.isfinite(b_simple)], batch[np.isfinite(batch)], log=True)
+    return low / BAND_CLIP_FACTOR, high * BAND_CLIP_FACTOR
+
+
+def clip_band(edge: np.ndarray, low: float, high: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(inside, open above, open below) masks of a band edge against the plotted range; an
+    infinite upper edge (|G|² not yet clearly above 0) is open above."""
+    above = edge > high  # +inf too; NaN (no band) is in none of the three
+    below = edge < low
+    return np.isfinite(edge) & ~above & ~below, above, below
 
 
 class NoiseChart(Chart):
@@ -563,21 +678,35 @@ class NoiseChart(Chart):
 
     def show(self, step: np.ndarray, b_simple: np.ndarray, low: np.ndarray, high: np.ndarray,
              batch: np.ndarray) -> None:
-        series = [_finite(step, values) for values in (b_simple, low, high, batch)]
-        self._store(tuple(series) if series[0][0].size > 1 else None)
+        """Per bin: the step, B_simple, its band (NaN: none; +inf: open) and the batch size."""
+        known = np.isfinite(b_simple)
+        self._store((step, b_simple, low, high, batch) if known.sum() > 1 else None)
 
-    def draw(self, *series: tuple[np.ndarray, np.ndarray]) -> None:
+    def draw(self, step: np.ndarray, b_simple: np.ndarray, low: np.ndarray, high: np.ndarray,
+             batch: np.ndarray) -> None:
         plt = self.plt
-        log = _y_scale(plt, *(ys for _, ys in series))
-        (b_x, b_y), low, high, batch = series
-        band_low, band_high = _points(*low, log), _points(*high, log)
-        if band_low[0]:  # plotext cannot draw a labelled series without points
-            plt.scatter(*band_low, marker="braille", color="gray", label="95% band")
-            plt.scatter(*band_high, marker="braille", color="gray")
-        self.trace(*_points(b_x, b_y, log), color="magenta", label="B_simple")
-        batch_points = _points(*batch, log)
-        if batch_points[0]:
-            self.trace(*batch_points, color="green", label="batch")
+        bottom, top = band_range(b_simple, batch)
+        log = top > 20 * bottom
+        band_x, band_y, open_top, open_bottom = [], [], [], []
+        for edge in (low, high):
+            inside, above, below = clip_band(edge, bottom, top)
+            band_x += step[inside].tolist()
+            band_y += edge[inside].tolist()
+            open_top += step[above].tolist()
+            open_bottom += step[below].tolist()
+        if band_x:
+            plt.scatter(band_x, band_y, marker="braille", color="gray", label="95% band")
+        label = "band open beyond"
+        for steps, edge_y, marker in ((open_top, top, OPEN_TOP), (open_bottom, bottom, OPEN_BOTTOM)):
+            if steps:
+                plt.scatter(steps, [edge_y] * len(steps), marker=marker, color="gray", label=label)
+                label = None
+        shown = np.isfinite(b_simple) & (b_simple > 0)
+        self.trace(step[shown].tolist(), b_simple[shown].tolist(), color="magenta", label="B_simple")
+        batch_shown = np.isfinite(batch) & (batch > 0)
+        if batch_shown.any():
+            self.trace(step[batch_shown].tolist(), batch[batch_shown].tolist(), color="green", label="batch")
+        self.axes((float(step.min()), float(step.max())), (bottom, top), log_y=log)
         plt.xlabel("step")
 
 
@@ -590,10 +719,10 @@ class NoiseLossChart(Chart):
         self._store((loss, b_simple) if loss.size > 1 else None)
 
     def draw(self, loss: np.ndarray, b_simple: np.ndarray) -> None:
-        log_y = _y_scale(self.plt, b_simple)
-        log_x = _spread(loss)
-        self.plt.xscale("log" if log_x else "linear")
-        self.plt.scatter(*_points(loss, b_simple, log_y, log_x), marker="braille", color="magenta")
+        log_y, log_x = _spread(b_simple), _spread(loss)
+        xs, ys = _points(loss, b_simple, log_y, log_x)
+        self.plt.scatter(xs, ys, marker="braille", color="magenta")
+        self.axes((min(xs), max(xs)), (min(ys), max(ys)), log_x=log_x, log_y=log_y)
         self.plt.xlabel("loss (training moves left)")
 
 
@@ -606,8 +735,10 @@ class LossChart(Chart):
         self._store((step, loss) if step.size > 1 else None)
 
     def draw(self, step: np.ndarray, loss: np.ndarray) -> None:
-        log = _y_scale(self.plt, loss)
-        self.trace(*_points(step, loss, log), color="yellow")
+        log = _spread(loss)
+        xs, ys = _points(step, loss, log)
+        self.trace(xs, ys, color="yellow")
+        self.axes((min(xs), max(xs)), (min(ys), max(ys)), log_y=log)
         self.plt.xlabel("step")
 
 
@@ -622,12 +753,11 @@ class GpuChart(Chart):
         self._store((lines,) if lines else None)
 
     def draw(self, lines: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
-        plt = self.plt
-        plt.yscale("linear")
-        scale = _time_axis(plt, np.concatenate([elapsed for elapsed, _ in lines.values()]))
-        for label, (elapsed, values) in lines.items():
-            self.trace((elapsed / scale).tolist(), values.tolist(), label=label)
-        plt.ylim(0, 100)
+        elapsed = np.concatenate([elapsed for elapsed, _ in lines.values()])
+        scale = _time_axis(self.plt, elapsed)
+        for label, (times, values) in lines.items():
+            self.trace((times / scale).tolist(), values.tolist(), label=label)
+        self.axes((float(elapsed.min()) / scale, float(elapsed.max()) / scale), (0.0, 100.0))
 
 
 class BatchSizeChart(Chart):
@@ -661,8 +791,6 @@ class BatchSizeChart(Chart):
 
     def draw(self, sizes, throughput, efficiency, goodput, measured, measured_rates, current, optimal) -> None:
         plt = self.plt
-        plt.xscale("log")
-        plt.yscale("linear")
         plt.plot(sizes.tolist(), throughput.tolist(), marker="braille", color="cyan", label="throughput")
         plt.plot(sizes.tolist(), efficiency.tolist(), marker="braille", color="yellow", label="efficiency")
         plt.plot(sizes.tolist(), goodput.tolist(), marker="braille", color="green", label="goodput")
@@ -670,6 +798,6 @@ class BatchSizeChart(Chart):
         if current:
             plt.vline(current, "gray")
         plt.vline(optimal, "green")
-        plt.ylim(0, 1.05)
+        self.axes((float(sizes.min()), float(sizes.max())), (0.0, 1.05), log_x=True)
         plt.xlabel(f"batch size (log); grey: now {current:,}, green: B* {optimal:,}" if current
                    else f"batch size (log); green: B* {optimal:,}")

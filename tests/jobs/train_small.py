@@ -17,13 +17,14 @@ parser.add_argument("--sleep", type=float, default=0.0, help="seconds to sleep p
 parser.add_argument("--exit-code", type=int, default=0)
 parser.add_argument("--no-watch", action="store_true")
 parser.add_argument("--ready-file", help="touched after the first step")
+parser.add_argument("--name", help="passed to bsmon.watch(name=)")
 args = parser.parse_args()
 
 torch.manual_seed(0)
 torch.set_num_threads(1)
 model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
 optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-monitor = None if args.no_watch else bsmon.watch(model, optimizer)
+monitor = None if args.no_watch else bsmon.watch(model, optimizer, name=args.name)
 x = torch.randn(512, 8)
 y = x @ torch.randn(8, 1) + 0.1 * torch.randn(512, 1)
 for step in range(args.steps):
