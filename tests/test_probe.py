@@ -51,6 +51,26 @@ def test_steps_samples_and_micro_batches_are_counted():
     assert stats.noise_estimator == "microbatch" and stats.dropped == 0
 
 
+def test_an_optimizer_subclass_calling_super_step_is_one_step_with_its_phases():
+    """torch runs the step hooks around each patched ``step`` in the class hierarchy: once SGD itself
+    has been instantiated (here, or anywhere earlier in the process), a subclass whose step() calls
+    super().step() fires them twice, nested. That is still one optimizer step."""
+    class ClippedSGD(torch.optim.SGD):
+        def step(self, closure=None):
+            torch.nn.utils.clip_grad_norm_([p for g in self.param_groups for p in g["params"]], 1.0)
+            return super().step(closure)
+
+    torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1)  # SGD.step patched with the hook runner
+    model = _setup()[0]
+    optimizer = ClippedSGD(model.parameters(), lr=0.01)
+    with bsmon.watch(model, optimizer) as monitor:
+        _train(model, optimizer, monitor, steps=4, accumulate=2, micro=8)
+    steps = [r for r in _records(monitor) if r["k"] == "step"]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4]
+    assert all(s["n"] == 16 and s["mb"] == 2 for s in steps)
+    assert all(len(s["ph"]) == 4 for s in steps[1:])  # the first step has no previous end
+
+
 def test_explicit_batch_size_and_tokens():
     class Wrapper(nn.Module):
         def __init__(self):

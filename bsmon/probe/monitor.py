@@ -222,6 +222,7 @@ class Monitor:
         self._rejected_names: set[str] = set()
         self._closed = False
         self._paused = False
+        self._step_depth = 0  # optimizer.step() calls under way (nested: a subclass calling super().step())
         self._phases = StepPhases(_model_device(model))
         self._model_state = SessionModel(keep_history=False, horizon_samples=horizon_samples)
         self._state_lock = threading.Lock()
@@ -395,6 +396,7 @@ class Monitor:
 
     # -- hooks (training thread) ----------------------------------------------
     def _on_forward_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._step_depth = 0  # a forward runs: no optimizer step is under way (one that raised never ended)
         if self._paused or not (module.training and torch.is_grad_enabled()):
             return
         size = first_batch_dim(args, kwargs)
@@ -476,11 +478,16 @@ class Monitor:
         self._noise.after_backward()
 
     def _on_step_pre(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        if not self._paused:
+        self._step_depth += 1
+        if self._step_depth == 1 and not self._paused:
             self._phases.optimizer()
 
     def _on_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        if self._paused:
+        # torch runs the step hooks around every patched ``step`` of the optimizer's class
+        # hierarchy: a subclass whose step() calls super().step() fires them twice, nested.
+        # Only the outermost call is the optimizer step.
+        self._step_depth = max(0, self._step_depth - 1)
+        if self._step_depth or self._paused:
             return
         now = time.perf_counter()
         if self._finder is not None and self._step_started is None:
