@@ -108,6 +108,16 @@ class Stats:
     skipped_steps: int = 0  # iterations abandoned without an optimizer step (GradScaler overflow, exception)
     step_problem: str | None = None  # a training-loop mistake that changes what a step is
     noise_groups: tuple[tuple[str, NoiseScale], ...] = ()
+    # B_pre: the noise scale of the gradient rescaled by an Adam-family optimizer's 1/(sqrt(v_hat)+eps);
+    # None with b_simple_precond_reason where the optimizer or the estimator gives none.
+    b_simple_precond: float | None = None
+    b_simple_precond_low: float | None = None
+    b_simple_precond_high: float | None = None
+    b_simple_precond_reason: str | None = None
+    #: Which noise scale the advice (b_opt, its speedup, the LR advice) uses: "sgd" (B_simple) or
+    #: "optimizer" (B_pre), and why.
+    noise_geometry: str = "sgd"
+    noise_geometry_reason: str | None = None
     recording_error: str | None = None
     gpu_hints: tuple[str, ...] = ()
     b_opt: int | None = None
@@ -237,10 +247,13 @@ class History:
     b_simple_high: array = field(default_factory=lambda: array("d"))
     grad_sq: array = field(default_factory=lambda: array("d"))
     trace_sigma: array = field(default_factory=lambda: array("d"))
+    b_simple_precond: array = field(default_factory=lambda: array("d"))
+    b_simple_precond_low: array = field(default_factory=lambda: array("d"))
+    b_simple_precond_high: array = field(default_factory=lambda: array("d"))
     noise_coverage: array = field(default_factory=lambda: array("d"))  # share of parameters the estimator covers
     noise_age_steps: array = field(default_factory=lambda: array("d"))  # NaN: no estimate
     skipped_steps: array = field(default_factory=lambda: array("q"))  # so far in the session
-    b_noise: array = field(default_factory=lambda: array("d"))  # what the advice used (calibrated or B_simple)
+    b_noise: array = field(default_factory=lambda: array("d"))  # what the advice used (B_simple or B_pre, or calibrated)
     b_opt: array = field(default_factory=lambda: array("d"))
     b_opt_speedup: array = field(default_factory=lambda: array("d"))
     #: step -> logged scalars of that step
@@ -285,6 +298,7 @@ class EstimatorHistory:
 
     total: NoiseScaleTracker
     groups: list[NoiseScaleTracker]
+    precond: NoiseScaleTracker  # B_pre, in the optimizer's geometry (the micro-batch estimator's)
     samples_at_update: float  # the session's samples trained when it last took a step (or began)
     measured_step: int | None = None  # the last step it took in
 
@@ -544,6 +558,9 @@ class SessionModel:
         """Why there is no optimum yet, and the single most useful thing to do about it, in one line."""
         noise = self.noise()
         estimator = self.estimator or {}
+        advice = self._advice_noise()
+        if noise.b_simple is not None and noise.b_simple > 0 and (advice.b_simple is None or advice.b_simple <= 0):
+            return f"the advice follows B_pre (the optimizer's geometry), which is not available: {self.precond_reason()}"
         if noise.b_simple is None or noise.b_simple <= 0:
             if self.estimator is not None and estimator.get("name") is None:
                 switched_off = "noise_mode" in (self.hello or {}) and self.hello["noise_mode"] is None
@@ -652,7 +669,7 @@ class SessionModel:
         repeat: the profile covers the micro-batch size, the split the accumulation.
         """
         self._recommended_version = self._points_version
-        noise = self.noise()
+        noise = self._advice_noise()
         check = self.branch_checks[-1] if self.branch_checks else None
         self._calibration = factor = self._calibration_now()
         points = self.throughput_points()
@@ -663,7 +680,7 @@ class SessionModel:
             self._recommend_reason = self.next_action()
             return
         b_noise, low, high = noise.b_simple, noise.b_simple_low, noise.b_simple_high
-        if factor is not None:  # B_noise = B_simple / (B_simple/B_crit measured), decaying (stats.branch)
+        if factor is not None:  # (the check measured B_simple/B_crit, so _advice_noise gave B_simple)  # B_noise = B_simple / (B_simple/B_crit measured), decaying (stats.branch)
             b_noise, low, high = (None if v is None else v / factor for v in (b_noise, low, high))
         if low is not None and high is not None:
             # A band reaching 0 (noise swamps |G|^2 at the low end) is kept as a tiny positive
@@ -682,6 +699,9 @@ class SessionModel:
             self._recommend_reason = f"cannot recommend: {exc}"
             return
         self.recommendation = self._stable.update(rec)
+        if self.noise_geometry()[0] == "optimizer":
+            self.recommendation = dataclasses.replace(self.recommendation, reason=(
+                "B_noise = B_pre, the noise scale in the optimizer's geometry. " + self.recommendation.reason))
         if factor is not None:
             self.recommendation = dataclasses.replace(self.recommendation, reason=(
                 f"Calibrated by the branch check at step {check.step}: B_noise = B_simple/{factor:.3g} "
@@ -717,6 +737,7 @@ class SessionModel:
             history = self._histories[name] = EstimatorHistory(
                 NoiseScaleTracker(self._horizon),
                 [NoiseScaleTracker(self._horizon) for _ in groups] if len(groups) > 1 else [],
+                NoiseScaleTracker(self._horizon),
                 samples_at_update=self._samples - (self._units.global_samples(self._last["n"]) if self._last else 0))
         return history
 
@@ -737,6 +758,9 @@ class SessionModel:
             return
         total, groups = per_group[0], per_group[1:]
         history.total.update(step_estimate(self._in_unit(total)), samples)
+        pre = precond_points(noise)
+        if pre is not None:
+            history.precond.update(step_estimate(self._in_unit(pre)), samples)
         for tracker, points in zip(history.groups, groups):
             if points is not None:
                 tracker.update(step_estimate(self._in_unit(points)), samples)
@@ -761,13 +785,18 @@ class SessionModel:
         h.b_simple_high.append(_nan(noise.b_simple_high))
         h.grad_sq.append(_nan(noise.grad_sq))
         h.trace_sigma.append(_nan(noise.trace_sigma))
+        pre = self.precond_noise()
         h.noise_coverage.append(_nan((self.estimator or {}).get("covered_fraction")))
         h.noise_age_steps.append(_nan(self.noise_age_steps() if noise.b_simple is not None else None))
         h.skipped_steps.append(self._skipped_steps)
         self._refresh_recommendation()
         rec = self.recommendation if self._recommend_reason is None else None
+        h.b_simple_precond.append(_nan(pre.b_simple))
+        h.b_simple_precond_low.append(_nan(pre.b_simple_low))
+        h.b_simple_precond_high.append(_nan(pre.b_simple_high))
         factor = self._calibration_now()
-        h.b_noise.append(_nan(noise.b_simple / factor if factor and noise.b_simple else noise.b_simple))
+        advice = self._advice_noise().b_simple
+        h.b_noise.append(_nan(advice / factor if factor and advice else advice))
         h.b_opt.append(_nan(rec.batch_size if rec else None))
         h.b_opt_speedup.append(_nan(rec.speedup if rec else None))
 
@@ -815,6 +844,54 @@ class SessionModel:
             return None
         return self._step - history.measured_step
 
+    def noise_geometry(self) -> tuple[str, str]:
+        """Which noise scale the advice uses, "sgd" (B_simple) or "optimizer" (B_pre), and why in words.
+
+        watch(noise_geometry=...) decides; its default "auto" takes the optimizer's geometry when
+        the optimizer keeps a per-element second moment (the probe's estimator record says so).
+        A calibrating branch check measured B_simple/B_crit, so it keeps the advice on B_simple.
+        """
+        hello, estimator = self.hello or {}, self.estimator or {}
+        requested = hello.get("noise_geometry") or "auto"
+        optimizer = hello.get("optimizer") or "the optimizer"
+        if self._calibration_now() is not None:
+            return "sgd", ("a branch check calibrates the advice: it measured B_simple/B_crit, "
+                           "so the advice uses B_simple divided by that ratio")
+        if requested == "sgd":
+            return "sgd", "noise_geometry='sgd' was asked for"
+        if requested == "optimizer":
+            return "optimizer", "noise_geometry='optimizer' was asked for"
+        if estimator.get("second_moment"):
+            return "optimizer", (f"{optimizer} rescales each gradient element by 1/(sqrt(v_hat)+eps), so the "
+                                 "noise of its step is that of the rescaled gradient")
+        return "sgd", f"{optimizer} steps along the raw gradient (no per-element second moment)"
+
+    def _advice_noise(self) -> NoiseScale:
+        """The noise scale the advice uses: B_pre in the optimizer's geometry, else B_simple."""
+        return self.precond_noise() if self.noise_geometry()[0] == "optimizer" else self.noise()
+
+    def precond_noise(self) -> NoiseScale:
+        """B_pre of the estimator in use (an empty result if it has none)."""
+        history = self._shown_history()
+        return (history.precond if history is not None else NoiseScaleTracker(self._horizon)).result()
+
+    def precond_reason(self) -> str | None:
+        """Why B_pre has no value (None when it has one)."""
+        pre = self.precond_noise()
+        if pre.b_simple is not None:
+            return pre.reason
+        estimator = self.estimator or {}
+        if estimator.get("name") is None and self.estimator is not None:
+            return estimator.get("reason")
+        if "precond_reason" not in estimator and self.estimator is not None:
+            return "recorded by a bsmon that did not measure B_pre"
+        if estimator.get("precond_reason"):
+            return estimator["precond_reason"]
+        if pre.steps == 0:
+            return ("no B_pre measurement yet: it needs the optimizer's second moment, which exists "
+                    "from the optimizer's first step on")
+        return pre.reason
+
     def stats(self) -> Stats:
         self._refresh_recommendation()
         last = self._last
@@ -830,6 +907,8 @@ class SessionModel:
         if step_problem is not None and noise.b_simple is None:
             noise_reason = step_problem
         dts = np.fromiter((dt for _, dt, _ in self._recent), dtype=float) if self._recent else None
+        pre = self.precond_noise()
+        geometry, geometry_reason = self.noise_geometry()
         efficiency = (statistical_efficiency(batch, noise.b_simple)
                       if batch and noise.b_simple and noise.b_simple > 0 else None)
         labels = estimator.get("groups") or []
@@ -862,6 +941,12 @@ class SessionModel:
             step_problem=step_problem,
             noise_groups=tuple((label, t.result()) for label, t in zip(labels, history.groups))
             if len(labels) > 1 and history is not None else (),
+            b_simple_precond=pre.b_simple,
+            b_simple_precond_low=pre.b_simple_low,
+            b_simple_precond_high=pre.b_simple_high,
+            b_simple_precond_reason=self.precond_reason(),
+            noise_geometry=geometry,
+            noise_geometry_reason=geometry_reason,
             recording_error=self._recording_error,
             gpu_hints=self.gpu_hints(),
             **self._recommendation_fields(),
@@ -941,6 +1026,13 @@ def tracker_metrics(stats: Stats, prefix: str = "bsmon/") -> dict[str, float]:
         if value is not None and math.isfinite(value):
             metrics[prefix + name.format(unit=stats.unit)] = float(value)
     return metrics
+
+
+def precond_points(noise: dict[str, Any]) -> GradNormPoints | None:
+    """The step's points in the optimizer's geometry (|P .grad|^2 after each pass), if measured."""
+    if noise.get("est") != "microbatch" or "pre" not in noise or len(noise["pre"]) != len(noise["micro"]):
+        return None
+    return microbatch_points(noise["micro"], noise["pre"])
 
 
 def noise_points(noise: dict[str, Any], groups: bool = True) -> list[GradNormPoints | None]:

@@ -60,8 +60,12 @@ from bsmon.probe.guard import Guard
 from bsmon.probe.noise import MEASURE_BUDGET, NoiseProbe, check_mode
 from bsmon.probe.per_example import is_compiling
 from bsmon.probe.phases import StepPhases
+from bsmon.probe.precond import second_moment_groups
 from bsmon.probe.publisher import Publisher
 from bsmon.stats.units import UNITS
+
+#: watch(noise_geometry=...): which noise scale drives the advice (see SessionModel.noise_geometry).
+NOISE_GEOMETRIES = ("auto", "sgd", "optimizer")
 
 #: A multi-process job times "busy" (until this rank's gradients were ready) on a step at most
 #: this often: the per-rank summary is a median over a second, and each timed step costs hooks.
@@ -204,7 +208,8 @@ class Monitor:
                 unit: str, tokens_per_sample: int | None, name: str | None, noise: str | None,
                 layers: str | tuple[type, ...], horizon_samples: float | None,
                 profile: dict[str, Any] | None, noise_budget: float,
-                mixes_samples: tuple[type, ...] = (), flops_per_sample: float | None = None) -> None:
+                mixes_samples: tuple[type, ...] = (), flops_per_sample: float | None = None,
+                noise_geometry: str = "auto") -> None:
         self._model = model  # the watched model; samples are counted at self._entry (it or a submodule)
         self._optimizer = optimizer
         self._fixed_batch = batch_size
@@ -252,6 +257,7 @@ class Monitor:
             "data_parallel": distributed.data_parallel_size(model, identity.world_size),
             "unit": unit, "tokens_per_sample": tokens_per_sample,
             "batch_size": batch_size, "noise_mode": noise, "horizon_samples": horizon_samples,
+            "optimizer": type(optimizer).__name__, "noise_geometry": noise_geometry,
             "socket": socket_path, "frameworks": [name for name in FRAMEWORKS if name in sys.modules],
             **(self._flops.hello_fields if self._flops else {}),
         }
@@ -768,7 +774,7 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int
           noise: str | None = "auto", layers: str | tuple[type, ...] = "all",
           horizon_samples: float | None = None, profile: Any = None,
           noise_budget: float = MEASURE_BUDGET, mixes_samples: tuple[type, ...] = (),
-          flops_per_sample: float | None = None) -> Monitor:
+          flops_per_sample: float | None = None, noise_geometry: str = "auto") -> Monitor:
     """Instrument a training loop; returns the :class:`Monitor`.
 
     ``batch_size`` fixes the samples per optimizer step (otherwise inferred from
@@ -795,6 +801,9 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int
     ``flops_per_sample`` is the FLOPs of one training step (forward and backward) per sample, for
     FLOP/s and MFU; without it bsmon counts one step per micro-batch size with
     ``torch.utils.flop_counter.FlopCounterMode`` (docs/api.md).
+    ``noise_geometry`` picks the noise scale the advice uses: "sgd" (B_simple, of the raw
+    gradient), "optimizer" (B_pre, of the gradient rescaled by Adam's 1/(sqrt(v_hat)+eps)), or
+    "auto": "optimizer" for an optimizer with a per-element second moment, else "sgd".
     """
     global _active
     if not isinstance(model, nn.Module):
@@ -813,6 +822,12 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int
     if flops_per_sample is not None and not (isinstance(flops_per_sample, (int, float)) and flops_per_sample > 0):
         raise ValueError(f"flops_per_sample={flops_per_sample!r}: give the FLOPs of one step per sample (> 0)")
     check_mode(model, noise)
+    if noise_geometry not in NOISE_GEOMETRIES:
+        raise ValueError(f"noise_geometry={noise_geometry!r} is not one of {NOISE_GEOMETRIES}")
+    if noise_geometry == "optimizer" and not second_moment_groups(optimizer):
+        raise ValueError(f"noise_geometry='optimizer' needs an optimizer with a per-element second moment "
+                         f"(Adam, AdamW, ...: betas and eps in every param group); "
+                         f"{type(optimizer).__name__} has none. Use noise_geometry='sgd' or 'auto'")
     if not (isinstance(mixes_samples, tuple)
             and all(isinstance(t, type) and issubclass(t, nn.Module) for t in mixes_samples)):
         raise TypeError(f"mixes_samples={mixes_samples!r}: give a tuple of nn.Module subclasses, "
@@ -826,7 +841,8 @@ def watch(model: nn.Module, optimizer: torch.optim.Optimizer, *, batch_size: int
         _active = Monitor(model, optimizer, batch_size=batch_size, unit=unit,
                           tokens_per_sample=tokens_per_sample, name=name, noise=noise, layers=layers,
                           horizon_samples=horizon_samples, profile=profile_dict, noise_budget=noise_budget,
-                          mixes_samples=mixes_samples, flops_per_sample=flops_per_sample)
+                          mixes_samples=mixes_samples, flops_per_sample=flops_per_sample,
+                          noise_geometry=noise_geometry)
         return _active
 
 

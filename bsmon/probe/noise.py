@@ -8,7 +8,9 @@ Per optimizer step it produces one ``noise`` payload for the step record:
 
 * ``microbatch`` (m >= 2 backward passes): the squared norm of the
   accumulated ``.grad`` after each pass, per parameter group — one fused norm
-  per pass, no gradient copies.
+  per pass, no gradient copies. For an Adam-family optimizer also ``pre``: the
+  squared norm of ``.grad`` rescaled by the optimizer's 1/(sqrt(v_hat) + eps)
+  after each pass (:mod:`bsmon.probe.precond`), for B_pre.
 * ``per_example`` (m == 1): the per-example squared norms summed inside
   backward by :class:`~bsmon.probe.per_example.PerExampleNorms`, plus the
   squared norm of ``.grad`` over the same parameters.
@@ -32,6 +34,7 @@ from torch import nn
 
 from bsmon.probe import distributed
 from bsmon.probe.deferred import Deferred
+from bsmon.probe.precond import REASON_DDP, REASON_PER_EXAMPLE, Preconditioner
 from bsmon.stats.noise import MEASURE_GAP_STEPS, partial_coverage_reason
 
 if TYPE_CHECKING:
@@ -84,6 +87,14 @@ REASON_NOT_DDP = (
     "not the module inside it")
 
 
+def sq_norm_sum(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum of the tensors' squared L2 norms as a 0-d float32 device tensor (no sync), one fused norm."""
+    # float32 accumulation for half precision; float64 cannot be narrowed inside the norm
+    wide = None if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    norms = torch._foreach_norm(tensors, 2, dtype=wide)
+    return torch.stack([n.to(norms[0].device, torch.float32) for n in norms]).square().sum()
+
+
 def grad_sq_norms(groups: Sequence[Sequence[nn.Parameter]]) -> torch.Tensor:
     """Squared L2 norm of ``.grad`` per group, as one float32 device tensor (no sync)."""
     sums = []
@@ -93,10 +104,7 @@ def grad_sq_norms(groups: Sequence[Sequence[nn.Parameter]]) -> torch.Tensor:
         if not grads:
             sums.append(None)
             continue
-        # float32 accumulation for half precision; float64 cannot be narrowed inside the norm
-        wide = None if any(g.dtype == torch.float64 for g in grads) else torch.float32
-        norms = torch._foreach_norm(grads, 2, dtype=wide)
-        total = torch.stack([n.to(norms[0].device, torch.float32) for n in norms]).square().sum()
+        total = sq_norm_sum(grads)
         device = device or total.device
         sums.append(total)
     if device is None:
@@ -155,7 +163,9 @@ class NoiseProbe:
         self._per_example = None
         self._ddp_hook: distributed.DdpNormHook | None = None
         self._passes: list[torch.Tensor | None] = []  # None: the pass that synchronised (ddp)
-        self._current: tuple | None = None  # (estimator, reason, coverage) last announced
+        self._precond = Preconditioner(optimizer)
+        self._pre_passes: list[torch.Tensor | None] = []  # |P .grad|^2 after each pass (micro-batch estimator)
+        self._current: tuple | None = None  # (estimator, reason, coverage, precond_reason) last announced
         self.budget = budget
         self._measuring = True  # whether the current step is measured
         self._spent_s = 0.0  # host seconds spent measuring here and in charge()d hooks
@@ -193,11 +203,14 @@ class NoiseProbe:
             self._passes.append(None)
         else:
             self._passes.append(grad_sq_norms(self._measured))
+            if self._per_example is None and self._precond.supported:
+                self._pre_passes.append(self._precond.sq_norm(self._measured))
         self._spent_s += time.perf_counter() - start
 
     def discard(self) -> None:
         """Forget what this step measured so far: its gradients were cleared without an optimizer step."""
         self._passes = []
+        self._pre_passes = []
         if self._per_example is not None:
             self._per_example.pop()
         if self._ddp_hook is not None:
@@ -219,11 +232,12 @@ class NoiseProbe:
         steps instead. Unmeasured steps still count towards the averaging horizon (in samples).
         """
         measured, passes, self._passes = self._measuring, self._passes, []
+        pre_passes, self._pre_passes = self._pre_passes, []
         self._trained_s += step_time_s
         payload = None
         if measured and self.mode is not None:
             start = time.perf_counter()
-            payload = self._payload(passes, micro_sizes)
+            payload = self._payload(passes, micro_sizes, pre_passes)
             self._spent_s += time.perf_counter() - start
         self._measured_steps += measured
         self._unmeasured_run = 0 if measured else self._unmeasured_run + 1
@@ -245,7 +259,8 @@ class NoiseProbe:
             cost += self._ddp_hook.spent_s
         return cost
 
-    def _payload(self, passes: list[torch.Tensor | None], micro_sizes: Sequence[int]) -> dict | None:
+    def _payload(self, passes: list[torch.Tensor | None], micro_sizes: Sequence[int],
+                 pre_passes: list[torch.Tensor | None]) -> dict | None:
         if self.mode == "ddp":
             return self._ddp_payload(passes, micro_sizes)
         m = len(passes)
@@ -254,8 +269,11 @@ class NoiseProbe:
             if self._measured is not self._group_params and self.mode == "auto":
                 self._remove_per_example()  # the job switched to accumulation
             self._set_estimator("microbatch", None)
-            return {"est": "microbatch", "micro": list(micro_sizes), "g": len(self._measured),
-                    "acc": Deferred(torch.stack(passes))}
+            payload = {"est": "microbatch", "micro": list(micro_sizes), "g": len(self._measured),
+                       "acc": Deferred(torch.stack(passes))}
+            if len(pre_passes) == m and all(p is not None for p in pre_passes):
+                payload["pre"] = Deferred(torch.stack([p.to(pre_passes[0].device) for p in pre_passes]))
+            return payload
         if m == 1 and self.mode in ("auto", "per_example"):
             if self._refusal is not None:
                 self._set_estimator(None, self._refusal[0], **self._refusal[1])
@@ -397,12 +415,20 @@ class NoiseProbe:
     def _layers_name(self) -> str:
         return self._layers if isinstance(self._layers, str) else ",".join(t.__name__ for t in self._layers)
 
+    def _precond_reason(self, name: str | None) -> str | None:
+        """Why this estimator gives no B_pre (None: it does, from the optimizer's next step on)."""
+        if self._precond.reason is not None:
+            return self._precond.reason
+        return {"per_example": REASON_PER_EXAMPLE, "ddp": REASON_DDP}.get(name)
+
     def _set_estimator(self, name: str | None, reason: str | None, **details: Any) -> None:
-        current = (name, reason, details.get("covered_fraction"))
+        precond_reason = self._precond_reason(name)
+        current = (name, reason, details.get("covered_fraction"), precond_reason)
         if self._current == current:
             return
         self._current = current
-        record = {"k": "estimator", "name": name, "reason": reason, "groups": self._group_labels}
+        record = {"k": "estimator", "name": name, "reason": reason, "groups": self._group_labels,
+                  "second_moment": self._precond.supported, "precond_reason": precond_reason}
         record.update(details)
         if name in ("microbatch", "ddp"):
             record["covered_fraction"] = 1.0

@@ -1,0 +1,106 @@
+"""The optimizer's own geometry for the noise scale (training side).
+
+Adam-family optimizers step along the gradient rescaled element by element by
+P = 1/(sqrt(v_hat) + eps), v_hat the bias-corrected second moment ``exp_avg_sq``.
+B_pre = tr(P Sigma P)/|P G|^2 is B_simple of the rescaled gradient P*g. The micro-batch
+estimator gets it from |P * .grad|^2 after each backward pass, the same way it gets B_simple
+from |.grad|^2: P is read from the optimizer's state before its step updates v, so every pass
+of a step sees the same P. An AMP loss scale multiplies .grad only (the state holds unscaled
+moments), so it cancels in the ratio like any constant factor of .grad.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+REASON_NO_SECOND_MOMENT = (
+    "{optimizer} keeps no per-element second moment (exp_avg_sq, with betas and eps in its param groups), "
+    "so there is no optimizer geometry to measure: B_simple is the noise scale of its step")
+REASON_FIRST_STEP = "the optimizer has not stepped yet: its second moment exp_avg_sq appears after the first step"
+REASON_PER_EXAMPLE = (
+    "the per-example estimator sums per-example norms inside backward without the optimizer's elementwise "
+    "rescaling, which does not factor through the Gram form of a layer's norm; accumulate >= 2 micro-batches "
+    "per step (noise='auto' or 'microbatch'): the micro-batch estimator measures B_pre")
+REASON_DDP = (
+    "the data-parallel estimator reads the local and averaged gradients inside DDP's all-reduce, where "
+    "the optimizer's rescaling is not applied; noise='microbatch' with >= 2 accumulated micro-batches per "
+    "step measures B_pre")
+
+
+def second_moment_groups(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every param group names Adam's betas and eps (the state is checked at each step)."""
+    return all("betas" in group and "eps" in group for group in optimizer.param_groups)
+
+
+class Preconditioner:
+    """|P * .grad|^2 from an Adam-family optimizer's state, without a host-device sync."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self._optimizer = optimizer
+        self.reason: str | None = (None if second_moment_groups(optimizer) else
+                                   REASON_NO_SECOND_MOMENT.format(optimizer=type(optimizer).__name__))
+
+    @property
+    def supported(self) -> bool:
+        return self.reason is None
+
+    def sq_norm(self, measured: Sequence[Sequence[nn.Parameter]]) -> torch.Tensor | None:
+        """Sum over ``measured`` of |.grad / (sqrt(v_hat) + eps)|^2 as a 0-d float32 tensor.
+
+        None before the first optimizer step, or when a parameter with a gradient has no
+        second moment yet (the geometry of part of the model is not the model's). Sets
+        ``reason`` for good when the state turns out to have no ``exp_avg_sq``.
+        """
+        if self.reason is not None:
+            return None
+        from bsmon.probe.noise import sq_norm_sum
+
+        total = None
+        for group, params in zip(self._optimizer.param_groups, measured):
+            with_grad = [p for p in params if p.grad is not None]
+            if not with_grad:
+                continue
+            denominators = self._denominators(group, with_grad)
+            if denominators is None:
+                return None
+            torch._foreach_reciprocal_(denominators)
+            torch._foreach_mul_(denominators, [p.grad.to(d.dtype) for p, d in zip(with_grad, denominators)])
+            part = sq_norm_sum(denominators)
+            total = part if total is None else total + part.to(total.device)
+        return total
+
+    def _denominators(self, group: dict, params: list[nn.Parameter]) -> list[torch.Tensor] | None:
+        """sqrt(v_t)/sqrt(1 - beta2^t) + eps for each parameter, as new tensors; None if any lacks state."""
+        state = self._optimizer.state
+        moments, steps = [], []
+        for p in params:
+            s = state.get(p)
+            if not s or "step" not in s:
+                return None
+            v = s.get("max_exp_avg_sq", s.get("exp_avg_sq"))  # amsgrad divides by the running maximum
+            if v is None:
+                self.reason = REASON_NO_SECOND_MOMENT.format(optimizer=type(self._optimizer).__name__)
+                return None
+            moments.append(v)
+            steps.append(s["step"])
+        beta2, eps = float(group["betas"][1]), float(group["eps"])
+        denominators = torch._foreach_sqrt(moments)
+        if all(not torch.is_tensor(t) or t.device.type == "cpu" for t in steps):
+            # the usual case: the step count is a host number, read without a device sync
+            counts = [float(t) for t in steps]
+            if min(counts) < 1:
+                return None
+            torch._foreach_mul_(denominators, [1.0 / math.sqrt(-math.expm1(t * math.log(beta2))) if beta2 > 0
+                                               else 1.0 for t in counts])
+        else:  # capturable / fused: the step count lives on the device; compute there
+            corrections = torch._foreach_pow(beta2, [t.to(v.device, torch.float32) for t, v in zip(steps, moments)])
+            torch._foreach_neg_(corrections)
+            torch._foreach_add_(corrections, 1.0)
+            torch._foreach_sqrt_(corrections)
+            torch._foreach_div_(denominators, corrections)
+        torch._foreach_add_(denominators, eps)
+        return denominators
