@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 BASE_COLUMNS = ["step", "time", "elapsed_s", "batch_size", "micro_batches", "skipped_steps", "step_time_s",
                 "samples_per_s", "loss"]
 NOISE_COLUMNS = ["b_simple", "b_simple_low", "b_simple_high", "noise_age_steps", "grad_sq", "trace_sigma",
-                 "noise_coverage"]
+                 "noise_coverage", "b_simple_precond", "b_simple_precond_low", "b_simple_precond_high"]
 OPTIMAL_COLUMNS = ["b_noise", "b_opt", "b_opt_speedup"]
 #: A branch check's result, on the row of the step it branched from (empty elsewhere).
 BRANCH_COLUMNS = ["branch_b_crit", "branch_b_crit_low", "branch_b_crit_high", "branch_b_simple_ratio"]
@@ -96,6 +96,7 @@ def _rows(model: SessionModel, history: History) -> Iterator[list]:
             history.b_simple[i], history.b_simple_low[i], history.b_simple_high[i],
             _integral(history.noise_age_steps[i]), history.grad_sq[i], history.trace_sigma[i],
             history.noise_coverage[i],
+            history.b_simple_precond[i], history.b_simple_precond_low[i], history.b_simple_precond_high[i],
             history.b_noise[i], _integral(history.b_opt[i]), history.b_opt_speedup[i],
             *((check.b_crit, check.b_crit_low, check.b_crit_high, check.ratio) if check else (None,) * 4),
             history.rank_world_size[ranks_index[i]] if ranks_index[i] >= 0 else world_size,

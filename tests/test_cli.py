@@ -103,7 +103,8 @@ def test_attach_to_a_plain_job_then_export_csv(tmp_path):
     assert header[:9] == ["step", "time", "elapsed_s", "batch_size", "micro_batches", "skipped_steps",
                           "step_time_s", "samples_per_s", "loss"]
     assert header[9:] == ["lr", "b_simple", "b_simple_low", "b_simple_high", "noise_age_steps", "grad_sq",
-                          "trace_sigma", "noise_coverage", "b_noise", "b_opt", "b_opt_speedup", "branch_b_crit",
+                          "trace_sigma", "noise_coverage", "b_simple_precond", "b_simple_precond_low",
+                          "b_simple_precond_high", "b_noise", "b_opt", "b_opt_speedup", "branch_b_crit",
                           "branch_b_crit_low", "branch_b_crit_high", "branch_b_simple_ratio",
                           "world_size", "slowest_rank_step_time_s", "gpu_util_pct", "gpu_mem_used_mib", "gpu_mem_total_mib", "gpu_job_mem_mib",
                           "gpu_power_w", "gpu_temp_c", "gpu_sm_clock_mhz"]

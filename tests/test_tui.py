@@ -105,8 +105,10 @@ def ingest(feed, records):
         feed.version += 1
 
 
-def synthetic_records(steps=400):
-    """A deterministic finished session: |G|^2 falls over training, so B_simple rises."""
+def synthetic_records(steps=400, adam=False):
+    """A deterministic finished session: |G|^2 falls over training, so B_simple rises.
+
+    ``adam``: an AdamW job, whose steps also carry |P .grad|^2 for B_pre (here 4x B_simple)."""
     rng = np.random.default_rng(0)
     t0 = 1_700_000_000.0
     records = [
@@ -116,6 +118,9 @@ def synthetic_records(steps=400):
         {"k": "estimator", "name": "microbatch", "reason": None,
          "groups": ["group 0 (11,173,962 params, lr=0.1)"], "covered_fraction": 1.0},
     ]
+    if adam:
+        records[0]["optimizer"] = "AdamW"
+        records[1].update(second_moment=True, precond_reason=None)
     micro, passes, trace_sigma = 64, 4, 400.0
     t = t0 + 4.0
     for step in range(1, steps + 1):
@@ -125,9 +130,11 @@ def synthetic_records(steps=400):
                for j in range(1, passes + 1)]
         dt = 0.118 + 0.01 * float(rng.random())
         t += dt
+        noise = {"est": "microbatch", "micro": [micro] * passes, "g": 1, "acc": acc}
+        if adam:
+            noise["pre"] = [(j / passes) ** 2 * (grad_sq + 4 * trace_sigma / (j * micro)) for j in range(1, passes + 1)]
         records.append({"k": "step", "step": step, "t": t, "dt": dt, "n": micro * passes, "mb": passes,
-                        "dropped": 0, "noise": {"est": "microbatch", "micro": [micro] * passes, "g": 1,
-                                                "acc": acc}})
+                        "dropped": 0, "noise": noise})
         loss = 2.3 * math.exp(-1.3 * progress) + 0.05 * float(rng.random())
         records.append({"k": "scalars", "step": step, "values": {"loss": loss, "lr": 0.1}})
         if step == steps // 2:
@@ -720,3 +727,24 @@ async def test_the_optimal_panel_shows_the_measured_critical_batch_and_b_opens_t
         assert not isinstance(pilot.app.screen, BranchScreen)
         await pilot.press("question_mark")
         assert "branch checks" in str(pilot.app.screen.query_one("#help-keys", Static).visual)
+
+
+@pilot_test
+async def test_an_adam_job_shows_b_pre_beside_b_simple_and_says_the_advice_uses_it():
+    model = SessionModel()
+    model.ingest_all(synthetic_records(adam=True))
+    feed = Feed(model)
+    feed.state = "replay"
+    stats = model.stats()
+    assert stats.b_simple_precond == pytest.approx(4 * stats.b_simple, rel=0.1)
+    async with BsmonApp(feed, mode="replay").run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        app = pilot.app
+        simple = fmt.band(stats.b_simple, stats.b_simple_low, stats.b_simple_high)
+        pre = fmt.band(stats.b_simple_precond, stats.b_simple_precond_low, stats.b_simple_precond_high)
+        assert shown(app, BatchPanel, "b_simple") == f"B_simple {simple} · B_pre {pre}"
+        assert shown(app, BatchPanel, "geometry").startswith("advice uses B_pre: AdamW rescales each gradient")
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        text = str(app.screen.query_one("#help-numbers", Static).visual)
+        assert "B_pre" in text and "plain SGD's raw gradient" in text

@@ -22,6 +22,10 @@ estimates B_noise, the batch size at which the noise of a batch gradient equals 
 [b]estimator[/b]: where the two batch sizes come from: the micro-batches of gradient accumulation, \
 per-example norms, or local and all-reduced gradients. "B_big << B_simple" means |G|² is a small \
 difference of noisy norms: average longer or raise B_big.
+[b]B_pre[/b] = tr(PΣP)/|PG|²: the same ratio for the gradient rescaled by Adam's P = 1/(√v̂+ε), the direction \
+an Adam-family optimizer actually steps along, whereas B_simple is the noise scale of plain SGD's raw gradient. \
+For Adam-family optimizers the advice uses B_pre (watch(noise_geometry=...) overrides): a heuristic with \
+evidence (Adam's critical batch runs larger than SGD's), not a theorem.
 [b]efficiency[/b] = 1/(1+B/B_simple): progress per sample at batch B relative to very small batches. \
 Below B_simple larger batches are nearly free; above it most extra samples are wasted.
 
@@ -30,7 +34,7 @@ Below B_simple larger batches are nearly free; above it most extra samples are w
 • It depends on the learning rate (the temperature lr/B): too small an lr inflates it, warm-up makes \
 it fall.
 • It grows as the loss falls, often more than 10x over a run.
-• With Adam-like optimizers it is a guide to the batch size, not a law.
+• With Adam-like optimizers both B_simple and B_pre are guides to the batch size, not laws.
 """
 
 

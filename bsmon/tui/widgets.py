@@ -311,6 +311,24 @@ def noise_value(noise: Stats | NoiseScale) -> str:
     return fmt.band(noise.b_simple, noise.b_simple_low, noise.b_simple_high)
 
 
+def geometry_lines(stats: Stats) -> dict[str, str | None]:
+    """B_pre beside B_simple, which of the two the advice uses and why, and why B_pre is missing."""
+    optimizer = stats.noise_geometry == "optimizer"
+    if stats.b_simple_precond is not None:
+        pre = f"B_pre [b]{fmt.band(stats.b_simple_precond, stats.b_simple_precond_low, stats.b_simple_precond_high)}[/b]"
+    else:
+        pre = "B_pre: no estimate" if stats.optimizer_geometry or optimizer else None
+    uses = "B_pre" if optimizer else "B_simple"
+    return {
+        "b_pre": pre,
+        # the choice is worth a line only where there is one: an optimizer with its own geometry
+        "geometry": (f"advice uses {uses}: {escape(stats.noise_geometry_reason)}"
+                     if stats.noise_geometry_reason and pre else None),
+        "pre_reason": (escape(stats.b_simple_precond_reason)
+                       if optimizer and stats.b_simple_precond is None and stats.b_simple_precond_reason else None),
+    }
+
+
 #: regime(): (full advice, the few words a narrow panel has room for) below, near and above B_simple.
 REGIME_ADVICE = (("larger batches are nearly free statistically", "larger batch ~free"),
                  ("near the critical batch; each extra sample now buys less progress", "near critical batch"),
@@ -346,7 +364,8 @@ def noise_source(stats: Stats, short: bool = False) -> str | None:
 class BatchPanel(Lines):
     TITLE = "Batch size & noise scale"
     LINE_STYLES = {"source": "dim", "weak": "$text-warning", "reason": "$text-warning",
-                   "stale": "$text-warning", "steps": "$text-warning", "regime": "dim"}
+                   "stale": "$text-warning", "steps": "$text-warning", "regime": "dim", "geometry": "dim",
+                   "pre_reason": "$text-warning"}
 
     def show(self, stats: Stats) -> None:
         unit = unit_label(stats.unit)
@@ -362,11 +381,17 @@ class BatchPanel(Lines):
         width = self.query_one(".lines").content_size.width  # narrow (80x24): the short forms, no wrapping
         efficiency = f"efficiency {stats.efficiency:.0%} per sample at B={fmt.si(stats.batch_size)}" if known else ""
         measuring = not has_value and (stats.noise_reason or "").startswith("measuring:")
+        simple = (f"B_simple [b]{noise_value(stats)}[/b]" if has_value
+                  else f"B_simple: {escape(stats.noise_reason.split(',')[0])}" if measuring
+                  else "B_simple: no estimate")
+        geometry = geometry_lines(stats)  # B_pre beside B_simple, and which the advice uses
+        pre = geometry.pop("b_pre")
+        side_by_side = pre is not None and fits(f"{simple} · {pre}", width)  # else B_pre on the next line
         self.show_lines(
             batch=batch,
-            b_simple=(f"B_simple [b]{noise_value(stats)}[/b]" if has_value
-                      else f"B_simple: {escape(stats.noise_reason.split(',')[0])}" if measuring
-                      else "B_simple: no estimate"),
+            b_simple=f"{simple} · {pre}" if side_by_side else simple,
+            b_pre=None if side_by_side else pre,
+            **geometry,
             source=first_fitting(width, noise_source(stats), noise_source(stats, short=True)),
             stale=first_fitting(
                 width, f"stale: no measured step for {stats.noise_age_steps:,} steps; the estimator stopped measuring",
@@ -442,7 +467,7 @@ class OptimalPanel(Lines):
             speedup = f"predicted speedup [b]{r.speedup:.2f}x[/b]"
             if r.speedup_low is not None and r.speedup_high is not None:
                 speedup += f" [{r.speedup_low:.2f}, {r.speedup_high:.2f}]"
-                speedup = first_fitting(width, f"{speedup} over the B_simple band", speedup)
+                speedup = first_fitting(width, f"{speedup} over the B_noise band", speedup)
         lr = None
         if r.lr_factor_sgd is not None and r.batch_size != r.current_batch:
             lr = f"lr: SGD x{r.lr_factor_sgd:.3g}, Adam x{r.lr_factor_adam:.3g}"
