@@ -6,6 +6,8 @@ The ratios include the whole probe, not just the estimator, because that is what
 
   micro-batch     MLP 256-512x3-10, 4 micro-batches of 32 accumulated per step,
                   noise="microbatch": one fused gradient norm per backward pass;
+  micro-batch AdamW the same with AdamW, which adds B_pre: per backward pass, .grad rescaled by
+                  AdamW's 1/(sqrt(v_hat) + eps) and its fused norm;
   per-example MLP the same MLP, one batch of 128 per step, noise="per_example": per-example
                   squared norms summed inside backward, from each layer's input and output
                   gradient;
@@ -136,6 +138,11 @@ def main() -> None:
         watched = budget_and_every_step("micro-batch", model, optimizer, step, noise="microbatch")
         rounds = run_rounds(step, [Variant("no bsmon"), *watched], budget, label="micro-batch")
         rows += compare_both(rounds, watched, 1.02, f"micro-batch, MLP, {MICRO_BATCHES} micro-batches")
+
+        model, optimizer, step = make_mlp_loop(micro_batches=MICRO_BATCHES, adamw=True)
+        watched = budget_and_every_step("micro-batch AdamW", model, optimizer, step, noise="microbatch")
+        rounds = run_rounds(step, [Variant("no bsmon"), *watched], budget, label="micro-batch AdamW")
+        rows += compare_both(rounds, watched, 1.02, f"micro-batch + B_pre, MLP, AdamW, {MICRO_BATCHES} micro-batches")
 
         model, optimizer, step = make_mlp_loop()
         watched = budget_and_every_step("per-example", model, optimizer, step, noise="per_example")

@@ -57,9 +57,10 @@ FULL = Budget(rounds=30, chunks=3, chunk_s=0.3, warmup_s=0.1)
 IMPORT_REPEATS = 3
 
 
-def make_mlp_loop(micro_batches: int = 1, seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer,
-                                                                   Callable[[], None]]:
-    """The MLP, its optimizer and one optimizer step of BATCH samples from a fixed pool.
+def make_mlp_loop(micro_batches: int = 1, seed: int = 0, adamw: bool = False
+                  ) -> tuple[nn.Module, torch.optim.Optimizer, Callable[[], None]]:
+    """The MLP, its optimizer (SGD with momentum, or AdamW) and one optimizer step of BATCH
+    samples from a fixed pool.
 
     With ``micro_batches`` > 1 the step accumulates gradients over that many equal parts.
     """
@@ -68,7 +69,8 @@ def make_mlp_loop(micro_batches: int = 1, seed: int = 0) -> tuple[nn.Module, tor
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(INPUTS, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(),
                           nn.Linear(HIDDEN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, CLASSES))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    optimizer = (torch.optim.AdamW(model.parameters(), lr=1e-3) if adamw
+                 else torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
     loss_fn = nn.CrossEntropyLoss()
     size = BATCH // micro_batches
     batches = itertools.cycle([(torch.randn(size, INPUTS), torch.randint(0, CLASSES, (size,)))

@@ -118,6 +118,7 @@ class Stats:
     #: "optimizer" (B_pre), and why.
     noise_geometry: str = "sgd"
     noise_geometry_reason: str | None = None
+    optimizer_geometry: bool = False  # the optimizer keeps a per-element second moment (B_pre applies)
     recording_error: str | None = None
     gpu_hints: tuple[str, ...] = ()
     b_opt: int | None = None
@@ -861,6 +862,10 @@ class SessionModel:
             return "sgd", "noise_geometry='sgd' was asked for"
         if requested == "optimizer":
             return "optimizer", "noise_geometry='optimizer' was asked for"
+        if estimator.get("second_moment") and estimator.get("name") in ("per_example", "ddp"):
+            return "sgd", (f"{optimizer} has its own geometry, but the {estimator['name']} estimator cannot "
+                           "measure B_pre, so the advice falls back to B_simple (accumulate >= 2 micro-batches "
+                           "per step for B_pre)")
         if estimator.get("second_moment"):
             return "optimizer", (f"{optimizer} rescales each gradient element by 1/(sqrt(v_hat)+eps), so the "
                                  "noise of its step is that of the rescaled gradient")
@@ -947,6 +952,7 @@ class SessionModel:
             b_simple_precond_reason=self.precond_reason(),
             noise_geometry=geometry,
             noise_geometry_reason=geometry_reason,
+            optimizer_geometry=bool(estimator.get("second_moment")),
             recording_error=self._recording_error,
             gpu_hints=self.gpu_hints(),
             **self._recommendation_fields(),

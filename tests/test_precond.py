@@ -50,7 +50,7 @@ def exact_noise_scales(model, x, y, eps: float) -> tuple[float, float]:
 
 
 def run(steps: int, *, warmup: int = 1000, summed: bool = False, scaler: torch.amp.GradScaler | None = None,
-        optimizer_cls=torch.optim.AdamW, seed: int = 0, **watch):
+        optimizer_cls=torch.optim.AdamW, seed: int = 0, micro: int = MICRO, accumulate: int = ACCUMULATE, **watch):
     """lr = 0 steps: ``warmup`` unwatched (Adam's v converges), then ``steps`` watched and measured."""
     torch.set_num_threads(1)
     model, x, y = _problem()
@@ -59,10 +59,10 @@ def run(steps: int, *, warmup: int = 1000, summed: bool = False, scaler: torch.a
     sampler = torch.Generator().manual_seed(seed)
 
     def step():
-        for _ in range(ACCUMULATE):
-            idx = torch.randint(0, N_EXAMPLES, (MICRO,), generator=sampler)
+        for _ in range(accumulate):
+            idx = torch.randint(0, N_EXAMPLES, (micro,), generator=sampler)
             loss = nn.functional.cross_entropy(model(x[idx]), y[idx], reduction="sum" if summed else "mean")
-            loss = loss if summed else loss / ACCUMULATE
+            loss = loss if summed else loss / accumulate
             (scaler.scale(loss) if scaler is not None else loss).backward()
         if scaler is not None:
             scaler.step(optimizer)
@@ -145,3 +145,12 @@ def test_the_advice_follows_b_pre_for_adam_and_b_simple_when_overridden():
         replay.ingest_all(store.read_records(store.resolve_session(monitor.session_id).records_path)[0])
         h = replay.history
         assert h.b_noise[-1] == pytest.approx(getattr(h, column)[-1]), geometry
+
+
+def test_per_example_norms_give_no_b_pre_and_the_advice_falls_back_to_b_simple_saying_so():
+    stats = run(40, warmup=5, micro=64, accumulate=1)[0].stats()
+    assert stats.noise_estimator == "per_example" and stats.b_simple is not None
+    assert stats.b_simple_precond is None
+    assert "per-example estimator sums per-example norms" in stats.b_simple_precond_reason
+    assert stats.noise_geometry == "sgd" and stats.optimizer_geometry
+    assert "falls back to B_simple" in stats.noise_geometry_reason
