@@ -88,6 +88,11 @@ class Recommendation:
         return float(self._problem.goodput(_check_batch("batch_size", batch_size)))
 
     @property
+    def b_noise(self) -> float | None:
+        """The B_noise this recommendation was computed with (None for the "sqrt" model)."""
+        return self._problem.b_noise
+
+    @property
     def split(self) -> StepSplit | None:
         """The in-run step-time split this recommendation comes from (None: from throughput points)."""
         return self._problem.split

@@ -347,7 +347,9 @@ class BsmonApp(App):
         self.query_one(OptimalPanel).show(numbers.recommendation, numbers.stats.b_opt_reason, numbers.memory_limit,
                                           numbers.stats.input_hint, fmt.data_parallel(numbers.stats),
                                           branch_line(numbers.stats))
-        self.query_one(BatchSizeChart).show(numbers.recommendation, numbers.stats.b_simple, numbers.points)
+        # the efficiency curve must use the B_noise the advice used (B_pre, or calibrated), not B_simple
+        rec = numbers.recommendation
+        self.query_one(BatchSizeChart).show(rec, rec.b_noise if rec is not None else None, numbers.points)
         self.query_one(GpuPanel).show(numbers.gpu, numbers.stats.gpu_hints, live=self._live(returncode, numbers.bye))
         self.query_one(ScalarsPanel).show(numbers.scalars)
         self.query_one(EventsLog).show(numbers.events, hello.get("t0", 0.0))
