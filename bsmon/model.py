@@ -681,7 +681,7 @@ class SessionModel:
             self._recommend_reason = self.next_action()
             return
         b_noise, low, high = noise.b_simple, noise.b_simple_low, noise.b_simple_high
-        if factor is not None:  # (the check measured B_simple/B_crit, so _advice_noise gave B_simple)  # B_noise = B_simple / (B_simple/B_crit measured), decaying (stats.branch)
+        if factor is not None:  # B_noise = B_simple / (B_simple/B_crit measured), decaying (stats.branch)
             b_noise, low, high = (None if v is None else v / factor for v in (b_noise, low, high))
         if low is not None and high is not None:
             # A band reaching 0 (noise swamps |G|^2 at the low end) is kept as a tiny positive

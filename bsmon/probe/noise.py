@@ -203,8 +203,9 @@ class NoiseProbe:
             self._passes.append(None)
         else:
             self._passes.append(grad_sq_norms(self._measured))
-            if self._per_example is None and self._precond.supported:
-                self._pre_passes.append(self._precond.sq_norm(self._measured))
+            if self._per_example is None and self._ddp_hook is None and self._precond.supported:
+                rescaled = self._precond.rescaled(self._measured)
+                self._pre_passes.append(None if rescaled is None else sq_norm_sum(rescaled))
         self._spent_s += time.perf_counter() - start
 
     def discard(self) -> None:

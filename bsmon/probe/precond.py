@@ -48,8 +48,9 @@ class Preconditioner:
     def supported(self) -> bool:
         return self.reason is None
 
-    def sq_norm(self, measured: Sequence[Sequence[nn.Parameter]]) -> torch.Tensor | None:
-        """Sum over ``measured`` of |.grad / (sqrt(v_hat) + eps)|^2 as a 0-d float32 tensor.
+    def rescaled(self, measured: Sequence[Sequence[nn.Parameter]]) -> list[torch.Tensor] | None:
+        """P * .grad = .grad / (sqrt(v_hat) + eps) for the parameters of ``measured`` (one list
+        per param group) that have a gradient, as new tensors (the caller takes their norm).
 
         None before the first optimizer step, or when a parameter with a gradient has no
         second moment yet (the geometry of part of the model is not the model's). Sets
@@ -57,9 +58,7 @@ class Preconditioner:
         """
         if self.reason is not None:
             return None
-        from bsmon.probe.noise import sq_norm_sum
-
-        total = None
+        result = []
         for group, params in zip(self._optimizer.param_groups, measured):
             with_grad = [p for p in params if p.grad is not None]
             if not with_grad:
@@ -69,9 +68,8 @@ class Preconditioner:
                 return None
             torch._foreach_reciprocal_(denominators)
             torch._foreach_mul_(denominators, [p.grad.to(d.dtype) for p, d in zip(with_grad, denominators)])
-            part = sq_norm_sum(denominators)
-            total = part if total is None else total + part.to(total.device)
-        return total
+            result += denominators
+        return result or None
 
     def _denominators(self, group: dict, params: list[nn.Parameter]) -> list[torch.Tensor] | None:
         """sqrt(v_t)/sqrt(1 - beta2^t) + eps for each parameter, as new tensors; None if any lacks state."""
