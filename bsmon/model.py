@@ -108,6 +108,9 @@ class Stats:
     skipped_steps: int = 0  # iterations abandoned without an optimizer step (GradScaler overflow, exception)
     step_problem: str | None = None  # a training-loop mistake that changes what a step is
     noise_groups: tuple[tuple[str, NoiseScale], ...] = ()
+    #: The micro-batch estimator's per-module breakdown: (label, share of the trainable parameters,
+    #: NoiseScale) per row; its grad_sq and trace_sigma add up to the whole model's.
+    noise_modules: tuple[tuple[str, float, NoiseScale], ...] = ()
     # B_pre: the noise scale of the gradient rescaled by an Adam-family optimizer's 1/(sqrt(v_hat)+eps);
     # None with b_simple_precond_reason where the optimizer or the estimator gives none.
     b_simple_precond: float | None = None
@@ -300,6 +303,7 @@ class EstimatorHistory:
     total: NoiseScaleTracker
     groups: list[NoiseScaleTracker]
     precond: NoiseScaleTracker  # B_pre, in the optimizer's geometry (the micro-batch estimator's)
+    modules: list[NoiseScaleTracker]  # per module row (the micro-batch estimator's breakdown)
     samples_at_update: float  # the session's samples trained when it last took a step (or began)
     measured_step: int | None = None  # the last step it took in
 
@@ -739,6 +743,7 @@ class SessionModel:
                 NoiseScaleTracker(self._horizon),
                 [NoiseScaleTracker(self._horizon) for _ in groups] if len(groups) > 1 else [],
                 NoiseScaleTracker(self._horizon),
+                [NoiseScaleTracker(self._horizon) for _ in (self.estimator or {}).get("modules") or []],
                 samples_at_update=self._samples - (self._units.global_samples(self._last["n"]) if self._last else 0))
         return history
 
@@ -762,6 +767,9 @@ class SessionModel:
         pre = precond_points(noise)
         if pre is not None:
             history.precond.update(step_estimate(self._in_unit(pre)), samples)
+        for tracker, points in zip(history.modules, module_points(noise, len(history.modules))):
+            if points is not None:
+                tracker.update(step_estimate(self._in_unit(points)), samples)
         for tracker, points in zip(history.groups, groups):
             if points is not None:
                 tracker.update(step_estimate(self._in_unit(points)), samples)
@@ -875,6 +883,15 @@ class SessionModel:
         """The noise scale the advice uses: B_pre in the optimizer's geometry, else B_simple."""
         return self.precond_noise() if self.noise_geometry()[0] == "optimizer" else self.noise()
 
+    def _module_breakdown(self, history: EstimatorHistory | None) -> tuple[tuple[str, float, NoiseScale], ...]:
+        estimator = self.estimator or {}
+        labels, params = estimator.get("modules") or [], estimator.get("module_params") or []
+        if history is None or not history.modules or len(labels) != len(history.modules):
+            return ()
+        total = sum(params) or 1
+        return tuple((label, count / total, tracker.result())
+                     for label, count, tracker in zip(labels, params, history.modules))
+
     def precond_noise(self) -> NoiseScale:
         """B_pre of the estimator in use (an empty result if it has none)."""
         history = self._shown_history()
@@ -946,6 +963,7 @@ class SessionModel:
             step_problem=step_problem,
             noise_groups=tuple((label, t.result()) for label, t in zip(labels, history.groups))
             if len(labels) > 1 and history is not None else (),
+            noise_modules=self._module_breakdown(history),
             b_simple_precond=pre.b_simple,
             b_simple_precond_low=pre.b_simple_low,
             b_simple_precond_high=pre.b_simple_high,
@@ -1032,6 +1050,15 @@ def tracker_metrics(stats: Stats, prefix: str = "bsmon/") -> dict[str, float]:
         if value is not None and math.isfinite(value):
             metrics[prefix + name.format(unit=stats.unit)] = float(value)
     return metrics
+
+
+def module_points(noise: dict[str, Any], modules: int) -> list[GradNormPoints | None]:
+    """The step's points for each row of the per-module breakdown (micro-batch estimator), if recorded."""
+    mod, micro = noise.get("mod"), noise.get("micro") or []
+    if noise.get("est") != "microbatch" or mod is None or not modules or len(mod) != len(micro) * modules:
+        return []
+    rows = [mod[i * modules:(i + 1) * modules] for i in range(len(micro))]
+    return [microbatch_points(micro, [row[k] for row in rows]) for k in range(modules)]
 
 
 def precond_points(noise: dict[str, Any]) -> GradNormPoints | None:

@@ -34,6 +34,7 @@ from torch import nn
 
 from bsmon.probe import distributed
 from bsmon.probe.deferred import Deferred
+from bsmon.probe.modules import module_partition
 from bsmon.probe.precond import REASON_DDP, REASON_PER_EXAMPLE, Preconditioner
 from bsmon.stats.noise import MEASURE_GAP_STEPS, partial_coverage_reason
 
@@ -87,29 +88,60 @@ REASON_NOT_DDP = (
     "not the module inside it")
 
 
-def sq_norm_sum(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Sum of the tensors' squared L2 norms as a 0-d float32 device tensor (no sync), one fused norm."""
+def sq_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The tensors' squared L2 norms as one float32 device tensor (no sync), one fused norm."""
     # float32 accumulation for half precision; float64 cannot be narrowed inside the norm
     wide = None if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     norms = torch._foreach_norm(tensors, 2, dtype=wide)
-    return torch.stack([n.to(norms[0].device, torch.float32) for n in norms]).square().sum()
+    return torch.stack([n.to(norms[0].device, torch.float32) for n in norms]).square()
 
 
-def grad_sq_norms(groups: Sequence[Sequence[nn.Parameter]]) -> torch.Tensor:
-    """Squared L2 norm of ``.grad`` per group, as one float32 device tensor (no sync)."""
-    sums = []
+def sq_norm_sum(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum of the tensors' squared L2 norms as a 0-d float32 device tensor (no sync)."""
+    return sq_norms(tensors).sum()
+
+
+def grad_sq_norms(groups: Sequence[Sequence[nn.Parameter]], rows: ModuleRows | None = None) -> torch.Tensor:
+    """Squared L2 norm of ``.grad`` per group, as one float32 device tensor (no sync).
+
+    With ``rows`` (and every parameter holding a gradient) the per-module sums follow the
+    group sums in the same tensor, from the same per-parameter norms.
+    """
+    sums, per_param = [], []
     device = None
     for params in groups:
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             sums.append(None)
             continue
-        total = sq_norm_sum(grads)
-        device = device or total.device
-        sums.append(total)
+        squares = sq_norms(grads)
+        per_param.append(squares)
+        device = device or squares.device
+        sums.append(squares.sum())
     if device is None:
         return torch.zeros(len(groups))
-    return torch.stack([torch.zeros((), device=device) if s is None else s.to(device) for s in sums])
+    totals = torch.stack([torch.zeros((), device=device) if s is None else s.to(device) for s in sums])
+    if rows is None or sum(len(s) for s in per_param) != len(rows.row_of):
+        return totals
+    squares = torch.cat([s.to(device) for s in per_param])
+    return torch.cat([totals, torch.zeros(len(rows.labels), device=device).index_add_(0, rows.index(device), squares)])
+
+
+class ModuleRows:
+    """The per-module breakdown's rows (bsmon.probe.modules) and their index on the device."""
+
+    def __init__(self, model: nn.Module, params: Sequence[nn.Parameter]) -> None:
+        self.labels, self.row_of, self.params = module_partition(model, params)
+        self._index: dict[torch.device, torch.Tensor] = {}
+
+    def index(self, device: torch.device) -> torch.Tensor:
+        """The row of each parameter, on ``device``: copied there once, without a sync."""
+        if device not in self._index:
+            host = torch.tensor(self.row_of, dtype=torch.long)
+            if device.type == "cuda":
+                host = host.pin_memory()
+            self._index[device] = host.to(device, non_blocking=True)
+        return self._index[device]
 
 
 def check_mode(model: nn.Module, mode: str | None) -> None:
@@ -159,6 +191,9 @@ class NoiseProbe:
         self._announce = announce
         self._group_params = [[p for p in g["params"] if p.requires_grad] for g in optimizer.param_groups]
         self._group_labels = [group_label(i, g) for i, g in enumerate(optimizer.param_groups)]
+        # the per-module breakdown of the micro-batch estimator, in group order; None for one module
+        rows = ModuleRows(model, [p for group in self._group_params for p in group])
+        self._rows = rows if len(rows.labels) > 1 else None
         self._measured = self._group_params
         self._per_example = None
         self._ddp_hook: distributed.DdpNormHook | None = None
@@ -202,8 +237,9 @@ class NoiseProbe:
             # .grad is mid-all-reduce here (before or after it, depending on DDP's settings)
             self._passes.append(None)
         else:
-            self._passes.append(grad_sq_norms(self._measured))
-            if self._per_example is None and self._ddp_hook is None and self._precond.supported:
+            microbatch = self._per_example is None and self._ddp_hook is None
+            self._passes.append(grad_sq_norms(self._measured, self._rows if microbatch else None))
+            if microbatch and self._precond.supported:
                 rescaled = self._precond.rescaled(self._measured)
                 self._pre_passes.append(None if rescaled is None else sq_norm_sum(rescaled))
         self._spent_s += time.perf_counter() - start
@@ -270,8 +306,14 @@ class NoiseProbe:
             if self._measured is not self._group_params and self.mode == "auto":
                 self._remove_per_example()  # the job switched to accumulation
             self._set_estimator("microbatch", None)
-            payload = {"est": "microbatch", "micro": list(micro_sizes), "g": len(self._measured),
-                       "acc": Deferred(torch.stack(passes))}
+            g = len(self._measured)
+            payload = {"est": "microbatch", "micro": list(micro_sizes), "g": g}
+            if self._rows is not None and all(len(p) == g + len(self._rows.labels) for p in passes):
+                stacked = torch.stack(passes)  # passes x (groups, then modules)
+                payload["acc"] = Deferred(stacked[:, :g])
+                payload["mod"] = Deferred(stacked[:, g:])
+            else:
+                payload["acc"] = Deferred(torch.stack([p[:g] for p in passes]))
             if len(pre_passes) == m and all(p is not None for p in pre_passes):
                 payload["pre"] = Deferred(torch.stack([p.to(pre_passes[0].device) for p in pre_passes]))
             return payload
@@ -428,6 +470,8 @@ class NoiseProbe:
         if self._current == current:
             return
         self._current = current
+        if name == "microbatch" and self._rows is not None:
+            details = {**details, "modules": self._rows.labels, "module_params": self._rows.params}
         record = {"k": "estimator", "name": name, "reason": reason, "groups": self._group_labels,
                   "second_moment": self._precond.supported, "precond_reason": precond_reason}
         record.update(details)

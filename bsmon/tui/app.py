@@ -30,7 +30,7 @@ from bsmon.gpu import GpuSnapshot
 from bsmon.model import SessionModel, Stats
 from bsmon.stats.optimal import Recommendation
 from bsmon.stats.throughput import ThroughputPoint
-from bsmon.tui.screens import BranchScreen, HelpScreen, WhyScreen, why_text
+from bsmon.tui.screens import BranchScreen, HelpScreen, LayersScreen, WhyScreen, why_text
 from bsmon.tui.widgets import (
     BatchPanel, BatchSizeChart, Chart, EventsLog, GpuChart, GpuPanel, JobHeader, LossChart, NoiseChart,
     NoiseLossChart, OptimalPanel, RanksPanel, ScalarsPanel, ThroughputChart, ThroughputPanel, Trend, branch_line,
@@ -224,6 +224,7 @@ class BsmonApp(App):
         Binding("p", "resume", "Resume"),
         Binding("b", "branch", "Branch checks"),
         Binding("w", "why", "Why B*"),
+        Binding("l", "layers", "Layers"),
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("ctrl+c", "interrupt_job", "Interrupt", priority=True),
         Binding("ctrl+c", "leave", "Quit", show=False, priority=True),
@@ -457,6 +458,10 @@ class BsmonApp(App):
         rec, stats = self._numbers.recommendation, self._numbers.stats
         self.push_screen(WhyScreen(why_text(rec.reason if rec else stats.b_opt_reason,
                                             rec.lr_advice if rec else None, self._numbers.memory_limit)))
+
+    def action_layers(self) -> None:
+        if not isinstance(self.screen, LayersScreen):
+            self.push_screen(LayersScreen(self.feed.read(lambda model: model.stats())))
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

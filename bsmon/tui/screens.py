@@ -11,6 +11,8 @@ from textual.markup import escape
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
+from bsmon import fmt
+from bsmon.model import Stats
 from bsmon.stats.branch import CALIBRATION_HALF_LIFE, TOLERANCE_RATIO, BranchCheck
 
 NUMBERS_HELP = """\
@@ -56,6 +58,7 @@ def keys_help(mode: str, output_log: Path | None, quit_ends_job: bool = False) -
         "[b]p[/b]       pause or resume redrawing; data keeps arriving",
         "[b]b[/b]       the branch checks: critical batch measured by bsmon.branch_check, per branch",
         "[b]w[/b]       why this batch size: the optimal-batch panel's full explanation",
+        "[b]l[/b]       the noise scale per layer: B_simple per module, its share of |G|² and tr(Σ)",
         "[b]?[/b]       this help; esc closes it",
     ])
 
@@ -180,6 +183,64 @@ class BranchScreen(ModalScreen[None]):
 
     def on_mount(self) -> None:
         self.query_one("#branch").border_title = "Branch checks"
+
+    def action_close(self) -> None:
+        self.dismiss()
+
+
+LAYERS_HELP = """\
+[b]How it is measured[/b]: the micro-batch estimator's squared norms of .grad after each backward pass, \
+summed per module from the same per-parameter norms, give each module's |G|² and tr(Σ); they add up to \
+the whole model's, so the shares below add to 100%. The largest modules have rows of their own, smaller \
+ones are grouped by type. [b]params[/b]: share of the trainable parameters. [b]|G|²[/b], [b]tr(Σ)[/b]: \
+the module's share of the whole model's. Gray et al. (2024, nanoGNS) find that a transformer's LayerNorm \
+parameters alone track the whole model's noise scale: compare the norm layers' line with the whole model's."""
+
+
+def _share(part: float | None, whole: float | None) -> str:
+    return f"{part / whole:5.0%}" if part is not None and whole and whole > 0 else "    –"
+
+
+def _scale(noise) -> str:
+    return escape(fmt.band(noise.b_simple, noise.b_simple_low, noise.b_simple_high)) if noise.b_simple is not None \
+        else "no estimate"
+
+
+def layers_details(stats: Stats) -> str:
+    """The per-module B_simple with bands, coverage and shares, and the norm layers against the whole."""
+    if not stats.noise_modules:
+        why = ("the per-layer view comes from the micro-batch estimator (>= 2 accumulated micro-batches "
+               "per step) on a model of more than one module")
+        return f"[b]No per-layer breakdown[/b]: {why}; the estimator now: {escape(str(stats.noise_estimator))}."
+    width = max(len(label) for label, _, _ in stats.noise_modules)
+    lines = [f"[b]{'module':<{width}}  params  |G|²  tr(Σ)  B_simple [95%][/b]"]
+    lines.append(f"{'whole model':<{width}}    100%  100%   100%  {_scale(stats)}")
+    for label, share, noise in stats.noise_modules:
+        lines.append(f"{escape(label):<{width}}   {share:5.0%} {_share(noise.grad_sq, stats.grad_sq)}  "
+                     f"{_share(noise.trace_sigma, stats.trace_sigma)}  {_scale(noise)}")
+    norms = [noise for label, _, noise in stats.noise_modules if "Norm" in label]
+    grad = sum(n.grad_sq or 0.0 for n in norms)
+    if norms and grad > 0 and stats.b_simple:
+        ratio = sum(n.trace_sigma or 0.0 for n in norms) / grad / stats.b_simple
+        lines.append(f"\nnorm layers together: B_simple {fmt.si(ratio * stats.b_simple)}, "
+                     f"{ratio:.2f}x the whole model's (nanoGNS: close to 1x)")
+    return "\n".join(lines)
+
+
+class LayersScreen(ModalScreen[None]):
+    BINDINGS = [Binding("escape,l,q", "close", "Close")]
+
+    def __init__(self, stats: Stats) -> None:
+        super().__init__()
+        self._text = layers_details(stats)
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="layers"):
+            yield Static(self._text, id="layers-table")
+            yield Static(LAYERS_HELP, id="layers-help")
+
+    def on_mount(self) -> None:
+        self.query_one("#layers").border_title = "Noise scale per layer"
 
     def action_close(self) -> None:
         self.dismiss()
