@@ -737,13 +737,23 @@ async def test_an_adam_job_shows_b_pre_beside_b_simple_and_says_the_advice_uses_
     feed.state = "replay"
     stats = model.stats()
     assert stats.b_simple_precond == pytest.approx(4 * stats.b_simple, rel=0.1)
-    async with BsmonApp(feed, mode="replay").run_test(size=SIZE) as pilot:
+    async with BsmonApp(feed, mode="replay").run_test(size=(200, 60)) as pilot:  # wide: side by side, in full
         await pilot.pause()
         app = pilot.app
         simple = fmt.band(stats.b_simple, stats.b_simple_low, stats.b_simple_high)
         pre = fmt.band(stats.b_simple_precond, stats.b_simple_precond_low, stats.b_simple_precond_high)
-        assert shown(app, BatchPanel, "b_simple") == f"B_simple {simple} · B_pre {pre}"
-        assert shown(app, BatchPanel, "geometry").startswith("advice uses B_pre: AdamW rescales each gradient")
+        # side by side where the panel has room for both, else B_pre on the line right below
+        both = shown(app, BatchPanel, "b_simple") + " · " + shown(app, BatchPanel, "b_pre")
+        assert both.startswith(f"B_simple {simple} · B_pre {pre}")
+        lines = str(app.query_one(BatchPanel).query_one(Static).visual).splitlines()
+        assert any(f"B_pre {pre}" in line for line in lines[lines.index(f"B_simple {simple}") if f"B_simple {simple}" in lines else 0:][:2])
+        assert shown(app, BatchPanel, "geometry") in (  # as much of the why as the panel has room for
+            f"advice uses B_pre: {stats.noise_geometry_reason}", "advice uses B_pre: the step is g/(√v̂+ε)")
+        assert "AdamW rescales each gradient element" in stats.noise_geometry_reason
+        await pilot.resize_terminal(80, 24)
+        await pilot.pause()
+        assert shown(app, BatchPanel, "b_pre") == f"B_pre {pre}"
+        assert shown(app, BatchPanel, "geometry").startswith("advice uses B_pre")
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
         text = str(app.screen.query_one("#help-numbers", Static).visual)

@@ -311,8 +311,9 @@ def noise_value(noise: Stats | NoiseScale) -> str:
     return fmt.band(noise.b_simple, noise.b_simple_low, noise.b_simple_high)
 
 
-def geometry_lines(stats: Stats) -> dict[str, str | None]:
-    """B_pre beside B_simple, which of the two the advice uses and why, and why B_pre is missing."""
+def geometry_lines(stats: Stats, width: int = 0) -> dict[str, str | None]:
+    """B_pre beside B_simple, which of the two the advice uses and why, and why B_pre is missing
+    (in short forms where ``width`` is too narrow for the full ones)."""
     optimizer = stats.noise_geometry == "optimizer"
     if stats.b_simple_precond is not None:
         pre = f"B_pre [b]{fmt.band(stats.b_simple_precond, stats.b_simple_precond_low, stats.b_simple_precond_high)}[/b]"
@@ -322,9 +323,13 @@ def geometry_lines(stats: Stats) -> dict[str, str | None]:
     return {
         "b_pre": pre,
         # the choice is worth a line only where there is one: an optimizer with its own geometry
-        "geometry": (f"advice uses {uses}: {escape(stats.noise_geometry_reason)}"
+        "geometry": (first_fitting(width, f"advice uses {uses}: {escape(stats.noise_geometry_reason)}",
+                                   "advice uses B_pre: the step is g/(√v̂+ε)" if optimizer
+                                   else f"advice uses B_simple: {escape(stats.noise_geometry_reason.split(',')[0])}",
+                                   f"advice uses {uses} (? for why)")
                      if stats.noise_geometry_reason and pre else None),
-        "pre_reason": (escape(stats.b_simple_precond_reason)
+        "pre_reason": (first_fitting(width, escape(stats.b_simple_precond_reason),
+                                     escape(stats.b_simple_precond_reason.split(":")[0]))
                        if optimizer and stats.b_simple_precond is None and stats.b_simple_precond_reason else None),
     }
 
@@ -384,7 +389,7 @@ class BatchPanel(Lines):
         simple = (f"B_simple [b]{noise_value(stats)}[/b]" if has_value
                   else f"B_simple: {escape(stats.noise_reason.split(',')[0])}" if measuring
                   else "B_simple: no estimate")
-        geometry = geometry_lines(stats)  # B_pre beside B_simple, and which the advice uses
+        geometry = geometry_lines(stats, width)  # B_pre beside B_simple, and which the advice uses
         pre = geometry.pop("b_pre")
         side_by_side = pre is not None and fits(f"{simple} · {pre}", width)  # else B_pre on the next line
         self.show_lines(
