@@ -455,8 +455,8 @@ async def test_q_in_the_demo_ends_the_demo_job():
 
     session = "demo0001"
     env = dict(os.environ, BSMON_SESSION_ID=session)
-    job = ChildJob(subprocess.Popen([sys.executable, "-m", "bsmon.demo", "--steps", "1000000"], env=env,
-                                    stdout=subprocess.DEVNULL, start_new_session=True))
+    job = ChildJob(spawn([sys.executable, "-m", "bsmon.demo", "--steps", "1000000"], env=env,
+                         stdout=None, stderr=None))
     try:
         info = wait_for_session(session, alive=lambda: job.returncode() is None, timeout=120)
         assert info is not None and info.status == "running"
