@@ -484,7 +484,7 @@ def footer_keys(app):
 
 @pilot_test
 async def test_the_footer_says_what_q_does_in_each_mode(sleeping_job):
-    cases = [("run", sleeping_job, "Detach (job runs on)"), ("attach", None, "Detach"), ("replay", None, "Quit")]
+    cases = [("run", sleeping_job, "Detach"), ("attach", None, "Detach"), ("replay", None, "Quit")]
     for mode, job, q in cases:
         app = BsmonApp(synthetic_feed(), mode=mode, job=job)
         async with app.run_test(size=SIZE) as pilot:

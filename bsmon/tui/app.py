@@ -215,14 +215,14 @@ class BsmonApp(App):
     ENABLE_COMMAND_PALETTE = False
     #: One q binding per mode; the footer says what q does in this one (check_action picks it).
     BINDINGS = [
-        Binding("q", "detach", "Detach (job runs on)"),
+        Binding("q", "detach", "Detach"),  # the job runs on; ? and the detach message say so
         Binding("q", "end_job", "Quit, ends demo"),
         Binding("q", "leave('detach')", "Detach"),
         Binding("q", "leave('quit')", "Quit"),
-        Binding("e", "export", "Export CSV"),
+        Binding("e", "export", "Export"),
         Binding("p", "pause", "Pause"),
         Binding("p", "resume", "Resume"),
-        Binding("b", "branch", "Branch checks"),
+        Binding("b", "branch", "Branches"),
         Binding("w", "why", "Why B*"),
         Binding("l", "layers", "Layers"),
         Binding("question_mark", "help", "Help", key_display="?"),
@@ -277,7 +277,7 @@ class BsmonApp(App):
             yield LossChart(id="loss-chart", classes="chart")
             yield GpuChart(id="gpu-chart", classes="chart")
         yield EventsLog(id="events")
-        yield Footer()
+        yield Footer(compact=True)  # every key fits 80 columns
 
     def on_mount(self) -> None:
         self._redraw()
