@@ -607,3 +607,90 @@ def test_hugging_face_tokens_with_changing_sequence_length_say_so(tmp_path):
     assert frame.attrs["hello"]["tokens_per_sample"] == 16 and (frame["batch_size"] == 64).all()
     assert [e["msg"] for e in frame.attrs["events"]
             if "tokens per sample" in e["msg"]][0].endswith("or pass tokens_per_sample= to BsmonCallback")
+
+
+# -- profile=True: a sweep of micro-batch sizes before training, training unchanged ------------------
+def _parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def check_profiled_session(session: str, callback) -> str:
+    """The profile is in the session (>= 2 sizes, events before and after) and drives B_opt."""
+    assert callback.profile is not None and len(callback.profile.points) >= 2
+    frame = bsmon.load(session)
+    messages = [e["msg"] for e in frame.attrs["events"]]
+    assert any(m.startswith("profiling micro-batch sizes") for m in messages), messages
+    assert any(m.startswith("throughput profile of micro-batch sizes") and "training state restored" in m
+               for m in messages), messages
+    from bsmon.cli import session_figures
+
+    stats = session_figures(store.resolve_session(session))
+    assert stats.b_simple is not None and stats.b_opt_source == "profile", stats
+    return headless_line(session)
+
+
+@pytest.mark.slow
+def test_hugging_face_profile_leaves_training_bitwise_unchanged(tmp_path, capsys):
+    from jobs.train_hf import CountingSequences, tiny_gpt2
+    from transformers import Trainer, TrainingArguments
+
+    from bsmon.integrations.transformers import BsmonCallback
+
+    def train(profile):
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"out-{bool(profile)}"), per_device_train_batch_size=4,
+            gradient_accumulation_steps=2, max_steps=8, logging_steps=1, learning_rate=1e-3, report_to=[],
+            save_strategy="no", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=1)
+        callback = BsmonCallback(name=f"hf-profile-{bool(profile)}", noise_budget=1.0, profile=profile)
+        model = tiny_gpt2()  # dropout on: the sweep draws random numbers that must be put back
+        trainer = Trainer(model=model, args=args, train_dataset=CountingSequences(), callbacks=[callback])
+        trainer.train()
+        return callback, _parameters(model), [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+    _, plain, plain_losses = train(False)
+    callback, profiled, profiled_losses = train(dict(max_batch=8))
+    assert profiled_losses == plain_losses
+    assert plain.keys() == profiled.keys()
+    assert all(torch.equal(plain[name], profiled[name]) for name in plain)
+    assert [p.batch_size for p in callback.profile.points] == [1, 2, 4, 8]
+    assert "bsmon: profiling micro-batch sizes doubling from 1" in capsys.readouterr().err
+    line = check_profiled_session(store.resolve_session("hf-profile-True").id, callback)
+    print(f"\nHF Trainer, profile=True: {line}")
+
+
+@pytest.mark.slow
+def test_lightning_profile_leaves_training_bitwise_unchanged(tmp_path):
+    import lightning.pytorch as pl
+    from jobs.train_lightning import regression_loader, regression_module
+
+    from bsmon.integrations.lightning import BsmonCallback
+
+    def train(profile):
+        torch.manual_seed(1)
+        module = regression_module()
+        callback = BsmonCallback(name=f"pl-profile-{bool(profile)}", noise_budget=1.0, profile=profile)
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=1, max_steps=10, accumulate_grad_batches=2, log_every_n_steps=1,
+            logger=False, callbacks=[callback], enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False)
+        loader = regression_loader(400)
+        shuffled = torch.utils.data.DataLoader(loader.dataset, batch_size=8, shuffle=True)  # draws torch RNG
+        trainer.fit(module, shuffled)
+        return callback, _parameters(module), trainer.global_step
+
+    _, plain, plain_steps = train(False)
+    callback, profiled, profiled_steps = train(dict(batch_sizes=[4, 8, 16, 32]))
+    assert profiled_steps == plain_steps == 10
+    assert all(torch.equal(plain[name], profiled[name]) for name in plain)
+    assert [p.batch_size for p in callback.profile.points] == [4, 8, 16, 32]
+    line = check_profiled_session(store.resolve_session("pl-profile-True").id, callback)
+    print(f"\nLightning, profile=True: {line}")
+
+
+def test_profile_option_is_checked():
+    from bsmon.integrations.transformers import BsmonCallback
+
+    with pytest.raises(ValueError, match="unknown option"):
+        BsmonCallback(profile=dict(max_size=8))
+    with pytest.raises(TypeError, match="takes True, False or a dict"):
+        BsmonCallback(profile="yes")

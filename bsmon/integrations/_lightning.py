@@ -14,23 +14,37 @@ Where it fits in a Lightning run (2.x):
 * ``on_train_batch_end`` after an optimizer step: what ``self.log`` logged in that step goes
   into the session, and bsmon's headline numbers go to Lightning's loggers through
   ``pl_module.log_dict`` as ``bsmon/...`` (sent at ``log_every_n_steps`` like the rest).
+* ``profile=True``: at ``on_train_start``, once watching (the train dataloader exists there,
+  not yet iterated), the callback times a sweep of micro-batch sizes
+  (bsmon/integrations/_profile.py) on batches of the train dataloader's dataset through its
+  ``collate_fn`` (read by index, as a Dataset's items: its sampler is not touched), moved by
+  ``strategy.batch_to_device``; each step is the LightningModule's ``training_step`` under the
+  precision plugin's ``train_step_context``, backward (through its GradScaler if any), and the
+  optimizer's ``step``/``zero_grad``. The sweep runs outside Lightning's loops, so the step
+  counters, loop state and LR schedulers are untouched; ``self.log`` calls in those steps are
+  dropped (they are not training steps).
 * ``on_train_end`` closes the session and sends bsmon's final numbers to the loggers;
   ``on_exception`` closes it as failed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import bsmon
+from bsmon.integrations._profile import indexed_batches, profile_options, run_profile
 from bsmon.probe import distributed
+from bsmon.profiling import Profile
 
 
 class LightningAdapter:
     """Mixed into each package's ``Callback``; see bsmon.integrations.lightning.BsmonCallback."""
 
-    def __init__(self, **watch_options: Any) -> None:
+    def __init__(self, *, profile: Any = False, **watch_options: Any) -> None:
         super().__init__()
+        self.profile_options = profile_options(profile)
+        self.profile: Profile | None = None
         self.watch_options = watch_options
         self.monitor: bsmon.Monitor | None = None
         self._global_step = 0
@@ -54,6 +68,50 @@ class LightningAdapter:
                 "of its parameters")
         self._global_step = trainer.global_step
         self._logged = {}
+        if self.profile_options is not None:
+            self._profile(trainer, pl_module, optimizers[0])
+
+    def _profile(self, trainer, pl_module, optimizer) -> None:
+        if trainer.world_size > 1:
+            self.monitor.warn("BsmonCallback(profile=True) profiles a single process; this job has "
+                              f"{trainer.world_size} processes, so no profile was taken")
+            return
+        if not pl_module.automatic_optimization:
+            raise ValueError("BsmonCallback(profile=True) runs training_step as a whole step, which needs "
+                             "automatic optimization; with manual optimization use bsmon.profile_training")
+        loader = trainer.train_dataloader
+        if not hasattr(loader, "collate_fn"):
+            raise ValueError("BsmonCallback(profile=True) builds batches from one train DataLoader's dataset and "
+                             f"collate_fn, and this job's train dataloader is a {type(loader).__name__}")
+        collated = indexed_batches(loader.dataset, loader.collate_fn)
+        precision = trainer.precision_plugin
+        scaler = getattr(precision, "scaler", None)
+
+        def make_batch(size: int) -> Any:
+            return trainer.strategy.batch_to_device(collated(size))
+
+        def step(batch) -> None:
+            with precision.train_step_context():
+                output = pl_module.training_step(batch, 0)
+            loss = output["loss"] if isinstance(output, Mapping) else output
+            if loss is None:
+                raise ValueError("BsmonCallback(profile=True): training_step returned no loss for a sweep batch")
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            optimizer.zero_grad()
+
+        # The sweep's steps are not training steps: what training_step logs in them is dropped.
+        pl_module.log = pl_module.log_dict = lambda *args, **kwargs: None
+        try:
+            self.profile = run_profile(self.monitor, pl_module, optimizer, make_batch, step, self.profile_options,
+                                       scaler=scaler)
+        finally:
+            del pl_module.log, pl_module.log_dict
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.monitor is None or trainer.global_step == self._global_step:

@@ -14,22 +14,34 @@ What the Trainer does, and where the callback fits (transformers 5.x, ``Trainer.
   bsmon's headline numbers to that dict as ``bsmon/...``, so every logger the Trainer
   reports to (TensorBoard, W&B, ...) receives them. For that it must come before them:
   at ``on_train_begin`` it moves itself to the front of the Trainer's callback list.
+* ``profile=True``: at ``on_train_begin``, once watching, the callback times a sweep of
+  micro-batch sizes (bsmon/integrations/_profile.py) on batches of ``Trainer.train_dataset``
+  through the collator the training dataloader uses (``Trainer._get_collator_with_removed_columns``,
+  or ``_remove_unused_columns`` on a ``datasets.Dataset``), each step being ``Trainer.training_step``
+  (autocast, loss, ``accelerator.backward``) and the Trainer's optimizer's ``step``/``zero_grad``;
+  the training dataloader already exists but has not been iterated, and nothing of it is used;
 * the Trainer's closing summary log (``train_runtime``, ...) closes the session and carries
   bsmon's final numbers; ``on_train_end`` closes it if that log did not come.
 """
 
 from __future__ import annotations
 
+import contextlib
+import random
 import sys
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
 import bsmon
+from bsmon.integrations._profile import indexed_batches, profile_options, run_profile
 from bsmon.probe import distributed
+from bsmon.probe.monitor import unwrap_optimizer
+from bsmon.profiling import Profile
 
 #: The Trainer's closing summary (train_runtime, train_loss, ...) is not a step's numbers.
 SUMMARY_KEY = "train_runtime"
@@ -41,10 +53,15 @@ class BsmonCallback(TrainerCallback):
     Keyword arguments go to ``bsmon.watch()`` (``name``, ``noise``, ``noise_budget``,
     ``batch_size``, ...). ``unit="tokens"`` counts tokens: ``tokens_per_sample`` is then
     read from the first training batch's ``input_ids`` (its sequence length) unless given.
-    ``monitor`` is the :class:`bsmon.Monitor` while training runs.
+    ``profile=True`` (or a dict of ``max_batch``, ``batch_sizes``, ``start``, ``warmup``, ``steps``)
+    times micro-batch sizes on the job's own training step before the first step and restores
+    the training state exactly (docs/integrations.md). ``monitor`` is the :class:`bsmon.Monitor`
+    while training runs; ``profile`` the :class:`bsmon.profiling.Profile` once measured.
     """
 
-    def __init__(self, **watch_options: Any) -> None:
+    def __init__(self, *, profile: Any = False, **watch_options: Any) -> None:
+        self.profile_options = profile_options(profile)
+        self.profile: Profile | None = None
         self.watch_options = watch_options
         self.monitor: bsmon.Monitor | None = None
         self._pending: Any = None  # the hook that watches at the first forward (unit="tokens")
@@ -59,11 +76,30 @@ class BsmonCallback(TrainerCallback):
         if trainer is not None and distributed.is_ddp(trainer.model_wrapped):
             model = trainer.model_wrapped  # DDP: its all-reduce gives the noise scale, as under torchrun
         options = dict(self.watch_options)
+        make_batch = None
+        if self.profile_options is not None:
+            if trainer is None:
+                raise RuntimeError("BsmonCallback(profile=True) could not find the Trainer that called it")
+            make_batch = _trainer_batches(trainer)
         if options.get("unit") == "tokens" and options.get("tokens_per_sample") is None:
-            self._pending = model.register_forward_pre_hook(
-                lambda module, a, kw: self._watch_at_first_forward(module, optimizer, a, kw), with_kwargs=True)
-            return
+            if make_batch is None:
+                self._pending = model.register_forward_pre_hook(
+                    lambda module, a, kw: self._watch_at_first_forward(module, optimizer, a, kw), with_kwargs=True)
+                return
+            # The profile needs the session now: the length comes from the dataset's first sample,
+            # the first training batch's is checked against it.
+            with _rng_kept():  # a collator may draw random numbers (masking): training's must not move
+                length = _sequence_length((), make_batch(1))
+            if length is None:
+                raise ValueError("BsmonCallback(unit='tokens') reads tokens per sample from the batch's input_ids "
+                                 "([batch, sequence]), and this dataset's batches have none: pass "
+                                 "tokens_per_sample=<tokens in one sample> to BsmonCallback")
+            options["tokens_per_sample"] = length
+            self._length_check = model.register_forward_pre_hook(
+                lambda m, a, kw: self._check_length(length, m, a, kw), with_kwargs=True)
         self._watch(model, optimizer, options)
+        if make_batch is not None:
+            self._profile(trainer, model, make_batch)
 
     def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs) -> None:
         if self.monitor is None or not logs:
@@ -99,6 +135,34 @@ class BsmonCallback(TrainerCallback):
         if not self._in_front:
             self.monitor.warn("BsmonCallback could not put itself before the Trainer's loggers, so its "
                               "bsmon/ numbers reach only the loggers after it in Trainer.callback_handler")
+
+    def _profile(self, trainer: Trainer, model: nn.Module, make_batch) -> None:
+        """The sweep, each step as the Trainer's: ``training_step`` (one micro-batch, so no
+        accumulation scaling), then its optimizer's ``step`` and ``zero_grad``."""
+        if distributed.is_ddp(trainer.model_wrapped) or trainer.args.world_size > 1:
+            self.monitor.warn("BsmonCallback(profile=True) profiles a single process; this job has "
+                              f"{trainer.args.world_size} processes, so no profile was taken")
+            return
+        gradient_state = trainer.accelerator.gradient_state
+        had_accumulation = "current_gradient_accumulation_steps" in vars(trainer)
+        saved = (trainer.__dict__.get("current_gradient_accumulation_steps"), gradient_state.sync_gradients)
+        trainer.current_gradient_accumulation_steps = 1
+        gradient_state._set_sync_gradients(True)  # each sweep step is a whole optimizer step
+
+        def step(batch) -> None:
+            trainer.training_step(model, batch)
+            trainer.optimizer.step()
+            trainer.optimizer.zero_grad()
+
+        try:
+            self.profile = run_profile(self.monitor, model, unwrap_optimizer(trainer.optimizer), make_batch, step,
+                                       self.profile_options, scaler=trainer.accelerator.scaler)
+        finally:
+            gradient_state._set_sync_gradients(saved[1])
+            if had_accumulation:
+                trainer.current_gradient_accumulation_steps = saved[0]
+            else:
+                del trainer.current_gradient_accumulation_steps
 
     def _watch_at_first_forward(self, module: nn.Module, optimizer, args: tuple, kwargs: dict) -> None:
         if not (module.training and torch.is_grad_enabled()):
@@ -150,6 +214,33 @@ def _calling_trainer(frame) -> Trainer | None:
             return owner
         frame = frame.f_back
     return None
+
+
+@contextlib.contextmanager
+def _rng_kept():
+    """Python's, NumPy's and torch's CPU random generators as they were, after the block."""
+    python, numpy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        yield
+    random.setstate(python)
+    np.random.set_state(numpy)
+
+
+def _trainer_batches(trainer: Trainer):
+    """``make_batch(size)`` from the Trainer's training dataset and collator, with unused columns
+    removed as its training dataloader removes them."""
+    dataset, collator = trainer.train_dataset, trainer.data_collator
+    if dataset is None:
+        raise ValueError("BsmonCallback(profile=True) builds batches from Trainer.train_dataset, and it is None")
+    try:
+        import datasets
+    except ImportError:
+        datasets = None
+    if datasets is not None and isinstance(dataset, datasets.Dataset):
+        dataset = trainer._remove_unused_columns(dataset, description="bsmon profile")
+    else:
+        collator = trainer._get_collator_with_removed_columns(collator, description="bsmon profile")
+    return indexed_batches(dataset, collator)
 
 
 def _is_number(value: Any) -> bool:
