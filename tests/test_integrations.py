@@ -630,7 +630,8 @@ def check_profiled_session(session: str, callback) -> str:
 
 
 @pytest.mark.slow
-def test_hugging_face_profile_leaves_training_bitwise_unchanged(tmp_path, capsys):
+@pytest.mark.parametrize("unit", ["samples", "tokens"])
+def test_hugging_face_profile_leaves_training_bitwise_unchanged(tmp_path, capsys, unit):
     from jobs.train_hf import CountingSequences, tiny_gpt2
     from transformers import Trainer, TrainingArguments
 
@@ -641,7 +642,8 @@ def test_hugging_face_profile_leaves_training_bitwise_unchanged(tmp_path, capsys
             output_dir=str(tmp_path / f"out-{bool(profile)}"), per_device_train_batch_size=4,
             gradient_accumulation_steps=2, max_steps=8, logging_steps=1, learning_rate=1e-3, report_to=[],
             save_strategy="no", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=1)
-        callback = BsmonCallback(name=f"hf-profile-{bool(profile)}", noise_budget=1.0, profile=profile)
+        callback = BsmonCallback(name=f"hf-profile-{unit}-{bool(profile)}", noise_budget=1.0, profile=profile,
+                                 unit=unit)
         model = tiny_gpt2()  # dropout on: the sweep draws random numbers that must be put back
         trainer = Trainer(model=model, args=args, train_dataset=CountingSequences(), callbacks=[callback])
         trainer.train()
@@ -654,8 +656,11 @@ def test_hugging_face_profile_leaves_training_bitwise_unchanged(tmp_path, capsys
     assert all(torch.equal(plain[name], profiled[name]) for name in plain)
     assert [p.batch_size for p in callback.profile.points] == [1, 2, 4, 8]
     assert "bsmon: profiling micro-batch sizes doubling from 1" in capsys.readouterr().err
-    line = check_profiled_session(store.resolve_session("hf-profile-True").id, callback)
-    print(f"\nHF Trainer, profile=True: {line}")
+    session = store.resolve_session(f"hf-profile-{unit}-True").id
+    line = check_profiled_session(session, callback)
+    # with unit="tokens" the length comes from the dataset's first sample: 16 tokens
+    assert bsmon.load(session).attrs["unit"] == unit and f"B {8 * (16 if unit == 'tokens' else 1)} = 2x" in line
+    print(f"\nHF Trainer ({unit}), profile=True: {line}")
 
 
 @pytest.mark.slow
@@ -671,7 +676,7 @@ def test_lightning_profile_leaves_training_bitwise_unchanged(tmp_path):
         callback = BsmonCallback(name=f"pl-profile-{bool(profile)}", noise_budget=1.0, profile=profile)
         trainer = pl.Trainer(
             accelerator="cpu", devices=1, max_steps=10, accumulate_grad_batches=2, log_every_n_steps=1,
-            logger=False, callbacks=[callback], enable_checkpointing=False, enable_progress_bar=False,
+            gradient_clip_val=0.5, logger=False, callbacks=[callback], enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False)
         loader = regression_loader(400)
         shuffled = torch.utils.data.DataLoader(loader.dataset, batch_size=8, shuffle=True)  # draws torch RNG
@@ -679,7 +684,7 @@ def test_lightning_profile_leaves_training_bitwise_unchanged(tmp_path):
         return callback, _parameters(module), trainer.global_step
 
     _, plain, plain_steps = train(False)
-    callback, profiled, profiled_steps = train(dict(batch_sizes=[4, 8, 16, 32]))
+    callback, profiled, profiled_steps = train(dict(batch_sizes=[4, 8, 16, 32], steps=10))
     assert profiled_steps == plain_steps == 10
     assert all(torch.equal(plain[name], profiled[name]) for name in plain)
     assert [p.batch_size for p in callback.profile.points] == [4, 8, 16, 32]

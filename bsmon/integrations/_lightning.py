@@ -19,8 +19,10 @@ Where it fits in a Lightning run (2.x):
   (bsmon/integrations/_profile.py) on batches of the train dataloader's dataset through its
   ``collate_fn`` (read by index, as a Dataset's items: its sampler is not touched), moved by
   ``strategy.batch_to_device``; each step is the LightningModule's ``training_step`` under the
-  precision plugin's ``train_step_context``, backward (through its GradScaler if any), and the
-  optimizer's ``step``/``zero_grad``. The sweep runs outside Lightning's loops, so the step
+  precision plugin's ``train_step_context``, backward (through its GradScaler if any),
+  ``configure_gradient_clipping`` when ``gradient_clip_val`` is set, and the optimizer's
+  ``step``/``zero_grad``. Other hooks a loop step calls (``on_before_backward``,
+  ``on_before_optimizer_step``, ...) are not called. The sweep runs outside Lightning's loops, so the step
   counters, loop state and LR schedulers are untouched; ``self.log`` calls in those steps are
   dropped (they are not training steps).
 * ``on_train_end`` closes the session and sends bsmon's final numbers to the loggers;
@@ -90,6 +92,11 @@ class LightningAdapter:
         def make_batch(size: int) -> Any:
             return trainer.strategy.batch_to_device(collated(size))
 
+        def clip() -> None:  # Trainer(gradient_clip_val=...), through the module's own hook as Lightning does
+            if trainer.gradient_clip_val:
+                pl_module.configure_gradient_clipping(optimizer, trainer.gradient_clip_val,
+                                                      trainer.gradient_clip_algorithm)
+
         def step(batch) -> None:
             with precision.train_step_context():
                 output = pl_module.training_step(batch, 0)
@@ -98,9 +105,12 @@ class LightningAdapter:
                 raise ValueError("BsmonCallback(profile=True): training_step returned no loss for a sweep batch")
             if scaler is None:
                 loss.backward()
+                clip()
                 optimizer.step()
             else:
                 scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                clip()
                 scaler.step(optimizer)
                 scaler.update()
             optimizer.zero_grad()

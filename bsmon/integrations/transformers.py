@@ -18,7 +18,8 @@ What the Trainer does, and where the callback fits (transformers 5.x, ``Trainer.
   micro-batch sizes (bsmon/integrations/_profile.py) on batches of ``Trainer.train_dataset``
   through the collator the training dataloader uses (``Trainer._get_collator_with_removed_columns``,
   or ``_remove_unused_columns`` on a ``datasets.Dataset``), each step being ``Trainer.training_step``
-  (autocast, loss, ``accelerator.backward``) and the Trainer's optimizer's ``step``/``zero_grad``;
+  (autocast, loss, ``accelerator.backward``), clipping at ``max_grad_norm`` and the Trainer's
+  optimizer's ``step``/``zero_grad`` (the LR scheduler is not stepped);
   the training dataloader already exists but has not been iterated, and nothing of it is used;
 * the Trainer's closing summary log (``train_runtime``, ...) closes the session and carries
   bsmon's final numbers; ``on_train_end`` closes it if that log did not come.
@@ -138,7 +139,8 @@ class BsmonCallback(TrainerCallback):
 
     def _profile(self, trainer: Trainer, model: nn.Module, make_batch) -> None:
         """The sweep, each step as the Trainer's: ``training_step`` (one micro-batch, so no
-        accumulation scaling), then its optimizer's ``step`` and ``zero_grad``."""
+        accumulation scaling), gradient clipping at ``max_grad_norm``, then its optimizer's
+        ``step`` and ``zero_grad``."""
         if distributed.is_ddp(trainer.model_wrapped) or trainer.args.world_size > 1:
             self.monitor.warn("BsmonCallback(profile=True) profiles a single process; this job has "
                               f"{trainer.args.world_size} processes, so no profile was taken")
@@ -149,8 +151,12 @@ class BsmonCallback(TrainerCallback):
         trainer.current_gradient_accumulation_steps = 1
         gradient_state._set_sync_gradients(True)  # each sweep step is a whole optimizer step
 
+        max_norm = trainer.args.max_grad_norm
+
         def step(batch) -> None:
             trainer.training_step(model, batch)
+            if max_norm is not None and max_norm > 0:  # as the Trainer's loop clips, before its step
+                trainer.accelerator.clip_grad_norm_(model.parameters(), max_norm)
             trainer.optimizer.step()
             trainer.optimizer.zero_grad()
 
