@@ -699,3 +699,19 @@ def test_profile_option_is_checked():
         BsmonCallback(profile=dict(max_size=8))
     with pytest.raises(TypeError, match="takes True, False or a dict"):
         BsmonCallback(profile="yes")
+
+
+def test_profile_needs_a_dataset_with_items():
+    from bsmon.integrations._profile import indexed_batches
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(range(4))
+
+        def __len__(self):
+            return 4
+
+    for dataset in (Stream(), []):
+        with pytest.raises(ValueError, match="builds batches from the training dataset by index"):
+            indexed_batches(dataset, list)
+    assert indexed_batches([10, 11, 12], list)(5) == [10, 11, 12, 10, 11]

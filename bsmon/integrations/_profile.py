@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Sized
 from typing import Any
 
+import torch
+
 import bsmon
 from bsmon.profiling import SIZE_CEILING, Profile, profile_training
 
@@ -42,9 +44,10 @@ def indexed_batches(dataset: Any, collate: Callable[[list], Any]) -> Callable[[i
     """``make_batch(size)``: samples 0, 1, ... (wrapping round a small dataset) through ``collate``.
 
     Read by index, so no sampler is advanced and no data-loader worker is started."""
-    if not (hasattr(dataset, "__getitem__") and isinstance(dataset, Sized)) or len(dataset) == 0:
+    iterable = isinstance(dataset, torch.utils.data.IterableDataset)
+    if iterable or not (hasattr(dataset, "__getitem__") and isinstance(dataset, Sized)) or len(dataset) == 0:
         raise ValueError(f"BsmonCallback(profile=True) builds batches from the training dataset by index, and "
-                         f"this one ({type(dataset).__name__}) has no length or items (an IterableDataset?): "
+                         f"this one ({type(dataset).__name__}) is iterable-only or empty: "
                          "profile with bsmon.profile_training(model, optimizer, make_batch, step) instead")
     return lambda size: collate([dataset[i % len(dataset)] for i in range(size)])
 
