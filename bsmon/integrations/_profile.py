@@ -58,7 +58,9 @@ def run_profile(monitor: bsmon.Monitor, model, optimizer, make_batch: Callable[[
     warmup, steps = options.get("warmup", 1), options.get("steps", 3)
     if options.get("batch_sizes") is not None:
         limit = options.get("max_batch") or SIZE_CEILING
-        planned = f"micro-batch sizes {', '.join(str(s) for s in sorted(set(options['batch_sizes'])) if s <= limit)}"
+        sizes = [size for size in sorted(set(options["batch_sizes"])) if size <= limit]
+        planned = (f"micro-batch sizes {', '.join(str(size) for size in sizes)} "
+                   f"({len(sizes) * (warmup + steps)} steps of {sum(sizes) * (warmup + steps)} samples in all)")
     else:
         cap = f"max_batch={options['max_batch']}" if options.get("max_batch") else "no size limit"
         planned = (f"micro-batch sizes doubling from {options.get('start', 1)} until out of memory, a throughput "

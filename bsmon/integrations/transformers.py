@@ -154,7 +154,7 @@ class BsmonCallback(TrainerCallback):
         max_norm = trainer.args.max_grad_norm
 
         def step(batch) -> None:
-            trainer.training_step(model, batch)
+            trainer.training_step(trainer.model_wrapped, batch)  # the model the loop steps (compiled, say)
             if max_norm is not None and max_norm > 0:  # as the Trainer's loop clips, before its step
                 trainer.accelerator.clip_grad_norm_(model.parameters(), max_norm)
             trainer.optimizer.step()
