@@ -546,7 +546,7 @@ def test_lightning_run_that_raises_is_recorded_as_failed():
 @pytest.mark.slow
 def test_lightning_ddp_is_one_session_per_job(tmp_path, bsmon_home):
     """Lightning's own DDP launcher (two CPU ranks, gloo): one session, recorded by rank 0."""
-    result = subprocess.run([sys.executable, str(JOBS / "train_lightning.py"), "--devices", "2",
+    result = subprocess.run([sys.executable, str(JOBS / "train_lightning.py"), "--devices", "2", "--profile",
                              "--logdir", str(tmp_path)], capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     sessions = store.list_sessions()
@@ -561,12 +561,13 @@ def test_lightning_ddp_is_one_session_per_job(tmp_path, bsmon_home):
     line = headless_line(info.id)
     print(f"\nLightning DDP: {line}")
     assert "B 32 = 2x8x2 ranks" in line
+    assert any("profiles a single process; this job has 2 processes" in e["msg"] for e in frame.attrs["events"])
 
 
 @pytest.mark.slow
 def test_hugging_face_trainer_under_torchrun_is_one_session_with_the_ddp_estimator(tmp_path, bsmon_home):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(JOBS / "train_hf.py"), "--out", str(tmp_path)]
+               str(JOBS / "train_hf.py"), "--out", str(tmp_path), "--profile"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     sessions = store.list_sessions()
@@ -579,6 +580,7 @@ def test_hugging_face_trainer_under_torchrun_is_one_session_with_the_ddp_estimat
     line = headless_line(info.id)
     print(f"\nHF Trainer DDP: {line}")
     assert "B 16 = 2x4x2 ranks" in line and "(ddp, " in line
+    assert any("profiles a single process; this job has 2 processes" in e["msg"] for e in frame.attrs["events"])
 
 
 @pytest.mark.slow

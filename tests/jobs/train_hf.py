@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--accumulate", type=int, default=2)
+    parser.add_argument("--profile", action="store_true", help="BsmonCallback(profile=True)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     training = TrainingArguments(
@@ -43,7 +44,7 @@ def main() -> None:
         max_steps=args.steps, logging_steps=1, learning_rate=1e-3, report_to=["tensorboard"],
         save_strategy="no", use_cpu=True, disable_tqdm=True, ddp_backend="gloo")
     trainer = Trainer(model=tiny_gpt2(), args=training, train_dataset=CountingSequences(),
-                      callbacks=[BsmonCallback(name="hf-ddp", noise_budget=1.0)])
+                      callbacks=[BsmonCallback(name="hf-ddp", noise_budget=1.0, profile=args.profile)])
     trainer.train()
 
 

@@ -56,13 +56,14 @@ def main() -> None:
     parser.add_argument("--accumulate", type=int, default=2)
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--logdir", required=True)
+    parser.add_argument("--profile", action="store_true", help="BsmonCallback(profile=True)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     trainer = pl.Trainer(
         accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
         max_steps=args.steps, accumulate_grad_batches=args.accumulate, log_every_n_steps=1,
         logger=pl.loggers.TensorBoardLogger(args.logdir, name="tb"),
-        callbacks=[BsmonCallback(name="lightning-job", noise_budget=1.0)],
+        callbacks=[BsmonCallback(name="lightning-job", noise_budget=1.0, profile=args.profile)],
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     samples = args.steps * args.accumulate * args.micro_batch * args.devices
     trainer.fit(regression_module(), regression_loader(samples, args.micro_batch))
