@@ -717,3 +717,20 @@ def test_profile_needs_a_dataset_with_items():
         with pytest.raises(ValueError, match="builds batches from the training dataset by index"):
             indexed_batches(dataset, list)
     assert indexed_batches([10, 11, 12], list)(5) == [10, 11, 12, 10, 11]
+
+
+@pytest.mark.slow
+def test_lightning_profile_with_manual_optimization_says_why_not():
+    import lightning.pytorch as pl
+    from jobs.train_lightning import regression_loader, regression_module
+
+    from bsmon.integrations.lightning import BsmonCallback
+
+    module = regression_module()
+    module.automatic_optimization = False
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[BsmonCallback(name="pl-manual", profile=True)])
+    with pytest.raises(ValueError, match="needs automatic optimization"):
+        trainer.fit(module, regression_loader(64))
+    assert bsmon.load(store.resolve_session("pl-manual").id).attrs["status"] == "failed"
