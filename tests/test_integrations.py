@@ -385,9 +385,6 @@ def test_compiled_model_with_accumulation(tmp_path, order):
     assert "B 16 = 2x8" in line and "(microbatch, " in line
 
 
-@pytest.mark.xfail(strict=True, reason="watch, then compile: the first step's forwards run traced, and the "
-                   "gradient hooks that count its backward passes are added only at its end, so step 1 "
-                   "has batch 0 (Monitor._follow_backward_ends under torch.compile)")
 def test_watch_then_compile_counts_the_first_step():
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)

@@ -383,6 +383,11 @@ class Monitor:
 
     def _on_sentinel_grad(self, param: torch.Tensor) -> None:
         self._sentinel_passes += 1
+        if self._compiled and not self._grad_hooks and self._compiled_size is not None:
+            # The first compiled step: its forwards ran traced, and the gradient hooks that count
+            # backward passes (_follow_backward_ends) come only at its end. This hook runs outside
+            # the graph once per backward pass, so it counts them until then.
+            self._micro_sizes.append(self._compiled_size)
 
     def _check_sentinel(self) -> None:
         """At the first step: a sentinel without a gradient (unused, frozen path) would never see a
