@@ -55,6 +55,11 @@ RANK_SILENCE_STEPS = 20
 #: suggests the GPU waits for its input.
 LOW_GPU_UTIL_PCT = 50.0
 LOW_UTIL_SAMPLES = 10
+#: Steps in a row with attempts cleared before their optimizer step, before bsmon reads them as
+#: zero_grad() between micro-batches. A loop with that mistake clears in every step; GradScaler
+#: overflows come alone or in a burst before one step (the scale drops after each), rarely in
+#: 3 steps in a row.
+CLEARS_IN_A_ROW = 3
 CLEARED_BETWEEN_MICRO_BATCHES = (
     "gradients are cleared between micro-batches: zero_grad() runs inside the accumulation loop, so "
     "each optimizer step uses only the micro-batch after the last clear ({n:,} {unit}, the batch shown). "
@@ -332,7 +337,8 @@ class SessionModel:
         self._step = 0
         self._samples = 0  # samples trained, all ranks
         self._skipped_steps = 0
-        self._cleared_last_step = 0  # chunks of the last step cleared without an optimizer step
+        # cleared chunks of each of the last steps in a row that had some (at most CLEARS_IN_A_ROW)
+        self._clear_run: collections.deque[int] = collections.deque(maxlen=CLEARS_IN_A_ROW)
         self._clearing_micro_batches = False  # gradients cleared between the micro-batches of a step
         self._last: dict[str, Any] | None = None
         self._dropped = 0
@@ -478,16 +484,20 @@ class SessionModel:
         """Count iterations abandoned before this step (the probe's ``skipped`` list).
 
         A chunk whose gradients were cleared without an optimizer step is a skipped step (a
-        GradScaler overflow, a retry after an exception), unless the step before had such chunks
-        too: a loop that clears in every step calls zero_grad() between its micro-batches.
+        GradScaler overflow, a retry after an exception), unless CLEARS_IN_A_ROW steps in a row
+        had such chunks: a loop that clears in every step calls zero_grad() between its micro-batches.
         """
         cleared = sum(chunk.get("why") == "cleared" for chunk in skipped)
-        between = bool(cleared and self._cleared_last_step)
+        if cleared:
+            self._clear_run.append(cleared)
+        else:
+            self._clear_run.clear()
+        between = len(self._clear_run) == CLEARS_IN_A_ROW
         if between and not self._clearing_micro_batches:
-            self._skipped_steps -= self._cleared_last_step  # the first such step's were micro-batches too
+            # the steps before in this run were micro-batches too, not skipped steps
+            self._skipped_steps -= sum(self._clear_run) - cleared
         self._clearing_micro_batches = between
         self._skipped_steps += len(skipped) - (cleared if between else 0)
-        self._cleared_last_step = cleared
 
     def _track_live_throughput(self, record: dict[str, Any]) -> None:
         """Steady-state step time per batch size (samples per optimizer step), after a warm-up

@@ -222,3 +222,24 @@ def test_ddp_accumulation_without_no_sync_gets_its_reason():
     assert stats.b_simple is None and stats.noise_estimator is None
     assert stats.noise_reason == REASON_DDP_NO_SYNC.format(synced=2, m=2)
     assert stats.noise_reason.endswith("Run all but the last micro-batch inside `with model.no_sync():`")
+
+
+def test_overflows_in_two_steps_in_a_row_are_skipped_steps_and_three_in_a_row_are_zero_grad():
+    """GradScaler overflows come alone or in bursts; a loop with zero_grad() between its
+    micro-batches clears in every step. Only CLEARS_IN_A_ROW steps in a row name the mistake."""
+    from bsmon.model import CLEARS_IN_A_ROW
+    from test_units import _hello
+
+    def run(cleared_steps, steps=8):
+        model = SessionModel()
+        model.ingest(_hello())
+        for n in range(1, steps + 1):
+            skipped = [{"n": 16, "mb": 2, "why": "cleared"}] if n in cleared_steps else []
+            model.ingest({"k": "step", "step": n, "t": n * 0.1, "dt": 0.1, "n": 16, "mb": 2, "dropped": 0,
+                          **({"skipped": skipped} if skipped else {})})
+        return model.stats()
+
+    overflows = run({3, 4})
+    assert overflows.skipped_steps == 2 and overflows.step_problem is None
+    mistake = run(set(range(2, 9)))
+    assert CLEARS_IN_A_ROW == 3 and mistake.skipped_steps == 0 and "zero_grad()" in mistake.step_problem
