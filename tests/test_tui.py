@@ -751,8 +751,8 @@ async def test_an_adam_job_shows_b_pre_beside_b_simple_and_says_the_advice_uses_
             f"advice uses B_pre: {stats.noise_geometry_reason}", "advice uses B_pre: the step is g/(√v̂+ε)")
         assert "AdamW rescales each gradient element" in stats.noise_geometry_reason
         await pilot.resize_terminal(80, 24)
-        await pilot.pause()
-        assert shown(app, BatchPanel, "b_pre") == f"B_pre {pre}"
+        # the panels relayout on the next redraw tick
+        await until(pilot, lambda: shown(app, BatchPanel, "b_pre") == f"B_pre {pre}", "B_pre on its own line at 80x24")
         assert shown(app, BatchPanel, "geometry").startswith("advice uses B_pre")
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
