@@ -1,6 +1,5 @@
 """demos/gpu_check.py, the real-hardware check: on this machine, and its NVML-only checks on the fake."""
 
-import ctypes
 import re
 import subprocess
 import sys
@@ -9,20 +8,13 @@ import pytest
 
 from conftest import ROOT
 from fake_nvml import OLDEST, FakeDriver, FakeGpu, FakeProcess
+from test_gpu import _nvml_library_present
 
 sys.path.insert(0, str(ROOT / "demos"))
 import gpu_check  # noqa: E402
 
 CHECKS = ("environment", "NVML functions", "job memory vs nvidia-smi", "per-process utilisation",
           "device selection", "sampler cost", "monitor path", "MIG")
-
-
-def _nvml_library_present():
-    try:
-        ctypes.CDLL("libnvidia-ml.so.1")
-    except OSError:
-        return False
-    return True
 
 
 @pytest.mark.skipif(_nvml_library_present(), reason="this machine has an NVIDIA driver: run the check itself")

@@ -169,23 +169,36 @@ def branch_details(checks: list[BranchCheck], calibration: float | None) -> str:
     return "\n\n".join(parts)
 
 
-class BranchScreen(ModalScreen[None]):
-    BINDINGS = [Binding("escape,b,q", "close", "Close")]
+class DetailScreen(ModalScreen[None]):
+    """A scrollable detail view behind a key: a table of numbers and how they are measured.
 
-    def __init__(self, checks: list[BranchCheck], calibration: float | None) -> None:
+    Subclasses name the view and its table (``VIEW``, ``TABLE``: the ids its styles use), its title
+    and its help text."""
+
+    VIEW = TABLE = TITLE = HELP = ""
+
+    def __init__(self, text: str) -> None:
         super().__init__()
-        self._text = branch_details(checks, calibration)
+        self._text = text
 
     def compose(self) -> ComposeResult:
-        with VerticalScroll(id="branch"):
-            yield Static(self._text, id="branch-checks")
-            yield Static(BRANCH_HELP, id="branch-help")
+        with VerticalScroll(id=self.VIEW):
+            yield Static(self._text, id=self.TABLE)
+            yield Static(self.HELP, id=f"{self.VIEW}-help")
 
     def on_mount(self) -> None:
-        self.query_one("#branch").border_title = "Branch checks"
+        self.query_one(f"#{self.VIEW}").border_title = self.TITLE
 
     def action_close(self) -> None:
         self.dismiss()
+
+
+class BranchScreen(DetailScreen):
+    BINDINGS = [Binding("escape,b,q", "close", "Close")]
+    VIEW, TABLE, TITLE, HELP = "branch", "branch-checks", "Branch checks", BRANCH_HELP
+
+    def __init__(self, checks: list[BranchCheck], calibration: float | None) -> None:
+        super().__init__(branch_details(checks, calibration))
 
 
 LAYERS_HELP = """\
@@ -227,20 +240,9 @@ def layers_details(stats: Stats) -> str:
     return "\n".join(lines)
 
 
-class LayersScreen(ModalScreen[None]):
+class LayersScreen(DetailScreen):
     BINDINGS = [Binding("escape,l,q", "close", "Close")]
+    VIEW, TABLE, TITLE, HELP = "layers", "layers-table", "Noise scale per layer", LAYERS_HELP
 
     def __init__(self, stats: Stats) -> None:
-        super().__init__()
-        self._text = layers_details(stats)
-
-    def compose(self) -> ComposeResult:
-        with VerticalScroll(id="layers"):
-            yield Static(self._text, id="layers-table")
-            yield Static(LAYERS_HELP, id="layers-help")
-
-    def on_mount(self) -> None:
-        self.query_one("#layers").border_title = "Noise scale per layer"
-
-    def action_close(self) -> None:
-        self.dismiss()
+        super().__init__(layers_details(stats))
