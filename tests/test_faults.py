@@ -65,6 +65,8 @@ def test_a_monitor_that_stops_reading_is_dropped_and_counted(monkeypatch):
         info = store.resolve_session(monitor.session_id)
         stalled = connect(info.socket)  # attaches, then never reads
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        # accepted before the records pile up (a loaded machine may take a while to accept it)
+        wait_for(lambda: monitor._publisher._clients, "the job to accept the monitor")
         _train(model, optimizer, 300, monitor, pad=200)  # about 1.5 MB of records
     records, _ = store.read_records(info.records_path)
     assert [r["step"] for r in records if r["k"] == "step"] == list(range(1, 301))

@@ -21,7 +21,7 @@ def test_gpu_samples_are_recorded_and_exported_per_step(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     ready = tmp_path / "ready"
-    job = start_job("--steps", "40", "--sleep", "0.05", "--ready-file", str(ready))
+    job = start_job("--steps", "100", "--sleep", "0.05", "--ready-file", str(ready))
     wait_for(ready.exists, "the job's first step", job)
     info = store.resolve_session(None, running=True)
     driver = FakeDriver([FakeGpu(UUID, compute=[FakeProcess(job.pid, 1234, sm_util=80)])])
@@ -35,6 +35,9 @@ def test_gpu_samples_are_recorded_and_exported_per_step(tmp_path, monkeypatch):
     second = cli._attach_with_gpu(Feed(), info)  # a second monitor shows but does not record
     assert made[0] == {"job_pid": job.pid, "device_uuids": [], "visible_devices": None,
                        "cuda_device_order": "PCI_BUS_ID", "job_pid_namespace": processes.pid_namespace()}
+    gpu_file = info.directory / store.GPU_FILE
+    wait_for(lambda: gpu_file.exists() and len(store.read_records(gpu_file)[0]) >= 2,
+             "two GPU samples recorded while the job runs")  # a loaded machine can starve the sampler a while
     assert job.wait(timeout=60) == 0
     assert feed.wait(timeout=10)
     time.sleep(0.3)
