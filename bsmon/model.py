@@ -307,7 +307,7 @@ class EstimatorHistory:
 
     total: NoiseScaleTracker
     groups: list[NoiseScaleTracker]
-    precond: NoiseScaleTracker  # B_pre, in the optimizer's geometry (the micro-batch estimator's)
+    precond: NoiseScaleTracker  # B_pre, in the optimizer's geometry
     modules: list[NoiseScaleTracker]  # per module row (the micro-batch estimator's breakdown)
     samples_at_update: float  # the session's samples trained when it last took a step (or began)
     measured_step: int | None = None  # the last step it took in
@@ -880,10 +880,10 @@ class SessionModel:
             return "sgd", "noise_geometry='sgd' was asked for"
         if requested == "optimizer":
             return "optimizer", "noise_geometry='optimizer' was asked for"
-        if estimator.get("second_moment") and estimator.get("name") in ("per_example", "ddp"):
-            return "sgd", (f"{optimizer} has its own geometry, but the {estimator['name']} estimator cannot "
-                           "measure B_pre, so the advice falls back to B_simple (accumulate >= 2 micro-batches "
-                           "per step for B_pre)")
+        if estimator.get("second_moment") and estimator.get("precond_reason"):
+            # a session recorded before every estimator measured B_pre
+            return "sgd", (f"{optimizer} has its own geometry, but B_pre is not measured "
+                           f"({estimator['precond_reason']}), so the advice falls back to B_simple")
         if estimator.get("second_moment"):
             return "optimizer", (f"{optimizer} rescales each gradient element by 1/(sqrt(v_hat)+eps), so the "
                                  "noise of its step is that of the rescaled gradient")
@@ -1072,10 +1072,19 @@ def module_points(noise: dict[str, Any], modules: int) -> list[GradNormPoints | 
 
 
 def precond_points(noise: dict[str, Any]) -> GradNormPoints | None:
-    """The step's points in the optimizer's geometry (|P .grad|^2 after each pass), if measured."""
-    if noise.get("est") != "microbatch" or "pre" not in noise or len(noise["pre"]) != len(noise["micro"]):
+    """The step's points in the optimizer's geometry, if measured: the estimator's own norms, of
+    the gradients rescaled by P (micro-batch: after each pass; per-example: the per-example sum
+    and the batch's; data parallel: the no_sync passes, then the local and averaged gradients)."""
+    pre, est = noise.get("pre"), noise.get("est")
+    if pre is None:
         return None
-    return microbatch_points(noise["micro"], noise["pre"])
+    if est == "microbatch" and len(pre) == len(noise["micro"]):
+        return microbatch_points(noise["micro"], pre)
+    if est == "per_example" and len(pre) == 2:
+        return per_example_points(noise["batch"], pre[0], pre[1])
+    if est == "ddp" and len(pre) == len(noise["micro"]) + 1:
+        return ddp_points(noise["micro"], pre[:-2], pre[-2], pre[-1], noise["world"])
+    return None
 
 
 def noise_points(noise: dict[str, Any], groups: bool = True) -> list[GradNormPoints | None]:

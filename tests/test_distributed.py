@@ -135,6 +135,23 @@ def test_plain_torchrun_with_four_ranks_and_a_user_hook_is_one_session_to_attach
     assert stats.b_simple == pytest.approx(exact_b_simple(), rel=0.10)
 
 
+def test_b_pre_of_the_data_parallel_estimator_against_the_exact_value_in_adams_geometry():
+    """AdamW at learning rate 0 from the exact second moment of the global batch's gradient: the
+    local and averaged gradients (and the no_sync pass) rescaled by P give the exact B_pre."""
+    job = spawn(torchrun(2, "--adam", "--steps", "500", "--accumulate", "2", "--micro-batch", "64"),
+                stderr=subprocess.STDOUT)
+    output, _ = job.communicate(timeout=240)
+    assert job.returncode == 0, output[-3000:]
+    stats = Feed().replay(_only_session()).model.stats()
+    b_simple, b_pre = train_ddp.exact_b_pre(batch=2 * 64 * 2)
+    assert abs(b_pre / b_simple - 1) > 0.3, (b_simple, b_pre)  # the geometry matters on this problem
+    assert stats.noise_estimator == "ddp" and stats.noise_steps == 500
+    assert stats.b_simple == pytest.approx(b_simple, rel=0.10)
+    assert stats.b_simple_precond == pytest.approx(b_pre, rel=0.10), f"exact B_pre {b_pre:.2f}"
+    assert stats.b_simple_precond_low <= b_pre <= stats.b_simple_precond_high
+    assert stats.b_simple_precond_reason is None and stats.noise_geometry == "optimizer"
+
+
 def test_a_killed_rank_ends_the_job_and_leaves_a_readable_session(tmp_path):
     """Also: noise='auto' explains why a hook registered before watch() leaves no estimate."""
     ready = tmp_path / "ready"

@@ -618,7 +618,7 @@ def test_tied_input_and_output_embedding_includes_the_cross_term(padding_idx):
     # Without the cross term the tied weight's norms would be off: check the test can tell.
     cross_free = PerExampleNorms(model)
     for tie in cross_free._ties:
-        tie.backward = lambda tap, delta: None
+        tie.backward = lambda tap, delta, scale=None: None
     _, totals = train_step(model, cross_free, ids, labels, cross_entropy)
     assert not torch.allclose(totals.sum(), covered_total(exact, probe), rtol=1e-3)
 
@@ -773,3 +773,128 @@ def test_declared_sample_mixing_module():
     assert probe.mixed_by == "1 (InBatchNegatives)"
     with pytest.raises(TypeError, match="mixes_samples must be a tuple of nn.Module subclasses"):
         PerExampleNorms(model, mixes_samples=InBatchNegatives)
+
+
+# ---- norms in the optimizer's geometry (B_pre) ----------------------------------------------
+
+
+def random_scales(model, seed=1):
+    """A stand-in for Adam's P^2 per parameter: positive, spread over two orders of magnitude."""
+    gen = torch.Generator().manual_seed(seed)
+    return {id(p): 10 ** (2 * torch.rand(p.shape, generator=gen) - 1) for p in model.parameters()}
+
+
+def rescaling(model, scales):
+    """PerExampleNorms' ``rescale``: P^2 of the parameters asked for."""
+    return lambda params: [scales[id(p)] for p in params]
+
+
+def exact_rescaled_sum(model, per_example_grads, scales, names):
+    """sum_i |P * g_i|^2 over the named parameters, from exact per-example gradients."""
+    params = dict(model.named_parameters())
+    return sum((per_example_grads[name].square() * scales[id(params[name])]).sum() for name in names)
+
+
+def exact_grads(model, x, target, loss_fn):
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def example_loss(params, x_i, target_i):
+        return loss_fn(functional_call(model, params, (x_i.unsqueeze(0),)), target_i.unsqueeze(0))
+
+    return vmap(grad(example_loss), in_dims=(None, 0, 0))(params, x, target)
+
+
+def assert_rescaled_matches(model, x, target, loss_fn):
+    """Both the plain and the rescaled per-example norms of one step match the exact ones."""
+    per_example_grads = exact_grads(model, x, target, loss_fn)
+    scales = random_scales(model)
+    probe = PerExampleNorms(model, rescale=rescaling(model, scales))
+    exact_plain = {name: g.flatten(1).square().sum(1) for name, g in per_example_grads.items()}
+    assert_step_matches(model, probe, x, target, loss_fn, exact_plain)  # the plain norms stay exact
+    train_step(model, probe, x, target, loss_fn)
+    assert probe.rescaled is not None, probe.rescaled_reason
+    want = exact_rescaled_sum(model, per_example_grads, scales, probe.covered_names)
+    torch.testing.assert_close(probe.rescaled, want, rtol=RTOL, atol=0)
+    return probe
+
+
+@pytest.mark.parametrize("shape", [(6, 12), (4, 5, 12), (3, 2, 4, 12)])
+def test_rescaled_norms_of_linear_layers_with_and_without_a_sequence(shape):
+    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 2))
+    x = torch.randn(shape)
+    assert_rescaled_matches(model, x, torch.randn(*shape[:-1], 2), squared_error)
+
+
+def test_rescaled_norms_materialise_in_chunks(monkeypatch):
+    import bsmon.probe.per_example as per_example
+
+    monkeypatch.setattr(per_example, "MATERIALISE_ELEMENTS", 12 * 16 * 2)  # two examples at a time
+    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 2))
+    assert_rescaled_matches(model, torch.randn(5, 3, 12), torch.randn(5, 3, 2), squared_error)
+
+
+def test_rescaled_norms_of_a_conv_net_with_groups():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding="same", groups=2, bias=False), nn.ReLU(),
+        nn.Flatten(1, 2), nn.Conv1d(4 * 4, 6, 2, groups=2), nn.Flatten(), nn.Linear(18, 3),
+    )
+    x, labels = torch.randn(5, 3, 8, 8), torch.randint(0, 3, (5,))
+    assert_rescaled_matches(model, x, labels, cross_entropy)
+
+
+def test_rescaled_norms_of_norm_layers():
+    model = nn.Sequential(nn.Linear(6, 6), nn.LayerNorm(6), nn.RMSNorm(6), nn.Linear(6, 2))
+    nn.init.normal_(model[1].weight)
+    nn.init.normal_(model[1].bias)
+    nn.init.normal_(model[2].weight)
+    assert_rescaled_matches(model, torch.randn(5, 4, 6), torch.randn(5, 4, 2), squared_error)
+
+
+@pytest.mark.parametrize("padding_idx", [None, 3])
+def test_rescaled_norms_of_embeddings_and_the_tied_cross_term(padding_idx):
+    model = TinyLM(tied=True, padding_idx=padding_idx, position_embedding=True)
+    model.position_ids_2d = True  # a shared lookup, expanded to the batch
+    model.block = nn.Identity()  # MultiheadAttention is not covered; the rest is, tie included
+    ids, labels = lm_batch(batch=5, positions=7)
+    ids[0, :3] = 3
+    probe = assert_rescaled_matches(model, ids, labels, cross_entropy)
+    assert probe.covered_fraction == 1.0 and probe._ties
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_rescaled_norms_of_gpt2_whole_and_exact():
+    model = gpt2()
+    ids = torch.randint(0, 64, (3, 10))
+    per_example = {name: [] for name, _ in model.named_parameters()}
+    for i in range(ids.shape[0]):
+        model.zero_grad(set_to_none=True)
+        gpt2_loss(model, ids[i:i + 1]).backward()
+        for name, param in model.named_parameters():
+            per_example[name].append(param.grad.clone())
+    per_example = {name: torch.stack(g) for name, g in per_example.items()}
+    scales = random_scales(model)
+    probe = PerExampleNorms(model, rescale=rescaling(model, scales))
+    model.zero_grad(set_to_none=True)
+    gpt2_loss(model, ids).backward()  # a mean over the batch: each example's gradient carries 1/B
+    batch, _ = probe.pop()
+    assert probe.covered_fraction == 1.0
+    want = exact_rescaled_sum(model, per_example, scales, probe.covered_names)
+    torch.testing.assert_close(probe.rescaled * batch**2, want, rtol=RTOL, atol=0)
+
+
+def test_no_second_moment_for_a_layer_gives_no_rescaled_norms_and_says_which():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    scales = random_scales(model)
+    missing = model[2].weight
+
+    def rescale(params):
+        return None if any(p is missing for p in params) else [scales[id(p)] for p in params]
+
+    probe = PerExampleNorms(model, rescale=rescale)
+    x, target = torch.randn(5, 4), torch.randn(5, 2)
+    assert train_step(model, probe, x, target, squared_error) is not None  # the plain norms are kept
+    assert probe.rescaled is None and "2.weight" in probe.rescaled_reason
+    missing = None
+    train_step(model, probe, x, target, squared_error)
+    assert probe.rescaled is not None and probe.rescaled_reason is None

@@ -3,7 +3,9 @@
 At learning rate 0 the parameters stay put, so Adam's second moment v converges to the
 elementwise E[g_B^2] = G^2 + diag(Sigma)/B of the step's batch gradient (B = the whole step's
 batch). P = 1/(sqrt(G^2 + diag(Sigma)/B) + eps) from the exact per-example gradients (torch.func)
-then gives the exact B_pre = tr(P Sigma P)/|P G|^2 at those parameters.
+then gives the exact B_pre = tr(P Sigma P)/|P G|^2 at those parameters. Both single-process
+estimators are run on the same batch of 64: the micro-batch one as 4 passes of 16, the
+per-example one as one pass of 64 (the data-parallel one: tests/test_distributed.py).
 """
 
 import pytest
@@ -49,9 +51,14 @@ def exact_noise_scales(model, x, y, eps: float) -> tuple[float, float]:
     return b_simple, b_pre
 
 
+#: (micro-batch size, passes per step) of each estimator's runs
+ESTIMATORS = {"microbatch": (MICRO, ACCUMULATE), "per_example": (BATCH, 1)}
+
+
 def run(steps: int, *, warmup: int = 1000, summed: bool = False, scaler: torch.amp.GradScaler | None = None,
-        optimizer_cls=torch.optim.AdamW, seed: int = 0, micro: int = MICRO, accumulate: int = ACCUMULATE, **watch):
+        optimizer_cls=torch.optim.AdamW, seed: int = 0, estimator: str = "microbatch", **watch):
     """lr = 0 steps: ``warmup`` unwatched (Adam's v converges), then ``steps`` watched and measured."""
+    micro, accumulate = ESTIMATORS[estimator]
     torch.set_num_threads(1)
     model, x, y = _problem()
     optimizer = (optimizer_cls(model.parameters(), lr=0.0, betas=(0.9, 0.999), eps=1e-8)
@@ -79,12 +86,13 @@ def run(steps: int, *, warmup: int = 1000, summed: bool = False, scaler: torch.a
     return monitor, model, x, y
 
 
-def test_b_pre_converges_to_the_exact_value_in_adams_geometry():
-    monitor, model, x, y = run(1200)
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_b_pre_converges_to_the_exact_value_in_adams_geometry(estimator):
+    monitor, model, x, y = run(1200, estimator=estimator)
     stats = monitor.stats()
     b_simple, b_pre = exact_noise_scales(model, x, y, eps=1e-8)
     assert abs(b_pre / b_simple - 1) > 0.3, (b_simple, b_pre)  # the geometry matters on this problem
-    assert stats.noise_estimator == "microbatch"
+    assert stats.noise_estimator == estimator
     assert stats.b_simple_precond == pytest.approx(b_pre, rel=0.05), f"exact B_pre {b_pre:.2f}"
     assert stats.b_simple_precond_low <= b_pre <= stats.b_simple_precond_high
     assert stats.b_simple == pytest.approx(b_simple, rel=0.05), f"exact B_simple {b_simple:.2f}"
@@ -93,13 +101,15 @@ def test_b_pre_converges_to_the_exact_value_in_adams_geometry():
     assert "AdamW" in stats.noise_geometry_reason
 
 
-def test_a_loss_scale_and_the_loss_reduction_leave_b_pre_unchanged_up_to_eps():
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_a_loss_scale_and_the_loss_reduction_leave_b_pre_unchanged_up_to_eps(estimator):
     """P comes from the optimizer's unscaled state; the loss scale (GradScaler) and the reduction
     (sum = mean times the batch) multiply every .grad of a step alike and cancel in the ratio.
     A summed loss also scales v, so P by 1/B, exactly but for eps (1e-8 against |g| ~ 1e-2 here)."""
-    reference = run(150, warmup=300)[0].stats()
-    scaled = run(150, warmup=300, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**12))[0].stats()
-    summed = run(150, warmup=300, summed=True)[0].stats()
+    reference = run(150, warmup=300, estimator=estimator)[0].stats()
+    scaled = run(150, warmup=300, estimator=estimator,
+                 scaler=torch.amp.GradScaler("cpu", init_scale=2.0**12))[0].stats()
+    summed = run(150, warmup=300, estimator=estimator, summed=True)[0].stats()
     assert reference.b_simple_precond is not None
     for variant in (scaled, summed):
         assert variant.b_simple_precond == pytest.approx(reference.b_simple_precond, rel=1e-3)
@@ -137,20 +147,28 @@ def test_the_first_step_and_an_optimizer_without_exp_avg_sq_say_why_b_pre_is_mis
     assert adamax.noise_geometry == "sgd"
 
 
-def test_the_advice_follows_b_pre_for_adam_and_b_simple_when_overridden():
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_the_advice_follows_b_pre_for_adam_and_b_simple_when_overridden(estimator):
     """The recorded session replayed: the advice's B_noise column is B_pre for AdamW, B_simple under 'sgd'."""
     for geometry, column in (("auto", "b_simple_precond"), ("sgd", "b_simple")):
-        monitor, *_ = run(60, warmup=300, noise_geometry=geometry)
+        monitor, *_ = run(60, warmup=300, noise_geometry=geometry, estimator=estimator)
         replay = SessionModel()
         replay.ingest_all(store.read_records(store.resolve_session(monitor.session_id).records_path)[0])
         h = replay.history
         assert h.b_noise[-1] == pytest.approx(getattr(h, column)[-1]), geometry
 
 
-def test_per_example_norms_give_no_b_pre_and_the_advice_falls_back_to_b_simple_saying_so():
-    stats = run(40, warmup=5, micro=64, accumulate=1)[0].stats()
-    assert stats.noise_estimator == "per_example" and stats.b_simple is not None
-    assert stats.b_simple_precond is None
-    assert "per-example estimator sums per-example norms" in stats.b_simple_precond_reason
-    assert stats.noise_geometry == "sgd" and stats.optimizer_geometry
-    assert "falls back to B_simple" in stats.noise_geometry_reason
+def test_a_session_recorded_without_b_pre_for_its_estimator_falls_back_to_b_simple_saying_why():
+    """A bsmon before this one recorded per-example and data-parallel sessions of AdamW without B_pre."""
+    model = SessionModel()
+    model.ingest_all([
+        {"k": "hello", "v": 1, "session": "old", "name": "n", "pid": 1, "t0": 0.0, "command": [], "host": "h",
+         "user": "u", "unit": "samples", "optimizer": "AdamW"},
+        {"k": "estimator", "name": "per_example", "reason": None, "groups": ["group 0"], "second_moment": True,
+         "precond_reason": "the per-example estimator sums per-example norms without the rescaling"},
+    ])
+    geometry, reason = model.noise_geometry()
+    assert geometry == "sgd"
+    assert reason.startswith("AdamW has its own geometry, but B_pre is not measured (the per-example estimator")
+    assert "falls back to B_simple" in reason
+    assert model.precond_reason().startswith("the per-example estimator sums")

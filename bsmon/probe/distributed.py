@@ -16,6 +16,7 @@ Three pieces, described in docs/distributed.md:
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import json
 import math
@@ -249,6 +250,11 @@ def _sq_norm(tensor: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(tensor, dtype=wide).square().float()
 
 
+def _scaled_sq_norm(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """sum(scale * tensor^2) as a float32 scalar."""
+    return torch.dot(tensor.float().square(), scale)
+
+
 class DdpNormHook:
     """DDP communication hook: squared norm of each bucket before and after the inner hook.
 
@@ -258,9 +264,15 @@ class DdpNormHook:
     holds this rank's local gradient; the inner hook's result is the gradient averaged over
     the data-parallel group. Both norms are device tensors collected per bucket; the step
     sums them. When inactive (after ``close()``) the hook only calls the inner hook.
+
+    With ``rescale`` (bsmon/probe/precond.py: the optimizer's P^2 of a list of parameters) it
+    also takes both norms in the optimizer's geometry, |P * bucket|^2: the bucket is its
+    parameters' gradients flattened one after another, so P^2 of those parameters, flattened
+    the same way, weights it element by element.
     """
 
-    def __init__(self, ddp: nn.parallel.DistributedDataParallel) -> None:
+    def __init__(self, ddp: nn.parallel.DistributedDataParallel,
+                 rescale: Callable[[list[nn.Parameter]], list[torch.Tensor] | None] | None = None) -> None:
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
         self._ddp_check = ddp._check_comm_hook
@@ -270,6 +282,13 @@ class DdpNormHook:
         self.spent_s = 0.0  # host seconds spent measuring, for the probe's cost budget
         self._local: list[torch.Tensor] = []
         self._averaged: list[torch.Tensor] = []
+        self.rescale = rescale
+        # per bucket, in P's geometry: the local norm (None: no P for it) and the averaged one
+        self._local_rescaled: list[torch.Tensor | None] = []
+        self._averaged_rescaled: list[torch.Tensor] = []
+        #: the last take()'s [local, averaged] squared norms of P * gradient; None without ``rescale``
+        #: or where a bucket's parameters have no second moment yet
+        self.rescaled: torch.Tensor | None = None
         self._fired = False
         ddp.register_comm_hook(None, self.hook)
         ddp.register_comm_hook = self.register_inner  # this instance only
@@ -302,15 +321,29 @@ class DdpNormHook:
         if not self.active:
             return inner(inner_state, bucket)
         start = time.perf_counter()
-        self._local.append(_sq_norm(bucket.buffer()))  # before the inner hook: it may divide in place
+        local = bucket.buffer()
+        self._local.append(_sq_norm(local))  # before the inner hook: it may divide in place
+        scale = self._bucket_scale(bucket, local) if self.rescale is not None else None
+        self._local_rescaled.append(None if scale is None else _scaled_sq_norm(local, scale))
         self._fired = True
         self.spent_s += time.perf_counter() - start
-        return inner(inner_state, bucket).then(self._after_reduce)
+        return inner(inner_state, bucket).then(functools.partial(self._after_reduce, scale))
 
-    def _after_reduce(self, future: torch.futures.Future) -> Any:
+    def _bucket_scale(self, bucket, buffer: torch.Tensor) -> torch.Tensor | None:
+        """P^2 of the bucket's parameters, flattened as the bucket lays out their gradients."""
+        squares = self.rescale(bucket.parameters())
+        if squares is None:
+            return None
+        scale = torch.cat([s.reshape(-1).to(buffer.device, torch.float32) for s in squares])
+        return scale if scale.numel() == buffer.numel() else None  # else a layout this reading does not know
+
+    def _after_reduce(self, scale: torch.Tensor | None, future: torch.futures.Future) -> Any:
         start = time.perf_counter()
         value = future.value()
-        self._averaged.append(_sq_norm(value if isinstance(value, torch.Tensor) else value[0]))
+        averaged = value if isinstance(value, torch.Tensor) else value[0]
+        self._averaged.append(_sq_norm(averaged))
+        if scale is not None:
+            self._averaged_rescaled.append(_scaled_sq_norm(averaged, scale))
         self.spent_s += time.perf_counter() - start
         return value
 
@@ -326,7 +359,11 @@ class DdpNormHook:
         so every ``_after_reduce`` has run by then.
         """
         local, averaged = self._local, self._averaged
-        self._local, self._averaged = [], []
+        local_rescaled, averaged_rescaled = self._local_rescaled, self._averaged_rescaled
+        self._local, self._averaged, self._local_rescaled, self._averaged_rescaled = [], [], [], []
+        self.rescaled = None
         if not local or len(local) != len(averaged):
             return None
+        if local_rescaled and all(r is not None for r in local_rescaled) and len(averaged_rescaled) == len(local):
+            self.rescaled = torch.stack([torch.stack(local_rescaled).sum(), torch.stack(averaged_rescaled).sum()])
         return torch.stack(local + averaged).view(2, -1).sum(1)

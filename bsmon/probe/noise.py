@@ -8,9 +8,7 @@ Per optimizer step it produces one ``noise`` payload for the step record:
 
 * ``microbatch`` (m >= 2 backward passes): the squared norm of the
   accumulated ``.grad`` after each pass, per parameter group — one fused norm
-  per pass, no gradient copies. For an Adam-family optimizer also ``pre``: the
-  squared norm of ``.grad`` rescaled by the optimizer's 1/(sqrt(v_hat) + eps)
-  after each pass (:mod:`bsmon.probe.precond`), for B_pre.
+  per pass, no gradient copies.
 * ``per_example`` (m == 1): the per-example squared norms summed inside
   backward by :class:`~bsmon.probe.per_example.PerExampleNorms`, plus the
   squared norm of ``.grad`` over the same parameters.
@@ -18,6 +16,10 @@ Per optimizer step it produces one ``noise`` payload for the step record:
   the all-reduced gradient, summed over DDP's buckets by
   :class:`~bsmon.probe.distributed.DdpNormHook`, plus ``.grad`` after each pass
   accumulated under ``no_sync()`` before the synchronising one.
+
+For an Adam-family optimizer each estimator also records ``pre``: the same
+norms in the optimizer's geometry, of the gradients rescaled by its
+1/(sqrt(v_hat) + eps) (:mod:`bsmon.probe.precond`), for B_pre.
 
 All values stay on the device; :class:`~bsmon.probe.deferred.Deferred` brings
 them to the host without a synchronisation.
@@ -35,7 +37,7 @@ from torch import nn
 from bsmon.probe import distributed
 from bsmon.probe.deferred import Deferred
 from bsmon.probe.modules import module_partition
-from bsmon.probe.precond import REASON_DDP, REASON_PER_EXAMPLE, Preconditioner
+from bsmon.probe.precond import Preconditioner
 from bsmon.stats.noise import MEASURE_GAP_STEPS, partial_coverage_reason
 
 if TYPE_CHECKING:
@@ -199,7 +201,7 @@ class NoiseProbe:
         self._ddp_hook: distributed.DdpNormHook | None = None
         self._passes: list[torch.Tensor | None] = []  # None: the pass that synchronised (ddp)
         self._precond = Preconditioner(optimizer)
-        self._pre_passes: list[torch.Tensor | None] = []  # |P .grad|^2 after each pass (micro-batch estimator)
+        self._pre_passes: list[torch.Tensor | None] = []  # |P .grad|^2 after each pass not inside an all-reduce
         self._current: tuple | None = None  # (estimator, reason, coverage, precond_reason) last announced
         self.budget = budget
         self._measuring = True  # whether the current step is measured
@@ -239,7 +241,7 @@ class NoiseProbe:
         else:
             microbatch = self._per_example is None and self._ddp_hook is None
             self._passes.append(grad_sq_norms(self._measured, self._rows if microbatch else None))
-            if microbatch and self._precond.supported:
+            if self._precond.supported:
                 rescaled = self._precond.rescaled(self._measured)
                 self._pre_passes.append(None if rescaled is None else sq_norm_sum(rescaled))
         self._spent_s += time.perf_counter() - start
@@ -299,7 +301,7 @@ class NoiseProbe:
     def _payload(self, passes: list[torch.Tensor | None], micro_sizes: Sequence[int],
                  pre_passes: list[torch.Tensor | None]) -> dict | None:
         if self.mode == "ddp":
-            return self._ddp_payload(passes, micro_sizes)
+            return self._ddp_payload(passes, micro_sizes, pre_passes)
         m = len(passes)
         per_example = self._per_example.pop() if self._per_example is not None else None
         if m >= 2 and self.mode in ("auto", "microbatch"):
@@ -330,8 +332,11 @@ class NoiseProbe:
             if self._current[0] != "per_example":  # the step before was skipped, now one is not
                 self._announce_per_example()
             batch, pe_groups = per_example
-            return {"est": "per_example", "batch": int(batch),
-                    "pe": Deferred(pe_groups), "big": Deferred(passes[0])}
+            payload = {"est": "per_example", "batch": int(batch), "pe": Deferred(pe_groups), "big": Deferred(passes[0])}
+            rescaled = self._per_example.rescaled
+            if rescaled is not None and len(pre_passes) == 1 and pre_passes[0] is not None:
+                payload["pre"] = Deferred(torch.stack([rescaled, pre_passes[0].to(rescaled.device)]))
+            return payload
         if m == 1:
             self._set_estimator(None, REASON_NEEDS_ACCUMULATION)
         elif m >= 2:
@@ -364,7 +369,8 @@ class NoiseProbe:
         if self._ddp_hook is not None:
             self._ddp_hook.active = False  # DDP cannot unregister a hook; it now only calls the inner one
 
-    def _ddp_payload(self, passes: list[torch.Tensor | None], micro_sizes: Sequence[int]) -> dict | None:
+    def _ddp_payload(self, passes: list[torch.Tensor | None], micro_sizes: Sequence[int],
+                     pre_passes: list[torch.Tensor | None]) -> dict | None:
         """The data-parallel payload: no_sync passes' .grad norms, then local and averaged norms.
 
         A step counts only when its last backward pass, and no other, synchronised.
@@ -378,10 +384,14 @@ class NoiseProbe:
             return None
         self._set_estimator("ddp", None, groups=[], world_size=self._ddp_world,
                             inner_hook=self._ddp_hook.inner_name)
+        rescaled = self._ddp_hook.rescaled
         if len(passes) > 1:
             norms = torch.cat([*(p.to(norms.device) for p in passes[:-1]), norms])
-        return {"est": "ddp", "micro": list(micro_sizes), "world": self._ddp_world, "g": len(self._measured),
-                "norms": Deferred(norms)}
+        payload = {"est": "ddp", "micro": list(micro_sizes), "world": self._ddp_world, "g": len(self._measured),
+                   "norms": Deferred(norms)}
+        if rescaled is not None and len(pre_passes) == len(passes) - 1 and all(p is not None for p in pre_passes):
+            payload["pre"] = Deferred(torch.cat([*(p.to(rescaled.device).view(1) for p in pre_passes), rescaled]))
+        return payload
 
     # -- estimator switching --------------------------------------------------
     def _install_ddp(self, model: nn.Module) -> None:
@@ -389,6 +399,7 @@ class NoiseProbe:
         reason = _ddp_unsupported(model)  # None for noise='ddp': check_mode refused the rest
         if reason is None:
             self._ddp_hook = distributed.DdpNormHook.of(model) or distributed.DdpNormHook(model)
+            self._ddp_hook.rescale = self._precond.squares if self._precond.supported else None
             self._ddp_hook.active = True
             self._ddp_world = model.process_group.size()
             self.mode = "ddp"
@@ -400,7 +411,8 @@ class NoiseProbe:
         from bsmon.probe.per_example import PerExampleNorms
 
         self._per_example = PerExampleNorms(self._model, layers=self._layers, param_groups=self._group_params,
-                                            mixes_samples=self._mixes_samples, guard=self._guard)
+                                            mixes_samples=self._mixes_samples, guard=self._guard,
+                                            rescale=self._precond.squares if self._precond.supported else None)
         self._announce_per_example()
 
     def _announce_per_example(self) -> None:
@@ -458,14 +470,9 @@ class NoiseProbe:
     def _layers_name(self) -> str:
         return self._layers if isinstance(self._layers, str) else ",".join(t.__name__ for t in self._layers)
 
-    def _precond_reason(self, name: str | None) -> str | None:
-        """Why this estimator gives no B_pre (None: it does, from the optimizer's next step on)."""
-        if self._precond.reason is not None:
-            return self._precond.reason
-        return {"per_example": REASON_PER_EXAMPLE, "ddp": REASON_DDP}.get(name)
-
     def _set_estimator(self, name: str | None, reason: str | None, **details: Any) -> None:
-        precond_reason = self._precond_reason(name)
+        # every estimator measures B_pre where the optimizer has the state (from its first step on)
+        precond_reason = self._precond.reason
         current = (name, reason, details.get("covered_fraction"), precond_reason)
         if self._current == current:
             return

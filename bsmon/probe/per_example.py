@@ -87,6 +87,29 @@ def prefer_gram(positions: int, in_features: int, out_features: int) -> bool:
     return positions * (in_features + out_features) < in_features * out_features
 
 
+#: Elements of materialised per-example gradients held at once, for the norms in the optimizer's
+#: geometry of a layer with a sequence (or spatial) dimension: 64 MiB in float32.
+MATERIALISE_ELEMENTS = 1 << 24
+
+
+def _materialised_sq(x: Tensor, delta: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """(|G_n|^2, sum scale * G_n^2) of each example's gradient G_n = x_n^T delta_n.
+
+    x (N, ..., T, a), delta (N, ..., T, b), scale broadcastable to (..., a, b): the optimizer's
+    P^2. The rescaling is elementwise, so it does not factor through the Gram form: each
+    G_n is formed, a chunk of examples at a time (MATERIALISE_ELEMENTS), at about the cost of
+    the layer's own weight gradient.
+    """
+    per_example = math.prod(x.shape[1:-2]) * x.shape[-1] * delta.shape[-1]
+    chunk = max(1, MATERIALISE_ELEMENTS // max(per_example, 1))
+    plain, rescaled = [], []
+    for start in range(0, x.shape[0], chunk):
+        g = x[start:start + chunk].mT @ delta[start:start + chunk]
+        plain.append(_rows_sq(g))
+        rescaled.append(g.square_().mul_(scale).flatten(1).sum(1))
+    return torch.cat(plain), torch.cat(rescaled)
+
+
 def _weight_sq(x: Tensor, delta: Tensor, gram: bool | None) -> Tensor:
     """|x_n^T delta_n|_F^2 for x (N, T, in) and delta (N, T, out); returns (N,)."""
     if gram is None:
@@ -98,41 +121,69 @@ def _weight_sq(x: Tensor, delta: Tensor, gram: bool | None) -> Tensor:
 
 # Each layer's norms come in two halves. ``prepare`` runs in the forward hook and returns
 # what the backward will need: the input itself, or something smaller computed while the
-# input is still in cache. ``finish`` runs when delta arrives and returns the per-example
-# squared norms, a (B,) tensor per requested parameter, weight before bias. Both get
-# tensors detached from the graph, so nothing they do is recorded by autograd.
+# input is still in cache (``rescale``: the backward will also need the rescaled norms).
+# ``finish`` runs when delta arrives and returns the per-example squared norms, a (B,) tensor
+# per requested parameter, weight before bias; given ``scales`` (the optimizer's P^2 of each
+# requested parameter, shaped like it) the norms of the rescaled gradients P * g_i follow, in
+# the same order. Both get tensors detached from the graph, so nothing they do is recorded by
+# autograd.
 
 
-def _keep_input(module: nn.Module, x: Tensor, weight: bool) -> Tensor | None:
+def _keep_input(module: nn.Module, x: Tensor, weight: bool, rescale: bool = False) -> Tensor | None:
     return x if weight else None  # a bias's norms need delta alone
 
 
-def _linear_prepare(module: nn.Linear | None, x: Tensor, weight: bool) -> Tensor | None:
-    """A non-sequence input (B, in) is reduced to |x_i|^2 at once; a sequence input is kept."""
+def _linear_prepare(module: nn.Linear | None, x: Tensor, weight: bool, rescale: bool = False) -> Tensor | None:
+    """A non-sequence input (B, in) is reduced to |x_i|^2 at once, unless the rescaled norms need
+    its elements; a sequence input is kept."""
     if not weight:
         return None
-    return _rows_sq(_float(x)) if x.dim() == 2 else x
+    return _rows_sq(_float(x)) if x.dim() == 2 and not rescale else x
+
+
+def _in_out(module: nn.Module | None, scale: Tensor) -> Tensor:
+    """A linear weight's P^2 as (in, out): nn.Linear stores (out, in), transformers' Conv1D (in, out)."""
+    return scale.T if isinstance(module, nn.Linear) else scale
 
 
 def _linear_finish(
     module: nn.Linear | None, kept: Tensor | None, delta: Tensor, weight: bool, bias: bool,
-    gram: bool | None = None,
+    gram: bool | None = None, scales: list[Tensor] | None = None,
 ) -> list[Tensor]:
-    columns = []
+    columns, rescaled = [], []
     if delta.dim() == 2:  # |x_i|^2 |delta_i|^2, and the bias's |delta_i|^2
-        delta_sq = _rows_sq(_float(delta))
-        if weight:
-            columns.append(kept * delta_sq)
+        delta = _float(delta)
+        if scales is not None:  # sum_{k,o} x_ik^2 P^2_ko delta_io^2: one matmul-shaped pass
+            x_sq, delta_sq = _float(kept).square(), delta.square()
+            if weight:
+                columns.append(x_sq.sum(1) * delta_sq.sum(1))
+                rescaled.append((x_sq @ _in_out(module, scales[0])).mul_(delta_sq).sum(1))
+            if bias:
+                columns.append(delta_sq.sum(1))
+                rescaled.append(delta_sq @ scales[-1])
+            return columns + rescaled
+        delta_sq = _rows_sq(delta)
+        if weight:  # kept is |x_i|^2, or x itself where rescaled norms were expected
+            columns.append((kept if kept.dim() == 1 else _rows_sq(_float(kept))) * delta_sq)
         if bias:
             columns.append(delta_sq)
         return columns
     batch = delta.shape[0]
     delta = _float(delta.reshape(batch, -1, delta.shape[-1]))
     if weight:
-        columns.append(_weight_sq(_float(kept.reshape(batch, -1, kept.shape[-1])), delta, gram))
+        x = _float(kept.reshape(batch, -1, kept.shape[-1]))
+        if scales is None:
+            columns.append(_weight_sq(x, delta, gram))
+        else:
+            plain, pre = _materialised_sq(x, delta, _in_out(module, scales[0]))
+            columns.append(plain)
+            rescaled.append(pre)
     if bias:
-        columns.append(_rows_sq(delta.sum(1)))
-    return columns
+        summed = delta.sum(1)
+        columns.append(_rows_sq(summed))
+        if scales is not None:
+            rescaled.append(summed.square() @ scales[-1])
+    return columns + rescaled
 
 
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
@@ -172,35 +223,52 @@ def _grouped_patches(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
 
 def _conv_finish(
     module: nn.Conv1d | nn.Conv2d, x: Tensor | None, delta: Tensor, weight: bool, bias: bool,
-    gram: bool | None = None,
+    gram: bool | None = None, scales: list[Tensor] | None = None,
 ) -> list[Tensor]:
     batch, groups = delta.shape[0], module.groups
     delta = _float(delta.reshape(batch, module.out_channels, -1))
-    columns = []
+    columns, rescaled = [], []
     if weight:
         patches = _grouped_patches(module, _float(x))
         per_group_delta = delta.reshape(batch * groups, -1, delta.shape[-1]).mT
-        columns.append(_weight_sq(patches, per_group_delta, gram).view(batch, groups).sum(1))
+        if scales is None:
+            columns.append(_weight_sq(patches, per_group_delta, gram).view(batch, groups).sum(1))
+        else:  # the weight (out, in/groups, *kernel) as each group's (in/groups * kernel, out/groups)
+            scale = scales[0].reshape(groups, module.out_channels // groups, -1).mT
+            plain, pre = _materialised_sq(patches.reshape(batch, groups, *patches.shape[1:]),
+                                          per_group_delta.reshape(batch, groups, *per_group_delta.shape[1:]), scale)
+            columns.append(plain)
+            rescaled.append(pre)
     if bias:
-        columns.append(_rows_sq(delta.sum(2)))
-    return columns
+        summed = delta.sum(2)
+        columns.append(_rows_sq(summed))
+        if scales is not None:
+            rescaled.append(summed.square() @ scales[-1])
+    return columns + rescaled
 
 
-def _norm_columns(x_hat: Tensor, delta: Tensor, features: int, weight: bool, bias: bool) -> list[Tensor]:
+def _norm_columns(
+    x_hat: Tensor, delta: Tensor, features: int, weight: bool, bias: bool, scales: list[Tensor] | None
+) -> list[Tensor]:
     """An elementwise affine after a normalisation: the weight's per-example gradient is the sum
-    over positions of delta * x_hat, the bias's the sum of delta."""
+    over positions of delta * x_hat, the bias's the sum of delta (both (B, features), so the
+    rescaled norms are one more elementwise product)."""
     batch = delta.shape[0]
     delta = _float(delta).reshape(batch, -1, features)
-    columns = []
+    gradients = []
     if weight:
-        columns.append(_rows_sq(x_hat.reshape(batch, -1, features).mul_(delta).sum(1)))
+        gradients.append(x_hat.reshape(batch, -1, features).mul_(delta).sum(1))
     if bias:
-        columns.append(_rows_sq(delta.sum(1)))
+        gradients.append(delta.sum(1))
+    columns = [_rows_sq(g) for g in gradients]
+    if scales is not None:
+        columns += [g.square() @ scale.reshape(-1) for g, scale in zip(gradients, scales)]
     return columns
 
 
 def _layer_norm_finish(
-    module: nn.LayerNorm, x: Tensor | None, delta: Tensor, weight: bool, bias: bool
+    module: nn.LayerNorm, x: Tensor | None, delta: Tensor, weight: bool, bias: bool,
+    scales: list[Tensor] | None = None,
 ) -> list[Tensor]:
     """x_hat, the normalised input, is recomputed with the layer's eps here rather than kept
     from the forward: it would cost as much memory as the input, and the layer's own backward
@@ -212,20 +280,22 @@ def _layer_norm_finish(
         # A unit weight, rather than none, takes a faster CPU kernel (about 1.5x, torch 2.13).
         unit = torch.ones(module.normalized_shape, dtype=x.dtype, device=x.device)
         x_hat = F.layer_norm(x, module.normalized_shape, unit, eps=module.eps)
-    return _norm_columns(x_hat, delta, math.prod(module.normalized_shape), weight, bias)
+    return _norm_columns(x_hat, delta, math.prod(module.normalized_shape), weight, bias, scales)
 
 
-def _rms_norm_finish(module: nn.Module, x: Tensor | None, delta: Tensor, weight: bool, bias: bool) -> list[Tensor]:
+def _rms_norm_finish(
+    module: nn.Module, x: Tensor | None, delta: Tensor, weight: bool, bias: bool, scales: list[Tensor] | None = None
+) -> list[Tensor]:
     """As LayerNorm, with x_hat = x / rms(x) (eps None: that of the input's dtype, as the layer does)."""
     x_hat = None
     if weight:
         eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
         x_hat = F.rms_norm(_float(x), module.normalized_shape, eps=eps)
-    return _norm_columns(x_hat, delta, math.prod(module.normalized_shape), weight, False)
+    return _norm_columns(x_hat, delta, math.prod(module.normalized_shape), weight, False, scales)
 
 
 def _embedding_finish(
-    module: nn.Embedding, ids: Tensor, delta: Tensor, weight: bool, bias: bool
+    module: nn.Embedding, ids: Tensor, delta: Tensor, weight: bool, bias: bool, scales: list[Tensor] | None = None
 ) -> list[Tensor]:
     """Example i's gradient has a row per distinct token id: the sum of delta where it occurs.
 
@@ -249,15 +319,20 @@ def _embedding_finish(
     row_of_position += first_row.unsqueeze(1)
     rows = delta.new_zeros(batch * (positions + 1), delta.shape[-1])
     rows.index_add_(0, row_of_position.flatten(), delta.reshape(batch * positions, -1))
-    return [_rows_sq(rows.view(batch, positions + 1, -1)[:, :positions])]
+    columns = [_rows_sq(rows.view(batch, positions + 1, -1)[:, :positions])]
+    if scales is not None:  # each row weighted by P^2 of its token id's row of the table
+        id_of_row = ids.new_zeros(batch * (positions + 1)).index_put_((row_of_position.flatten(),), ids.flatten())
+        weighted = rows.square_().mul_(scales[0][id_of_row]).view(batch, positions + 1, -1)
+        columns.append(weighted[:, :positions].sum((1, 2)))
+    return columns
 
 
 @dataclass(frozen=True)
 class _Recipe:
     """How one supported layer type gets its per-example squared norms."""
 
-    prepare: Callable[..., object]  # (module, input, weight) -> kept for the backward
-    finish: Callable[..., list[Tensor]]  # (module, kept, delta, weight, bias) -> k tensors (B,)
+    prepare: Callable[..., object]  # (module, input, weight, rescale) -> kept for the backward
+    finish: Callable[..., list[Tensor]]  # (module, kept, delta, weight, bias, scales=) -> k (or 2k) tensors (B,)
     batched_dims: Callable[[nn.Module], int]  # input dimensions of a batched call
     #: A call whose input has dimension 0 of size 1 while the batch is larger is a lookup shared
     #: by the batch (a position table): its output is expanded to the batch, a view that leaves
@@ -429,8 +504,9 @@ class _Tie:
         else:
             self.head_input = _float(x).reshape(batch, -1, x.shape[-1])
 
-    def backward(self, tap: _Tap, delta: Tensor) -> Tensor | None:
-        """The cross term 2<E_i, L_i> (B,) once both backward passes have run, else None."""
+    def backward(self, tap: _Tap, delta: Tensor, scale: Tensor | None = None) -> list[Tensor] | None:
+        """The cross term 2<E_i, L_i> (B,) once both backward passes have run, else None; given
+        ``scale`` (the weight's P^2), then also 2<P E_i, P L_i>."""
         batch = delta.shape[0]
         if tap is self.embedding:
             factor = _float(delta).reshape(batch, -1, delta.shape[-1])
@@ -447,7 +523,10 @@ class _Tie:
         if self.mask is not None:
             product *= self.mask
         self.half = None
-        return 2 * product.sum((1, 2))
+        cross = [2 * product.sum((1, 2))]
+        if scale is not None:
+            cross.append(2 * product.mul_(scale[self.ids]).sum((1, 2)))
+        return cross
 
     def index_for(self, device: torch.device) -> Tensor:
         if device not in self.group_index:
@@ -467,6 +546,11 @@ class PerExampleNorms:
     Parameters frozen when this object is made are ignored; ones frozen later contribute
     nothing while frozen, matching their absent ``.grad``.
 
+    ``rescale`` (the optimizer's geometry, bsmon/probe/precond.py) maps a list of parameters to
+    their P^2 = 1/(sqrt(v_hat) + eps)^2, or None where the optimizer has no second moment for one
+    yet. Given it, ``pop()`` also leaves ``rescaled``: sum_i |P * g_i|^2 over every covered
+    parameter (or None, ``rescaled_reason`` saying why).
+
     After each step's backward, call ``pop()`` and take |.grad|^2 over ``covered_params``
     (``covered_groups`` holds each one's group). The covered set keeps its order and only
     ever shrinks, and only in a step whose ``pop()`` returns None; ``uncovered`` says why
@@ -480,6 +564,7 @@ class PerExampleNorms:
         param_groups: Sequence[Iterable[nn.Parameter] | Mapping] | None = None,
         mixes_samples: tuple[type[nn.Module], ...] = (),
         guard: Callable[[Callable], Callable] = lambda f: f,
+        rescale: Callable[[list[nn.Parameter]], list[Tensor] | None] | None = None,
     ) -> None:
         """``guard`` wraps every hook (bsmon/probe/guard.py)."""
         if not isinstance(model, nn.Module):
@@ -499,6 +584,9 @@ class PerExampleNorms:
         self.compiled = False
 
         self.skip_reason: str | None = None  # why the last pop() returned None
+        self._rescale = rescale
+        self.rescaled: Tensor | None = None  # the last pop()'s sum of |P * g_i|^2 (0-d), with ``rescale``
+        self.rescaled_reason: str | None = None  # why it is None
         #: host seconds spent inside the hooks, for the probe's cost budget
         self.spent_s = 0.0
         self._model = model
@@ -644,6 +732,8 @@ class PerExampleNorms:
 
     def _start_step(self) -> None:
         self._columns: list[Tensor] = []  # per-example squared norms (B,), one per parameter
+        self._rescaled_columns: list[Tensor] = []  # the same in the optimizer's geometry
+        self._rescaled_invalid: str | None = None
         self._groups: list[Tensor] = []  # the group of each, a tensor per layer
         self._batch_size: int | None = None
         self._backward_generation: int | None = None
@@ -749,7 +839,7 @@ class PerExampleNorms:
             self._invalidate(f"{name}: {reason}")
             return None
         x = x.detach()
-        kept = [tap.recipe.prepare(module, x, weight)]
+        kept = [tap.recipe.prepare(module, x, weight, self._rescale is not None)]
         self._pending.append(kept)
         if tap.tie is not None:
             tap.tie.forward(tap, x)
@@ -785,15 +875,32 @@ class PerExampleNorms:
             return
         if delta.requires_grad:  # a backward with create_graph=True
             delta = delta.detach()
-        columns = tap.recipe.finish(tap.module, prepared, delta, weight, bias)
-        self._columns.extend(columns)
+        scales = self._scales(tap, weight, bias)
+        columns = tap.recipe.finish(tap.module, prepared, delta, weight, bias, scales=scales)
+        requested = weight + bias
+        self._columns.extend(columns[:requested])
+        self._rescaled_columns.extend(columns[requested:])
         if self.n_groups > 1:
             self._groups.append(tap.index_for(delta.device, weight, bias))
-        cross = tap.tie.backward(tap, delta) if tap.tie is not None and weight else None
+        cross = tap.tie.backward(tap, delta, scales and scales[0]) if tap.tie is not None and weight else None
         if cross is not None:
-            self._columns.append(cross)
+            self._columns.append(cross[0])
+            self._rescaled_columns.extend(cross[1:])
             if self.n_groups > 1:
                 self._groups.append(tap.tie.index_for(delta.device))
+
+    def _scales(self, tap: _Tap, weight: bool, bias: bool) -> list[Tensor] | None:
+        """The optimizer's P^2 for the layer's requested parameters, or None (no rescaled norms)."""
+        if self._rescale is None or self._rescaled_invalid is not None:
+            return None
+        params = [tap.weight] * weight + [tap.bias] * bias
+        scales = self._rescale(params)
+        if scales is not None:
+            scales = [_float(scale) for scale in scales]
+        if scales is None:
+            self._rescaled_invalid = (f"the optimizer has no second moment for {tap.param_names[0]} yet "
+                                      "(it appears with the parameter's first optimizer step)")
+        return scales
 
     # ---- public --------------------------------------------------------------------------
 
@@ -806,6 +913,8 @@ class PerExampleNorms:
         """
         columns, groups, batch_size = self._columns, self._groups, self._batch_size
         invalid, backward_taps, self.mixed_by = self._invalid, self._backward_taps, self._mixer
+        rescaled, self.rescaled_reason = self._rescaled_columns, self._rescaled_invalid
+        self.rescaled = None
         self._start_step()
         if invalid is None and batch_size is not None:
             invalid = self._check_gradient_sources(backward_taps)
@@ -817,6 +926,8 @@ class PerExampleNorms:
         self.skip_reason = invalid
         if invalid is not None:
             return None
+        if self._rescale is not None and self.rescaled_reason is None:
+            self.rescaled = torch.cat(rescaled).sum()
         if self.n_groups == 1:
             return batch_size, torch.cat(columns).sum(0, keepdim=True)
         per_param = torch.stack(columns).sum(1)

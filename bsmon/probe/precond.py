@@ -2,11 +2,13 @@
 
 Adam-family optimizers step along the gradient rescaled element by element by
 P = 1/(sqrt(v_hat) + eps), v_hat the bias-corrected second moment ``exp_avg_sq``.
-B_pre = tr(P Sigma P)/|P G|^2 is B_simple of the rescaled gradient P*g. The micro-batch
-estimator gets it from |P * .grad|^2 after each backward pass, the same way it gets B_simple
-from |.grad|^2: P is read from the optimizer's state before its step updates v, so every pass
-of a step sees the same P. An AMP loss scale multiplies .grad only (the state holds unscaled
-moments), so it cancels in the ratio like any constant factor of .grad.
+B_pre = tr(P Sigma P)/|P G|^2 is B_simple of the rescaled gradient P*g. Each estimator gets it
+from the same norms as B_simple, taken of rescaled gradients: the micro-batch estimator from
+|P * .grad|^2 after each backward pass (``rescaled``), the per-example estimator from
+|P * g_i|^2 inside backward and the data-parallel one from |P * bucket|^2 around the all-reduce
+(both weight with ``squares``, P^2). P is read from the optimizer's state before its step
+updates v, so every pass of a step sees the same P. An AMP loss scale multiplies .grad only
+(the state holds unscaled moments), so it cancels in the ratio like any constant factor of .grad.
 """
 
 from __future__ import annotations
@@ -20,15 +22,6 @@ from torch import nn
 REASON_NO_SECOND_MOMENT = (
     "{optimizer} keeps no per-element second moment (exp_avg_sq, with betas and eps in its param groups), "
     "so there is no optimizer geometry to measure: B_simple is the noise scale of its step")
-REASON_FIRST_STEP = "the optimizer has not stepped yet: its second moment exp_avg_sq appears after the first step"
-REASON_PER_EXAMPLE = (
-    "the per-example estimator sums per-example norms inside backward without the optimizer's elementwise "
-    "rescaling, which does not factor through the Gram form of a layer's norm; accumulate >= 2 micro-batches "
-    "per step (noise='auto' or 'microbatch'): the micro-batch estimator measures B_pre")
-REASON_DDP = (
-    "the data-parallel estimator reads the local and averaged gradients inside DDP's all-reduce, where "
-    "the optimizer's rescaling is not applied; noise='microbatch' with >= 2 accumulated micro-batches per "
-    "step measures B_pre")
 
 
 def second_moment_groups(optimizer: torch.optim.Optimizer) -> bool:
@@ -43,6 +36,10 @@ class Preconditioner:
         self._optimizer = optimizer
         self.reason: str | None = (None if second_moment_groups(optimizer) else
                                    REASON_NO_SECOND_MOMENT.format(optimizer=type(optimizer).__name__))
+        self._group_of = self._groups_by_param()
+
+    def _groups_by_param(self) -> dict[int, int]:
+        return {id(p): index for index, group in enumerate(self._optimizer.param_groups) for p in group["params"]}
 
     @property
     def supported(self) -> bool:
@@ -70,6 +67,31 @@ class Preconditioner:
             torch._foreach_mul_(denominators, [p.grad.to(d.dtype) for p, d in zip(with_grad, denominators)])
             result += denominators
         return result or None
+
+    def squares(self, params: Sequence[nn.Parameter]) -> list[torch.Tensor] | None:
+        """P^2 = 1/(sqrt(v_hat) + eps)^2 of each of ``params`` (new tensors, shaped like them), for
+        norms in the optimizer's geometry taken elsewhere than on .grad (per-example norms, DDP's
+        buckets). None where one has no second moment yet, or is not the optimizer's."""
+        if self.reason is not None:
+            return None
+        group_of = self._group_of
+        if any(id(param) not in group_of for param in params):  # a group added since: look again
+            group_of = self._group_of = self._groups_by_param()
+        by_group: dict[int, list[int]] = {}
+        for position, param in enumerate(params):
+            if id(param) not in group_of:
+                return None
+            by_group.setdefault(group_of[id(param)], []).append(position)
+        result: list[torch.Tensor | None] = [None] * len(params)
+        for index, positions in by_group.items():
+            denominators = self._denominators(self._optimizer.param_groups[index], [params[i] for i in positions])
+            if denominators is None:
+                return None
+            torch._foreach_mul_(denominators, denominators)
+            torch._foreach_reciprocal_(denominators)
+            for position, square in zip(positions, denominators):
+                result[position] = square
+        return result
 
     def _denominators(self, group: dict, params: list[nn.Parameter]) -> list[torch.Tensor] | None:
         """sqrt(v_t)/sqrt(1 - beta2^t) + eps for each parameter, as new tensors; None if any lacks state."""
