@@ -15,8 +15,14 @@ teacher-student task of demos/adaptive_batch.py, with a small student so it runs
 4. Train it at a small batch, at that size's tuned rate, until the loss passes each target, and
    run bsmon.branch_check there: the critical batch measured locally, set beside the sweep's.
 
+With ``--optimizer adamw`` the same measurement is made for AdamW (its own learning-rate grid,
+tuned per batch size as for SGD), and step 3 reads both of bsmon's noise scales: B_simple, of the
+raw gradient, and B_pre, of the gradient in AdamW's geometry (rescaled by 1/(sqrt(v_hat)+eps)),
+which is what bsmon's advice follows for Adam-family optimizers. The branch checks are SGD's only.
+
     .venv/bin/python demos/critical_batch.py            # full run, about 2 minutes
     .venv/bin/python demos/critical_batch.py --quick    # smoke test, seconds
+    .venv/bin/python demos/critical_batch.py --optimizer adamw [--quick]
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from array import array
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +46,8 @@ from adaptive_batch import TeacherTask, describe_task, evaluate, student
 #: Evaluations come at steps 1, 2, ... and then every EVAL_GROWTH-fold, so a run of S steps costs
 #: about log(S)/log(EVAL_GROWTH) evaluations; crossings are interpolated between them.
 EVAL_GROWTH = 1.04
+#: AdamW's settings (torch's defaults), the same in the ensemble and the bsmon-watched runs.
+ADAMW = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
 
 
 @dataclass(frozen=True)
@@ -64,9 +73,12 @@ class Ensemble:
 
     Copy m has its own weights, learning rate and data; stacking them makes one step of M small
     models cost about one step of one model, which is what makes a learning-rate grid affordable.
+    ``optimizer`` is "sgd" or "adamw" (torch.optim.AdamW with ADAMW, applied per copy: every
+    operation of AdamW is elementwise, so the stacked copies keep separate moments).
     """
 
-    def __init__(self, task: TeacherTask, hidden: tuple[int, ...], lrs: list[float], seeds: list[int]) -> None:
+    def __init__(self, task: TeacherTask, hidden: tuple[int, ...], lrs: list[float], seeds: list[int],
+                 optimizer: str = "sgd") -> None:
         copies = [student(task.inputs, hidden, task.classes, seed) for _ in lrs for seed in seeds]
         linears = [[layer for layer in copy if isinstance(layer, nn.Linear)] for copy in copies]
         # Weights stored transposed, (models, fan_in, fan_out), so a layer is one baddbmm.
@@ -76,6 +88,9 @@ class Ensemble:
                        for i in range(len(hidden) + 1)]
         self.lr = torch.tensor([lr for lr in lrs for _ in seeds])
         self.size = len(self.lr)
+        self.optimizer = optimizer
+        self._moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in self.weights + self.biases]
+        self._steps = 0
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x: (models, batch, inputs) -> (models, batch, classes)."""
@@ -85,16 +100,26 @@ class Ensemble:
                 x = torch.tanh(x)
         return x
 
-    def sgd_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         logits = self.logits(x)
         # Summing the models' mean losses gives each model exactly its own gradient.
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
         loss = loss.view(self.size, -1).mean(dim=1).sum()
         params = self.weights + self.biases
         grads = torch.autograd.grad(loss, params)
+        self._steps += 1
         with torch.no_grad():
-            for param, grad in zip(params, grads):
-                param -= self.lr.view(-1, *[1] * (param.dim() - 1)) * grad
+            for param, grad, (m, v) in zip(params, grads, self._moments):
+                lr = self.lr.view(-1, *[1] * (param.dim() - 1))
+                if self.optimizer == "sgd":
+                    param -= lr * grad
+                    continue
+                beta1, beta2 = ADAMW["betas"]
+                param.mul_(1 - lr * ADAMW["weight_decay"])
+                m.lerp_(grad, 1 - beta1)
+                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                denominator = (v / (1 - beta2 ** self._steps)).sqrt_().add_(ADAMW["eps"])
+                param -= lr / (1 - beta1 ** self._steps) * m / denominator
 
 
 def crossing(step: int, loss: float, last_step: int, last_loss: float, target: float) -> float:
@@ -108,7 +133,7 @@ def sweep(task: TeacherTask, batch_size: int, args: argparse.Namespace) -> Sweep
     """Steps to every target for every (learning rate, seed), stopping once no rate can still win."""
     began = time.perf_counter()
     lrs, seeds, targets = args.lrs, list(range(args.seeds)), args.targets
-    ensemble = Ensemble(task, args.hidden, lrs, seeds)
+    ensemble = Ensemble(task, args.hidden, lrs, seeds, args.optimizer)
     generator = torch.Generator().manual_seed(batch_size)
     hit = np.full((len(targets), ensemble.size), np.nan)
     diverged = np.zeros(ensemble.size, dtype=bool)
@@ -116,7 +141,7 @@ def sweep(task: TeacherTask, batch_size: int, args: argparse.Namespace) -> Sweep
     next_eval = 1
     for step in range(1, args.max_samples // batch_size + 1):
         x, y = task.batch((ensemble.size, batch_size), generator)
-        ensemble.sgd_step(x, y)
+        ensemble.step(x, y)
         if step < next_eval:
             continue
         next_eval = max(step + 1, math.ceil(step * EVAL_GROWTH))
@@ -182,17 +207,33 @@ class NoiseReading:
     steps: int | None  # first evaluation at or below the target
     at_target: float | None  # B_simple there
     mean_before: float | None  # mean of B_simple over the steps up to there
+    pre_at_target: float | None = None  # B_pre there (AdamW)
+    pre_mean_before: float | None = None
+
+
+def make_optimizer(model: nn.Module, lr: float, args: argparse.Namespace) -> torch.optim.Optimizer:
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, **ADAMW)
+    return torch.optim.SGD(model.parameters(), lr=lr)
+
+
+def _at_and_mean(values: array, reached: int) -> tuple[float | None, float | None]:
+    """A recorded series' value at step ``reached`` and its mean over the known values up to there."""
+    series = np.frombuffer(values, dtype=float)[:reached]  # NaN while unknown
+    known = series[np.isfinite(series)]
+    return (float(series[-1]) if np.isfinite(series[-1]) else None), (float(known.mean()) if known.size else None)
 
 
 def measure_b_simple(task: TeacherTask, target: float, batch_size: int, lr: float,
                      args: argparse.Namespace) -> NoiseReading:
-    """Train one student under bsmon.watch until the loss passes ``target``; read B_simple there.
+    """Train one student under bsmon.watch until the loss passes ``target``; read B_simple (and for
+    AdamW B_pre) there.
 
     bsmon records every step; replaying the session (as ``bsmon replay`` does) gives B_simple after
     each step, without calling ``monitor.stats()`` (and paying for it) at every step.
     """
     model = student(task.inputs, args.hidden, task.classes, seed=0)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    optimizer = make_optimizer(model, lr, args)
     generator = torch.Generator().manual_seed(batch_size)
     reached = None
     # noise_budget=1.0: measure every step. The default budget measures only every k-th step on a CPU,
@@ -212,10 +253,8 @@ def measure_b_simple(task: TeacherTask, target: float, batch_size: int, lr: floa
     records, _ = store.read_records(store.resolve_session(monitor.session_id).records_path)
     replay = SessionModel(horizon_samples=args.horizon)
     replay.ingest_all(records)
-    b_simple = np.frombuffer(replay.history.b_simple, dtype=float)[:reached]  # NaN while unknown
-    known = b_simple[np.isfinite(b_simple)]
-    return NoiseReading(target, batch_size, lr, reached, float(b_simple[-1]) if np.isfinite(b_simple[-1]) else None,
-                        float(known.mean()) if known.size else None)
+    return NoiseReading(target, batch_size, lr, reached, *_at_and_mean(replay.history.b_simple, reached),
+                        *_at_and_mean(replay.history.b_simple_precond, reached))
 
 
 def branch_reading(task: TeacherTask, target: float, lr: float, args: argparse.Namespace):
@@ -285,9 +324,33 @@ def print_sweep(result: Sweep, n_targets: int) -> None:
     print(f"{result.batch_size:>6} {result.seconds:>5.1f}s | " + " | ".join(cells), flush=True)
 
 
-def print_summary(targets: list[float], fits: list[CriticalFit | None], readings: list[NoiseReading]) -> None:
+def print_summary(targets: list[float], fits: list[CriticalFit | None], readings: list[NoiseReading],
+                  optimizer: str = "sgd") -> None:
     print(f"\n{'target':>7} | {'S_min':>7} {'E_min':>9} {'B_crit':>7} {'fit err':>7} | "
           f"{'B_simple at target':>18} {'mean before':>11} {'(batch, lr, steps)':>20} | {'B_simple/B_crit':>15}")
+    if optimizer == "adamw":
+        _print_rows(targets, fits, readings)
+        print(f"\n{'target':>7} | {'B_crit':>7} | {'B_pre at target':>15} {'mean before':>11} | "
+              f"{'B_pre/B_crit':>12} | {'B_simple/B_crit':>15}   (AdamW's geometry: what bsmon's advice follows)")
+        for target, fit, reading in zip(targets, fits, readings):
+            b_crit = fit.b_crit if fit is not None and fit.s_min > 0 else None
+            pre = (f"{reading.pre_at_target:>15.0f} {reading.pre_mean_before:>11.0f}"
+                   if reading.pre_at_target is not None else f"{'not measured':>27}")
+            print(f"{target:>7g} | {_number(b_crit, '>7.0f')} | {pre} | "
+                  f"{_ratio(reading.pre_at_target, b_crit):>12} | {_ratio(reading.at_target, b_crit):>15}")
+        return
+    _print_rows(targets, fits, readings)
+
+
+def _number(value: float | None, spec: str) -> str:
+    return format(value, spec) if value is not None else format("-", spec[0] + spec[1:].split(".")[0])
+
+
+def _ratio(value: float | None, reference: float | None) -> str:
+    return f"{value / reference:.2f}" if value is not None and reference else "-"
+
+
+def _print_rows(targets: list[float], fits: list[CriticalFit | None], readings: list[NoiseReading]) -> None:
     for target, fit, reading in zip(targets, fits, readings):
         if fit is None:
             left = f"{'too few batch sizes reached it':>34}"
@@ -309,8 +372,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--targets", type=float, nargs="+", default=[0.1, 0.06, 0.035],
                         help="excess losses (nats) to count steps to")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[2 ** k for k in range(3, 12)])
-    parser.add_argument("--lrs", type=float, nargs="+", default=[0.0125 * 2 ** k for k in range(10)],
-                        help="SGD learning-rate grid, tried at every batch size")
+    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    parser.add_argument("--lrs", type=float, nargs="+",
+                        help="learning-rate grid, tried at every batch size (default: 0.0125 to 6.4 for SGD, "
+                             "0.00025 to 0.128 for AdamW, doubling)")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per learning rate")
     parser.add_argument("--max-samples", type=int, default=2_000_000, help="per model, at each batch size")
     parser.add_argument("--noise-batch", type=int, default=256, help="batch size of the B_simple runs")
@@ -332,14 +397,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.hidden = (64,)
     args.noise_eval_every = 5
+    adamw = args.optimizer == "adamw"
+    if args.lrs is None:
+        args.lrs = [0.00025 * 2 ** k for k in range(10)] if adamw else [0.0125 * 2 ** k for k in range(10)]
     if args.quick:
-        args.targets, args.batch_sizes, args.lrs = [0.3], [16, 64, 256], [0.2, 0.4, 0.8, 1.6]
+        args.targets, args.batch_sizes = [0.3], [16, 64, 256]
+        args.lrs = [0.004, 0.008, 0.016, 0.032] if adamw else [0.2, 0.4, 0.8, 1.6]
         args.seeds, args.noise_batch, args.max_samples = 1, 64, 200_000
         args.branch_batch, args.branch_multiples, args.branch_steps = 16, [2, 4], 16
     for name in ("noise_batch", "branch_batch"):
         if getattr(args, name) not in args.batch_sizes:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be one of --batch-sizes "
                          "(it uses that size's tuned lr)")
+    if adamw and args.branch_only is not None:
+        parser.error("--branch-only runs SGD's branch checks; leave out --optimizer adamw")
     args.targets = sorted(args.targets, reverse=True)
     if args.branch_only is not None and (len(args.branch_only) != len(args.targets) or (
             args.sweep_b_crit is not None and len(args.sweep_b_crit) != len(args.targets))):
@@ -351,7 +422,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
     task = TeacherTask()
-    print(describe_task(task, args.hidden))
+    description = describe_task(task, args.hidden)
+    print(description if args.optimizer == "sgd" else description.replace("plain SGD", f"AdamW {ADAMW}"))
     print(f"targets (excess loss, nats): {args.targets}; lr grid {[float(f'{lr:.3g}') for lr in args.lrs]}; "
           f"{args.seeds} seed(s) per lr")
     if args.temperature is not None:
@@ -380,7 +452,9 @@ def main(argv: list[str] | None = None) -> None:
         tuned = next(s for s in sweeps if s.batch_size == args.noise_batch).tuned(k)
         readings.append(measure_b_simple(task, target, args.noise_batch, tuned[0], args) if tuned is not None
                         else NoiseReading(target, args.noise_batch, math.nan, None, None, None))
-    print_summary(args.targets, fits, readings)
+    print_summary(args.targets, fits, readings, args.optimizer)
+    if args.optimizer != "sgd":
+        return
     checks = []
     for k, target in enumerate(args.targets):
         tuned = next(s for s in sweeps if s.batch_size == args.branch_batch).tuned(k)

@@ -22,8 +22,8 @@ import adaptive_batch  # noqa: E402
 import critical_batch  # noqa: E402
 
 
-def run_demo(script: str) -> str:
-    result = subprocess.run([sys.executable, str(ROOT / "demos" / script), "--quick"], capture_output=True,
+def run_demo(script: str, *args: str) -> str:
+    result = subprocess.run([sys.executable, str(ROOT / "demos" / script), "--quick", *args], capture_output=True,
                             text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     return result.stdout
@@ -51,12 +51,32 @@ def test_ensemble_step_equals_independent_sgd_steps():
     hidden, lrs, seeds = (8, 6), [0.1, 0.7], [3, 4]
     ensemble = critical_batch.Ensemble(task, hidden, lrs, seeds)
     x, y = task.batch((ensemble.size, 5), torch.Generator().manual_seed(0))
-    ensemble.sgd_step(x, y)
+    ensemble.step(x, y)
     for m, (lr, seed) in enumerate((lr, seed) for lr in lrs for seed in seeds):
         model = adaptive_batch.student(task.inputs, hidden, task.classes, seed)
         optimizer = torch.optim.SGD(model.parameters(), lr=lr)
         nn.functional.cross_entropy(model(x[m]), y[m]).backward()
         optimizer.step()
+        linears = [layer for layer in model if isinstance(layer, nn.Linear)]
+        for layer, weight, bias in zip(linears, ensemble.weights, ensemble.biases):
+            torch.testing.assert_close(weight[m].T, layer.weight.detach())
+            torch.testing.assert_close(bias[m], layer.bias.detach())
+
+
+def test_ensemble_adamw_steps_equal_independent_adamw_steps():
+    task = adaptive_batch.TeacherTask(pool=512, eval_size=16)
+    hidden, lrs, seeds = (8, 6), [0.01, 0.05], [3, 4]
+    ensemble = critical_batch.Ensemble(task, hidden, lrs, seeds, optimizer="adamw")
+    batches = [task.batch((ensemble.size, 5), torch.Generator().manual_seed(k)) for k in range(3)]
+    for x, y in batches:
+        ensemble.step(x, y)
+    for m, (lr, seed) in enumerate((lr, seed) for lr in lrs for seed in seeds):
+        model = adaptive_batch.student(task.inputs, hidden, task.classes, seed)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, **critical_batch.ADAMW)
+        for x, y in batches:  # three steps: the moments and their bias corrections matter
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x[m]), y[m]).backward()
+            optimizer.step()
         linears = [layer for layer in model if isinstance(layer, nn.Linear)]
         for layer, weight, bias in zip(linears, ensemble.weights, ensemble.biases):
             torch.testing.assert_close(weight[m].T, layer.weight.detach())
@@ -112,3 +132,16 @@ def test_critical_demo_quick():
     # the branch checks' table: one row per target, the sweep's B_crit beside the check's reading
     branch = re.search(r"^\s+0\.3 \|\s+([\d.]+) \|\s+(>?\s*[\d.]+)\s+\S+\s+(\d+) \|", out, re.MULTILINE)
     assert branch and float(branch[1]) == pytest.approx(b_crit, abs=1), out
+
+
+def test_critical_demo_quick_adamw_reads_b_simple_and_b_pre():
+    out = run_demo("critical_batch.py", "--optimizer", "adamw")
+    assert "AdamW" in out.splitlines()[0]
+    steps = {int(m[1]): float(m[2]) for m in re.finditer(r"^\s+(\d+)\s+[\d.]+s \|\s+(\d+) \[", out, re.MULTILINE)}
+    assert sorted(steps) == [16, 64, 256], out
+    row = re.search(r"^\s+0\.3 \|\s+([\d.]+) \|\s+([\d.]+)\s+([\d.]+) \|\s+([\d.]+) \|\s+([\d.]+)$", out, re.MULTILINE)
+    assert row, out
+    b_crit, b_pre, b_pre_mean, pre_ratio, simple_ratio = map(float, row.groups())
+    assert b_crit > 0 and b_pre > 0 and b_pre_mean > 0
+    assert pre_ratio == pytest.approx(b_pre / b_crit, abs=0.01)
+    assert "branch checks" not in out  # SGD's only
