@@ -11,9 +11,13 @@ The ratios include the whole probe, not just the estimator, because that is what
   per-example MLP the same MLP, one batch of 128 per step, noise="per_example": per-example
                   squared norms summed inside backward, from each layer's input and output
                   gradient;
+  per-example MLP AdamW the same with AdamW, which adds B_pre: per layer, the per-example norms
+                  weighted by AdamW's P^2 (one more matmul-shaped pass per Linear);
   transformer     a small decoder (token embedding, a position table looked up with ids (1, T)
                   as GPT-2 does, 2 pre-norm blocks of causal attention and a 4x MLP, width 128,
-                  4 heads, 64 tokens, batch 8), noise="per_example", covering every parameter.
+                  4 heads, 64 tokens, batch 8), noise="per_example", covering every parameter,
+                  with AdamW: B_pre materialises each sequence layer's per-example gradients;
+  transformer SGD the same decoder with SGD: B_simple alone, in the Gram form where cheaper.
                   (layers="norm_embed" is not timed: watch() refuses a per-example estimate over
                   part of the model, docs/noise-scale.md.)
 
@@ -90,11 +94,14 @@ class TinyDecoder(nn.Module):
         return self.head(self.norm(self.blocks(self.embed(ids) + self.position(positions))))
 
 
-def make_transformer_loop(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer, Callable[[], None]]:
-    """The decoder, AdamW, and one step of next-token prediction on random token sequences."""
+def make_transformer_loop(seed: int = 0, adamw: bool = True
+                          ) -> tuple[nn.Module, torch.optim.Optimizer, Callable[[], None]]:
+    """The decoder, AdamW (or SGD with momentum), and one step of next-token prediction on random
+    token sequences."""
     torch.manual_seed(seed)
     model = TinyDecoder()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    optimizer = (torch.optim.AdamW(model.parameters(), lr=3e-4) if adamw
+                 else torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
     batches = itertools.cycle([torch.randint(0, VOCAB, (SEQUENCES, CONTEXT + 1)) for _ in range(16)])
 
     def step() -> None:
@@ -149,10 +156,17 @@ def main() -> None:
         rounds = run_rounds(step, [Variant("no bsmon"), *watched], budget, label="per-example MLP")
         rows += compare_both(rounds, watched, 1.10, "per-example, MLP")
 
-        model, optimizer, step = make_transformer_loop()
-        every_layer = budget_and_every_step("all", model, optimizer, step, noise="per_example")
-        rounds = run_rounds(step, [Variant("no bsmon"), *every_layer], budget, label="transformer")
-        rows += compare_both(rounds, every_layer, 1.25, "per-example, transformer, layers=all")
+        model, optimizer, step = make_mlp_loop(adamw=True)
+        watched = budget_and_every_step("per-example AdamW", model, optimizer, step, noise="per_example")
+        rounds = run_rounds(step, [Variant("no bsmon"), *watched], budget, label="per-example MLP AdamW")
+        rows += compare_both(rounds, watched, 1.10, "per-example + B_pre, MLP, AdamW")
+
+        for adamw, label in ((True, "per-example + B_pre, transformer, AdamW"),
+                             (False, "per-example, transformer, SGD")):
+            model, optimizer, step = make_transformer_loop(adamw=adamw)
+            every_layer = budget_and_every_step("all", model, optimizer, step, noise="per_example")
+            rounds = run_rounds(step, [Variant("no bsmon"), *every_layer], budget, label=label)
+            rows += compare_both(rounds, every_layer, 1.25, label)
     print_table("Step time against the same loop without bsmon", rows)
 
 
