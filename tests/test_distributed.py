@@ -221,6 +221,48 @@ def _noise_payloads(monitor):
     return [r["noise"] for r in records if r["k"] == "step" and "noise" in r]
 
 
+def _rescaled_sq(model, optimizer):
+    """|P * .grad|^2 with P = 1/(sqrt(v_hat) + eps) computed here from AdamW's state."""
+    beta2, eps = optimizer.param_groups[0]["betas"][1], optimizer.param_groups[0]["eps"]
+    total = 0.0
+    for p in model.parameters():
+        state = optimizer.state[p]
+        v_hat = state["exp_avg_sq"] / (1 - beta2 ** float(state["step"]))
+        total += float((p.grad / (v_hat.sqrt() + eps)).square().sum())
+    return total
+
+
+def test_the_buckets_rescaled_norms_weight_each_element_by_its_parameters_p(one_rank_group):
+    """Several buckets, each laying out several parameters: the local and averaged norms
+    of P * bucket, and |P * .grad|^2 of the no_sync pass, against P computed from AdamW's state."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+    model = nn.parallel.DistributedDataParallel(module, bucket_cap_mb=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+    state = {"calls": 0}
+    with bsmon.watch(model, optimizer, noise="ddp", noise_budget=1.0) as monitor:
+        model.register_comm_hook(state, train_ddp.counting_allreduce)
+        exact = []
+        for step in range(4):
+            passes = []
+            for micro in range(2):
+                x, y = torch.randn(16, 8, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
+                with model.no_sync() if micro == 0 else contextlib.nullcontext():
+                    (F.mse_loss(model(x), y) / 2).backward()
+                passes.append(_rescaled_sq(model, optimizer) if step else None)
+            exact.append(passes)
+            optimizer.step()
+            optimizer.zero_grad()
+    assert state["calls"] > 4, "one bucket per step: the test would not check the layout"
+    payloads = _noise_payloads(monitor)
+    assert len(payloads) == 4 and "pre" not in payloads[0]  # no second moment before the first step
+    for payload, (after_first, after_sync) in zip(payloads[1:], exact[1:]):
+        accumulated, local, averaged = payload["pre"]
+        assert accumulated == pytest.approx(after_first, rel=1e-5)
+        assert local == pytest.approx(after_sync, rel=1e-5)  # one rank: averaging changes nothing
+        assert averaged == pytest.approx(after_sync, rel=1e-5)
+
+
 def test_user_hook_registered_after_watch_runs_inside_bsmons(one_rank_group):
     model, optimizer = _ddp_linear()
     state = {"calls": 0}
