@@ -233,7 +233,7 @@ def _rescaled_sq(model, optimizer):
 
 
 def test_the_buckets_rescaled_norms_weight_each_element_by_its_parameters_p(one_rank_group):
-    """Several buckets, each laying out several parameters: the local and averaged norms
+    """Several buckets (a tiny bucket_cap_mb): the local and averaged norms
     of P * bucket, and |P * .grad|^2 of the no_sync pass, against P computed from AdamW's state."""
     torch.manual_seed(0)
     module = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)).double()
