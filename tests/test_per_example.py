@@ -825,6 +825,12 @@ def test_rescaled_norms_of_linear_layers_with_and_without_a_sequence(shape):
     assert_rescaled_matches(model, x, torch.randn(*shape[:-1], 2), squared_error)
 
 
+def test_rescaled_norms_of_a_bias_whose_weight_is_frozen():
+    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 2))
+    model[2].weight.requires_grad_(False)
+    assert_rescaled_matches(model, torch.randn(6, 12), torch.randn(6, 2), squared_error)
+
+
 def test_rescaled_norms_materialise_in_chunks(monkeypatch):
     import bsmon.probe.per_example as per_example
 

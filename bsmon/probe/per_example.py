@@ -154,8 +154,9 @@ def _linear_finish(
     if delta.dim() == 2:  # |x_i|^2 |delta_i|^2, and the bias's |delta_i|^2
         delta = _float(delta)
         if scales is not None:  # sum_{k,o} x_ik^2 P^2_ko delta_io^2: one matmul-shaped pass
-            x_sq, delta_sq = _float(kept).square(), delta.square()
+            delta_sq = delta.square()
             if weight:
+                x_sq = _float(kept).square()
                 columns.append(x_sq.sum(1) * delta_sq.sum(1))
                 rescaled.append((x_sq @ _in_out(module, scales[0])).mul_(delta_sq).sum(1))
             if bias:
