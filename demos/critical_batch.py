@@ -324,33 +324,9 @@ def print_sweep(result: Sweep, n_targets: int) -> None:
     print(f"{result.batch_size:>6} {result.seconds:>5.1f}s | " + " | ".join(cells), flush=True)
 
 
-def print_summary(targets: list[float], fits: list[CriticalFit | None], readings: list[NoiseReading],
-                  optimizer: str = "sgd") -> None:
+def print_summary(targets: list[float], fits: list[CriticalFit | None], readings: list[NoiseReading]) -> None:
     print(f"\n{'target':>7} | {'S_min':>7} {'E_min':>9} {'B_crit':>7} {'fit err':>7} | "
           f"{'B_simple at target':>18} {'mean before':>11} {'(batch, lr, steps)':>20} | {'B_simple/B_crit':>15}")
-    if optimizer == "adamw":
-        _print_rows(targets, fits, readings)
-        print(f"\n{'target':>7} | {'B_crit':>7} | {'B_pre at target':>15} {'mean before':>11} | "
-              f"{'B_pre/B_crit':>12} | {'B_simple/B_crit':>15}   (AdamW's geometry: what bsmon's advice follows)")
-        for target, fit, reading in zip(targets, fits, readings):
-            b_crit = fit.b_crit if fit is not None and fit.s_min > 0 else None
-            pre = (f"{reading.pre_at_target:>15.0f} {reading.pre_mean_before:>11.0f}"
-                   if reading.pre_at_target is not None else f"{'not measured':>27}")
-            print(f"{target:>7g} | {_number(b_crit, '>7.0f')} | {pre} | "
-                  f"{_ratio(reading.pre_at_target, b_crit):>12} | {_ratio(reading.at_target, b_crit):>15}")
-        return
-    _print_rows(targets, fits, readings)
-
-
-def _number(value: float | None, spec: str) -> str:
-    return format(value, spec) if value is not None else format("-", spec[0] + spec[1:].split(".")[0])
-
-
-def _ratio(value: float | None, reference: float | None) -> str:
-    return f"{value / reference:.2f}" if value is not None and reference else "-"
-
-
-def _print_rows(targets: list[float], fits: list[CriticalFit | None], readings: list[NoiseReading]) -> None:
     for target, fit, reading in zip(targets, fits, readings):
         if fit is None:
             left = f"{'too few batch sizes reached it':>34}"
@@ -364,6 +340,23 @@ def _print_rows(targets: list[float], fits: list[CriticalFit | None], readings: 
             right = f"{reading.at_target:>18.0f} {reading.mean_before:>11.0f} {run:>20}"
             ratio = f"{reading.at_target / fit.b_crit:.2f}" if fit is not None and fit.s_min > 0 else "-"
         print(f"{target:>7g} | {left}| {right} | {ratio:>15}")
+
+
+def print_precond_summary(targets: list[float], fits: list[CriticalFit | None], readings: list[NoiseReading]) -> None:
+    """B_pre (AdamW's geometry, what bsmon's advice follows) beside B_crit and B_simple."""
+    print(f"\n{'target':>7} | {'B_crit':>7} | {'B_pre at target':>15} {'mean before':>11} | "
+          f"{'B_pre/B_crit':>12} | {'B_simple/B_crit':>15}   (AdamW's geometry: what bsmon's advice follows)")
+    for target, fit, reading in zip(targets, fits, readings):
+        b_crit = fit.b_crit if fit is not None and fit.s_min > 0 else None
+        crit = f"{b_crit:>7.0f}" if b_crit is not None else f"{'-':>7}"
+        pre = (f"{reading.pre_at_target:>15.0f} {reading.pre_mean_before:>11.0f}"
+               if reading.pre_at_target is not None else f"{'not measured':>27}")
+        print(f"{target:>7g} | {crit} | {pre} | "
+              f"{_ratio(reading.pre_at_target, b_crit):>12} | {_ratio(reading.at_target, b_crit):>15}")
+
+
+def _ratio(value: float | None, reference: float | None) -> str:
+    return f"{value / reference:.2f}" if value is not None and reference else "-"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -452,8 +445,9 @@ def main(argv: list[str] | None = None) -> None:
         tuned = next(s for s in sweeps if s.batch_size == args.noise_batch).tuned(k)
         readings.append(measure_b_simple(task, target, args.noise_batch, tuned[0], args) if tuned is not None
                         else NoiseReading(target, args.noise_batch, math.nan, None, None, None))
-    print_summary(args.targets, fits, readings, args.optimizer)
-    if args.optimizer != "sgd":
+    print_summary(args.targets, fits, readings)
+    if args.optimizer == "adamw":
+        print_precond_summary(args.targets, fits, readings)
         return
     checks = []
     for k, target in enumerate(args.targets):
