@@ -181,6 +181,40 @@ def test_a_killed_rank_ends_the_job_and_leaves_a_readable_session(tmp_path):
     assert "Call bsmon.watch() before ddp.register_comm_hook" in stats.noise_reason
 
 
+def _ddp_losses(tmp_path, label, *args):
+    """Each rank's losses from a 2-rank job that trains (lr > 0: the losses follow the all-reduced gradient)."""
+    losses_dir = tmp_path / label
+    losses_dir.mkdir()
+    job = spawn(torchrun(2, "--steps", "30", "--micro-batch", "64", "--lr", "0.01", "--losses-dir",
+                         str(losses_dir), *args), stderr=subprocess.STDOUT)
+    output, _ = job.communicate(timeout=240)
+    assert job.returncode == 0, output[-3000:]
+    return [(losses_dir / f"rank{rank}.losses").read_text().split() for rank in range(2)], output
+
+
+@pytest.mark.parametrize("fail_at_norm", [3, 4], ids=["before-the-all-reduce", "after-the-all-reduce"])
+def test_a_bsmon_bug_in_the_comm_hook_still_all_reduces_and_training_goes_on_unchanged(tmp_path, fail_at_norm):
+    """The guard around the measuring parts of bsmon's DDP hook: rank 0 alone fails (step 2), so its
+    hook goes on only all-reducing while rank 1 still measures; the ranks' losses stay bitwise those
+    of an unwatched job, so the gradients were averaged exactly as without bsmon."""
+    unwatched, _ = _ddp_losses(tmp_path, "unwatched", "--unwatched")
+    watched, output = _ddp_losses(tmp_path, "watched", "--fail-at-norm", str(fail_at_norm))
+
+    assert len(unwatched[0]) == 30 and unwatched[0] != unwatched[1]  # ranks see different data...
+    assert len(set(unwatched[0])) > 1  # ...and train
+    assert watched == unwatched
+    warnings = [line for line in output.splitlines() if "turned itself off" in line]
+    where = "DdpNormHook._measure_local_norm" if fail_at_norm % 2 else "DdpNormHook._measure_averaged_norm"
+    assert len(warnings) == 1 and f"internal error in {where}" in warnings[0], output[-3000:]
+
+    info = _only_session()
+    records, torn = store.read_records(info.records_path)
+    assert torn == 0 and records[-1]["k"] == "bye" and records[-1]["status"] == "finished"
+    (event,) = [r for r in records if r["k"] == "event" and r["level"] == "error"]
+    assert "RuntimeError: injected bsmon bug in the comm hook" in event["traceback"]
+    assert info.steps == 1, "bsmon turned itself off at step 2"
+
+
 # --------------------------------------------------------------------------------------------
 # The DDP hook in this process (one rank, gloo)
 

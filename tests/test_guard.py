@@ -13,7 +13,10 @@ from torch import nn
 
 import bsmon
 from bsmon import store
-from bsmon.probe.monitor import Monitor
+from bsmon.model import SessionModel
+from bsmon.probe import monitor as monitor_module
+from bsmon.probe.monitor import OFF_REASON, Monitor
+from bsmon.probe.flops import FlopCounter
 from bsmon.probe.per_example import PerExampleNorms
 from bsmon.probe.publisher import Publisher
 from bsmon.profiling import Profile
@@ -22,8 +25,9 @@ STEPS = 40
 INJECTED = "injected bsmon bug"
 
 
-def train(*, watch, accumulate, noise="auto"):
-    """Losses of a small deterministic run, and the monitor (closed) if watched."""
+def train(*, watch, accumulate, noise="auto", api=False):
+    """Losses of a small deterministic run, and the monitor (closed) if watched. ``api``: the loop
+    also calls the monitor's own methods every step, as a user's loop would."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -40,6 +44,10 @@ def train(*, watch, accumulate, noise="auto"):
             optimizer.step()
             optimizer.zero_grad()
             losses.append(loss.item())
+            if api and watch:
+                monitor.log(loss=loss)
+                monitor.stats()
+                monitor.metrics()
     finally:
         if monitor is not None:
             monitor.close()
@@ -47,14 +55,15 @@ def train(*, watch, accumulate, noise="auto"):
     return losses, monitor
 
 
-def fail_on_call(monkeypatch, cls, name, call=3, thread=None):
-    """Make ``cls.name`` raise on its ``call``-th call (on ``thread`` only, if given)."""
+def fail_on_call(monkeypatch, cls, name, call=3, thread=None, when=lambda *args: True):
+    """Make ``cls.name`` raise on its ``call``-th call (on ``thread`` only, if given; counting only
+    the calls whose arguments pass ``when``)."""
     original = getattr(cls, name)
     calls = []
 
     @functools.wraps(original)
     def failing(self, *args, **kwargs):
-        if thread is None or threading.current_thread().name == thread:
+        if (thread is None or threading.current_thread().name == thread) and when(*args):
             calls.append(1)
             if len(calls) == call:
                 raise RuntimeError(INJECTED)
@@ -103,6 +112,43 @@ def test_an_unwatched_and_a_watched_run_train_identically():
     """The premise of the test above: watching alone changes nothing."""
     for accumulate in (1, 2):
         assert train(watch=True, accumulate=accumulate)[0] == train(watch=False, accumulate=accumulate)[0]
+
+
+#: method the user calls: (class, method made to fail, options, where the guard reports it)
+USER_CALLS = {
+    "log": (Publisher, "submit", {"when": lambda record: record["k"] == "scalars"}, "Monitor.log"),
+    "stats": (SessionModel, "stats", {"call": 1}, "Monitor.stats"),  # computed at most every 0.25 s
+    "metrics": (monitor_module, "tracker_metrics", {}, "Monitor.metrics"),  # a function: "self" is its first argument
+    # a part of close() in the middle: the hooks it removes before (checked in train()) and the bye it
+    # writes after are still there
+    "close": (FlopCounter, "close", {"call": 1}, "Monitor.close"),
+}
+
+
+@pytest.mark.parametrize("call", list(USER_CALLS))
+def test_a_bsmon_bug_in_a_method_the_user_calls_turns_bsmon_off_and_training_goes_on(call, monkeypatch, capsys):
+    """log(), stats(), metrics() and close() run behind the same guard: the loop calling them never sees
+    the failure, and afterwards they say bsmon is off instead of showing numbers that stopped."""
+    target, name, options, where = USER_CALLS[call]
+    unwatched, _ = train(watch=False, accumulate=1)
+    calls = fail_on_call(monkeypatch, target, name, **options)
+    watched, monitor = train(watch=True, accumulate=1, api=True)
+
+    assert len(calls) >= options.get("call", 3), "the failure was injected"
+    assert watched == unwatched
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "turned itself off" in line]
+    assert len(warnings) == 1 and INJECTED in warnings[0] and f"internal error in {where}" in warnings[0]
+    info = store.resolve_session(monitor.session_id)
+    records, torn = store.read_records(info.records_path)
+    assert torn == 0 and records[-1]["k"] == "bye" and records[-1]["status"] == "finished"
+    (event,) = [r for r in records if r["k"] == "event" and r["level"] == "error"]
+    assert f"RuntimeError: {INJECTED}" in event["traceback"] and where in event["msg"]
+    assert info.steps == STEPS if call == "close" else info.steps < STEPS
+
+    stats = monitor.stats()
+    assert stats.b_simple is None and stats.b_opt is None and stats.noise_reason == OFF_REASON
+    assert monitor.metrics() == {} and monitor.recommended_batch_size() is None
+    monitor.log(loss=1.0)  # and calling them again is harmless
 
 
 # -- watch() is all or nothing ---------------------------------------------------------------------

@@ -269,6 +269,10 @@ class DdpNormHook:
     also takes both norms in the optimizer's geometry, |P * bucket|^2: the bucket is its
     parameters' gradients flattened one after another, so P^2 of those parameters, flattened
     the same way, weights it element by element.
+
+    The all-reduce is the training's, so it runs whatever happens to the measurement: the
+    measuring parts run behind the monitor's guard (:meth:`use_guard`), and a bsmon bug there
+    (or any time after) leaves just the inner hook, its result untouched.
     """
 
     def __init__(self, ddp: nn.parallel.DistributedDataParallel,
@@ -290,6 +294,7 @@ class DdpNormHook:
         #: or where a bucket's parameters have no second moment yet
         self.rescaled: torch.Tensor | None = None
         self._fired = False
+        self.use_guard(lambda measure: measure)  # until watch() gives its guard
         ddp.register_comm_hook(None, self.hook)
         ddp.register_comm_hook = self.register_inner  # this instance only
 
@@ -301,6 +306,12 @@ class DdpNormHook:
             if isinstance(owner, cls):
                 return owner
         return None
+
+    def use_guard(self, guard: Callable[[Callable], Callable]) -> None:
+        """Measure behind ``guard`` (bsmon/probe/guard.py): the current watch()'s; a DDP model keeps
+        its hook from one watch() to the next."""
+        self._measure_local = guard(self._measure_local_norm)
+        self._measure_averaged = guard(self._measure_averaged_norm)
 
     def register_inner(self, state: object, hook: Callable) -> None:
         """``ddp.register_comm_hook`` after watch(): the user's hook runs inside bsmon's."""
@@ -316,10 +327,16 @@ class DdpNormHook:
         return getattr(self._inner[0], "__qualname__", type(self._inner[0]).__name__)
 
     def hook(self, state, bucket):  # no annotations: DDP compares them with the real types, not strings
-        """Measure ``bucket`` and hand it to the inner hook."""
+        """Measure ``bucket`` and hand it to the inner hook (only hand it on when inactive, or
+        when the guard returned None: measuring failed, now or before)."""
         inner, inner_state = self._inner
-        if not self.active:
+        after_reduce = self._measure_local(bucket) if self.active else None
+        if after_reduce is None:
             return inner(inner_state, bucket)
+        return inner(inner_state, bucket).then(after_reduce)
+
+    def _measure_local_norm(self, bucket) -> Callable[[torch.futures.Future], Any]:
+        """This rank's norms of ``bucket``; returns the callback that measures the averaged one."""
         start = time.perf_counter()
         local = bucket.buffer()
         self._local.append(_sq_norm(local))  # before the inner hook: it may divide in place
@@ -327,7 +344,7 @@ class DdpNormHook:
         self._local_rescaled.append(None if scale is None else _scaled_sq_norm(local, scale))
         self._fired = True
         self.spent_s += time.perf_counter() - start
-        return inner(inner_state, bucket).then(functools.partial(self._after_reduce, scale))
+        return functools.partial(self._after_reduce, scale)
 
     def _bucket_scale(self, bucket, buffer: torch.Tensor) -> torch.Tensor | None:
         """P^2 of the bucket's parameters, flattened as the bucket lays out their gradients."""
@@ -338,14 +355,16 @@ class DdpNormHook:
         return scale if scale.numel() == buffer.numel() else None  # else a layout this reading does not know
 
     def _after_reduce(self, scale: torch.Tensor | None, future: torch.futures.Future) -> Any:
+        value = future.value()  # a failed all-reduce raises here, for DDP to report, as without bsmon
+        self._measure_averaged(value if isinstance(value, torch.Tensor) else value[0], scale)
+        return value
+
+    def _measure_averaged_norm(self, averaged: torch.Tensor, scale: torch.Tensor | None) -> None:
         start = time.perf_counter()
-        value = future.value()
-        averaged = value if isinstance(value, torch.Tensor) else value[0]
         self._averaged.append(_sq_norm(averaged))
         if scale is not None:
             self._averaged_rescaled.append(_scaled_sq_norm(averaged, scale))
         self.spent_s += time.perf_counter() - start
-        return value
 
     def synced(self) -> bool:
         """True when buckets went through the hook since the previous call (a synchronising pass)."""

@@ -8,6 +8,10 @@ raises. The first unexpected exception trips the guard:
   inputs, outputs and gradients untouched), so bsmon is off for the rest of the job;
 * ``on_failure(where, traceback)`` runs once, to record an event in the session and warn.
 
+The methods the user calls (``Monitor.log()``, ``stats()``, ...) are guarded too
+(:func:`guarded_method`): once the guard has tripped they return their fallback (nothing,
+or numbers that say bsmon is off) instead of raising into the training loop.
+
 Hooks are not removed when the guard trips, because the failure may happen while PyTorch
 iterates over the very dict that holds them; ``Monitor.close()`` removes them later.
 KeyboardInterrupt and SystemExit are not bsmon bugs and pass through.
@@ -15,6 +19,7 @@ KeyboardInterrupt and SystemExit are not bsmon bugs and pass through.
 
 from __future__ import annotations
 
+import functools
 import threading
 import traceback
 from typing import Any, Callable
@@ -51,6 +56,25 @@ class Guard:
             self._on_failure(where, details)
         except Exception:  # noqa: BLE001 - reporting must not become the second bug
             pass
+
+
+def guarded_method(fallback: Callable[[Any], Any] = lambda owner: None) -> Callable[[Callable], Callable]:
+    """Decorator: a public method of an object with a ``_guard`` (the user calls it, not PyTorch),
+    behind that guard. A bsmon bug in it trips the guard; that call and every later one return
+    ``fallback(owner)``."""
+    def decorate(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def guarded(owner: Any, *args: Any, **kwargs: Any) -> Any:
+            guard = owner._guard
+            if guard.tripped:
+                return fallback(owner)
+            try:
+                return method(owner, *args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - the point of the guard
+                guard.trip(method.__qualname__, exc)
+                return fallback(owner)
+        return guarded
+    return decorate
 
 
 def _name(hook: Callable[..., Any]) -> str:

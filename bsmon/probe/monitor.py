@@ -56,7 +56,7 @@ from bsmon.probe import distributed
 from bsmon.probe.deferred import Deferred
 from bsmon.probe.entry import EntryFinder, first_batch_dim
 from bsmon.probe.flops import FlopCounter
-from bsmon.probe.guard import Guard
+from bsmon.probe.guard import Guard, guarded_method
 from bsmon.probe.noise import MEASURE_BUDGET, NoiseProbe, check_mode
 from bsmon.probe.per_example import is_compiling
 from bsmon.probe.phases import StepPhases
@@ -78,6 +78,8 @@ TRACEBACK_CHARS = 20000
 #: stats() recomputes at most this often while the job runs: a computation takes about 0.5 ms
 #: on a CPU, so a loop that asks every step (recommended_batch_size()) pays for four a second.
 STATS_REFRESH_S = 0.25
+#: Why stats() has no numbers once a bsmon bug has turned the monitor off (bsmon/probe/guard.py).
+OFF_REASON = "bsmon turned itself off after an internal error (the session's events have the traceback)"
 #: Training libraries named in the hello when the job has imported them: the session model words
 #: its advice for them (e.g. gradient_accumulation_steps for a Hugging Face Trainer).
 FRAMEWORKS = ("transformers", "lightning", "pytorch_lightning", "accelerate")
@@ -231,7 +233,7 @@ class Monitor:
         self._phases = StepPhases(_model_device(model))
         self._model_state = SessionModel(keep_history=False, horizon_samples=horizon_samples)
         self._state_lock = threading.Lock()
-        self._latest = Stats()
+        self._latest = Stats(unit=unit)
         self._unread: list[dict] = []  # published, not yet ingested into _model_state
         self._stale = False  # ingested records newer than _latest
         self._latest_at = -STATS_REFRESH_S  # monotonic time _latest was last brought up to date
@@ -310,9 +312,7 @@ class Monitor:
 
     def _undo_set_up(self) -> None:
         """Remove whatever a failed ``_set_up()`` had put in place, in reverse order."""
-        atexit.unregister(self._atexit)
-        if sys.excepthook == self._excepthook:
-            sys.excepthook = self._previous_excepthook
+        self._unregister()
         self._remove_hooks()
         if self._flops is not None:
             self._flops.close()
@@ -579,6 +579,10 @@ class Monitor:
             if len(self._unread) >= INGEST_BATCH:
                 self._ingest_unread()
 
+    def _off_stats(self) -> Stats:
+        """What stats() returns once the guard has tripped: no numbers, and why."""
+        return Stats(unit=self._latest.unit, noise_reason=OFF_REASON, b_opt_reason=OFF_REASON)
+
     def _ingest_unread(self) -> None:
         """Feed the waiting records to the model (the caller holds ``_state_lock``)."""
         if self._unread:
@@ -587,6 +591,7 @@ class Monitor:
             self._stale = True
 
     # -- public API -----------------------------------------------------------
+    @guarded_method()
     def log(self, **scalars: Any) -> None:
         """Record scalars (loss, lr, ...) for the current step.
 
@@ -624,6 +629,7 @@ class Monitor:
             self._rejected_names.add(key)
             warnings.warn(f"bsmon: {message}", BsmonWarning, stacklevel=3)
 
+    @guarded_method()
     def warn(self, message: str) -> None:
         """Record a warning in the session (the TUI's events, headless replay) and warn once here.
 
@@ -631,6 +637,7 @@ class Monitor:
         self.record_event("warning", message)
         self._warn(message)
 
+    @guarded_method(lambda monitor: monitor._off_stats())
     def stats(self) -> Stats:
         """The latest numbers: up to the last step, or at most STATS_REFRESH_S old when
         asked again sooner than that (after close(), always up to the end).
@@ -687,10 +694,12 @@ class Monitor:
             self._last_step_end = time.perf_counter()
             self._paused = False
 
+    @guarded_method()
     def record_event(self, level: str, message: str) -> None:
         """Record something a person should see (a profile's cost, say)."""
         self._publisher.submit({"k": "event", "t": time.time(), "level": level, "msg": message})
 
+    @guarded_method(lambda monitor: {})
     def metrics(self, prefix: str = "bsmon/") -> dict[str, float]:
         """The headline numbers, named ``prefix + name``, for a tracker: ``wandb.log(monitor.metrics())``.
 
@@ -714,6 +723,7 @@ class Monitor:
     def optimizer(self) -> torch.optim.Optimizer:
         return self._optimizer
 
+    @guarded_method(lambda monitor: [])
     def throughput_points(self) -> list:
         """The session's throughput points so far (profile and live), in its unit."""
         self._publisher.poll(now=True)
@@ -721,6 +731,7 @@ class Monitor:
             self._ingest_unread()
             return self._model_state.throughput_points()
 
+    @guarded_method()
     def record(self, record: dict[str, Any]) -> None:
         """Add a record (an event, a branch check) to the session."""
         self._publisher.submit(record)
@@ -736,20 +747,25 @@ class Monitor:
         if self._closed:
             return
         self._closed = True
-        self._remove_hooks()
-        self._noise.close()
-        if self._flops is not None:
-            self._flops.close()
-        if self._ranks is not None:
-            self._ranks.close()
-        if sys.excepthook == self._excepthook:  # bound methods: equal, never identical
-            sys.excepthook = self._previous_excepthook
-        atexit.unregister(self._atexit)
         bye = {"k": "bye", "t": time.time(), "status": status, "code": code, "error": error}
-        self._publisher.close(bye)
+        parts = [self._remove_hooks, self._noise.close, self._flops and self._flops.close,
+                 self._ranks and self._ranks.close, self._unregister, lambda: self._publisher.close(bye)]
+        for part in filter(None, parts):
+            # Each part behind the guard, and whatever fails the others still run: a bsmon bug
+            # must not fail a job at its end, nor leave a hook, or the session without its bye.
+            try:
+                part()
+            except Exception as exc:  # noqa: BLE001 - see above
+                self._guard.trip("Monitor.close", exc)
         with _active_lock:
             if _active is self:
                 _active = None
+
+    def _unregister(self) -> None:
+        """Give back the excepthook and the atexit handler (close())."""
+        if sys.excepthook == self._excepthook:  # bound methods: equal, never identical
+            sys.excepthook = self._previous_excepthook
+        atexit.unregister(self._atexit)
 
     @property
     def closed(self) -> bool:

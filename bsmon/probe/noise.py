@@ -402,6 +402,7 @@ class NoiseProbe:
         if reason is None:
             self._ddp_hook = distributed.DdpNormHook.of(model) or distributed.DdpNormHook(model)
             self._ddp_hook.rescale = self._precond.squares if self._precond.supported else None
+            self._ddp_hook.use_guard(self._guard)
             self._ddp_hook.active = True
             self._ddp_world = model.process_group.size()
             self.mode = "ddp"

@@ -73,6 +73,22 @@ def counting_allreduce(state: dict, bucket: dist.GradBucket) -> torch.futures.Fu
     return allreduce_hook(None, bucket)
 
 
+def fail_at_norm(call: int) -> None:
+    """Make bsmon's ``call``-th squared bucket norm raise: in the comm hook before the all-reduce
+    (odd calls, one bucket a step) or in its callback after it (even calls)."""
+    from bsmon.probe import distributed
+
+    sq_norm, calls = distributed._sq_norm, []
+
+    def failing(tensor):
+        calls.append(1)
+        if len(calls) == call:
+            raise RuntimeError("injected bsmon bug in the comm hook")
+        return sq_norm(tensor)
+
+    distributed._sq_norm = failing
+
+
 def main() -> int:
     import bsmon
 
@@ -87,6 +103,11 @@ def main() -> int:
     parser.add_argument("--sleep", type=float, default=0.0, help="seconds to sleep per step")
     parser.add_argument("--ready-file", help="rank 0 touches it after its first step")
     parser.add_argument("--pid-dir", help="each rank writes rank<N>.pid there")
+    parser.add_argument("--lr", type=float, default=0.0, help="0 (the default) holds the parameters fixed")
+    parser.add_argument("--unwatched", action="store_true", help="train without bsmon")
+    parser.add_argument("--fail-at-norm", type=int,
+                        help="rank 0: bsmon's N-th bucket norm raises (a bsmon bug in the comm hook)")
+    parser.add_argument("--losses-dir", help="each rank writes its losses to rank<N>.losses there")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -107,17 +128,21 @@ def main() -> int:
             exact_second_moment(args.accumulate * args.micro_batch * dist.get_world_size()).view(1, DIM) * (1 - 0.999))
         optimizer.zero_grad()
     else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     hook_state = {"calls": 0}
     if args.comm_hook == "before":
         model.register_comm_hook(hook_state, counting_allreduce)
-    monitor = bsmon.watch(model, optimizer, noise=None if args.noise == "none" else args.noise,
-                          horizon_samples=1e12,  # fixed parameters: average over every step
-                          noise_budget=1.0)  # and measure every step (accuracy, not cost, is tested)
+    if args.fail_at_norm and rank == 0:
+        fail_at_norm(args.fail_at_norm)
+    monitor = None if args.unwatched else bsmon.watch(
+        model, optimizer, noise=None if args.noise == "none" else args.noise,
+        horizon_samples=1e12,  # fixed parameters: average over every step
+        noise_budget=1.0)  # and measure every step (accuracy, not cost, is tested)
     if args.comm_hook == "after":
         model.register_comm_hook(hook_state, counting_allreduce)
 
     gen = torch.Generator().manual_seed(100 + rank)
+    losses = []
     for step in range(args.steps):
         for micro in range(args.accumulate):
             sync = micro == args.accumulate - 1
@@ -127,10 +152,14 @@ def main() -> int:
                 loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        losses.append(loss.item())
         if step == 0 and args.ready_file and rank == 0:
             Path(args.ready_file).touch()
         time.sleep(args.sleep)
-    monitor.close()
+    if monitor is not None:
+        monitor.close()
+    if args.losses_dir:
+        Path(args.losses_dir, f"rank{rank}.losses").write_text("".join(f"{loss!r}\n" for loss in losses))
     print(f"rank {rank}: trained {args.steps} steps, comm hook calls {hook_state['calls']}", flush=True)
     dist.destroy_process_group()
     return 0
