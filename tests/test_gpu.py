@@ -18,6 +18,7 @@ import pytest
 from bsmon.gpu import GpuReading, GpuSampler, GpuSnapshot, processes
 from bsmon.gpu import sampler as gpu_sampler
 import fake_nvml
+from conftest import WAIT_S
 from fake_nvml import (NEWEST, OLDEST, R12_535_77, R470_MISSING, R535_MISSING, RELEASES, FakeDriver,
                        FakeGpu, FakeProcess)
 
@@ -73,7 +74,7 @@ def _kill(pid):
         pass
 
 
-def _wait_until_gone(pid, timeout_s=5.0):
+def _wait_until_gone(pid, timeout_s=WAIT_S):
     deadline = time.monotonic() + timeout_s
     while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -778,7 +779,7 @@ def test_a_failing_sample_shows_in_latest_instead_of_killing_the_thread():
     with pytest.raises(AttributeError):
         sampler.sample_once()
     sampler.start()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + WAIT_S
     while sampler.latest().banner is None and time.monotonic() < deadline:
         time.sleep(0.01)
     sampler.stop()

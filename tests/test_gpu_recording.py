@@ -4,14 +4,13 @@ go into its session: replay and CSV export include them."""
 import csv
 import io
 import os
-import time
 
 import bsmon.gpu
 from bsmon import cli, store
 from bsmon.client import Feed
 from bsmon.export import write_csv
 from bsmon.gpu import processes
-from conftest import start_job, wait_for
+from conftest import WAIT_S, start_job, wait_for
 from fake_nvml import FakeDriver, FakeGpu, FakeProcess
 
 UUID = "GPU-11111111-2222-3333-4444-555555555555"
@@ -38,9 +37,8 @@ def test_gpu_samples_are_recorded_and_exported_per_step(tmp_path, monkeypatch):
     gpu_file = info.directory / store.GPU_FILE
     wait_for(lambda: gpu_file.exists() and len(store.read_records(gpu_file)[0]) >= 2,
              "two GPU samples recorded while the job runs")  # a loaded machine can starve the sampler a while
-    assert job.wait(timeout=60) == 0
-    assert feed.wait(timeout=10)
-    time.sleep(0.3)
+    assert job.wait(timeout=WAIT_S) == 0
+    assert feed.wait(timeout=WAIT_S)
     feed.stop()
     second.stop()
     # (the live view's latest snapshot may postdate the job: then job memory is rightly N/A)

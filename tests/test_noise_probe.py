@@ -5,7 +5,6 @@ exact: computed from every example's gradient with torch.func. The estimate come
 bsmon.watch() on an ordinary training loop: real hooks, real background thread, real stats.
 """
 
-import time
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from torch.func import functional_call, grad, vmap
 
 import bsmon
 import bsmon.store
+from conftest import wait_for
 
 N_EXAMPLES = 2048
 
@@ -110,7 +110,7 @@ def test_b_simple_rises_as_the_loss_falls_in_real_training():
             optimizer.zero_grad()
             monitor.log(loss=loss.detach() * 2)
             if step in (150, 1200):
-                time.sleep(0.15)  # let the background thread publish
+                wait_for(lambda: monitor.stats().step == step, "the stats up to this step")
                 stats = monitor.stats()
                 if step == 150:
                     early = stats

@@ -9,6 +9,7 @@ from bsmon import store
 from bsmon.probe import publisher as publisher_module
 from bsmon.probe.deferred import Deferred
 from bsmon.probe.publisher import Publisher
+from conftest import WAIT_S
 
 
 class SlowDeviceValue(Deferred):
@@ -56,7 +57,7 @@ def _written_steps(writer):
     return [r["step"] for r in records if r["k"] == "step"]
 
 
-def _wait_for(condition, timeout=5.0):
+def _wait_for(condition, timeout=WAIT_S):
     deadline = time.monotonic() + timeout
     while not condition() and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -466,8 +466,8 @@ async def test_q_in_the_demo_ends_the_demo_job():
             await pilot.pause()
             assert footer_keys(app)["q"] == "Quit, ends demo"
             await pilot.press("q")
-        assert job.process.wait(timeout=60) == 0
-        feed.wait(timeout=30)
+        assert job.process.wait(timeout=WAIT_S) == 0
+        assert feed.wait(timeout=WAIT_S)
         feed.stop()
         assert store.session_info(info.directory).status == "finished"
     finally:
