@@ -93,24 +93,27 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def spawn(args, *, ignore_sigint=False, **kwargs) -> subprocess.Popen:
+def spawn(args, *, ignore_sigint=False, preexec_fn=None, **kwargs) -> subprocess.Popen:
     """Start a process in its own process group with default signal dispositions.
 
     Default dispositions whatever pytest inherited: a suite started with SIGINT ignored (a script
     without job control, `nohup`) would otherwise pass the ignore on, and a test's SIGINT would do
-    nothing. ``ignore_sigint`` starts it the `nohup ... &` way on purpose.
+    nothing. ``ignore_sigint`` starts it the `nohup ... &` way on purpose; ``preexec_fn`` runs after.
     """
     kwargs.setdefault("stdout", subprocess.PIPE)
     kwargs.setdefault("stderr", subprocess.PIPE)
     kwargs.setdefault("text", True)
-    return subprocess.Popen(args, start_new_session=True, preexec_fn=_dispositions(ignore_sigint), **kwargs)
+    return subprocess.Popen(args, start_new_session=True, preexec_fn=_dispositions(ignore_sigint, preexec_fn),
+                            **kwargs)
 
 
-def _dispositions(ignore_sigint):
+def _dispositions(ignore_sigint, then=None):
     def reset():
         default_signal_dispositions()
         if ignore_sigint:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if then is not None:
+            then()
     return reset
 
 

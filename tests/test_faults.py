@@ -1,6 +1,8 @@
 """Faults around a running job, each with what bsmon promises (docs/reliability.md): the training
 never pays, and what was recorded stays readable."""
 
+import random
+import resource
 import shutil
 import signal
 import socket
@@ -31,6 +33,42 @@ def _train(model, optimizer, steps, monitor=None, pad=0):
             monitor.log(**{f"pad{i}": float(i) for i in range(pad)})  # fat records
 
 
+def test_kill_9_of_the_job_mid_write_leaves_the_session_readable_to_its_last_whole_record(tmp_path):
+    """A record file is append-only, so a job killed mid-write leaves a byte prefix of it. Cut a
+    real session's file at every byte of its last records, and at random bytes before: each reads
+    as the whole records before the cut, the rest counted as a torn tail, the steps in order."""
+    ready = tmp_path / "ready"
+    job = start_job("--steps", "100000", "--sleep", "0.01", "--ready-file", str(ready))
+    wait_for(lambda: ready.exists() and store.list_sessions()[0].steps >= 20, "20 recorded steps", job)
+    job.kill()  # kill -9 at an arbitrary moment: what it left reads whole, too
+    job.wait()
+    (info,) = store.list_sessions()
+    whole, torn = store.read_records(info.records_path)
+    assert info.status == "lost" and info.steps >= 20
+    steps = [r["step"] for r in whole if r["k"] == "step"]
+    assert steps == list(range(1, len(steps) + 1))
+
+    data = info.records_path.read_bytes()
+    data = data[:len(data) - torn]
+    cut = tmp_path / store.RECORDS_FILE
+    dense = range(max(0, len(data) - 600), len(data) + 1)  # every byte of the last records
+    positions = sorted({*random.Random(0).sample(range(len(data)), min(300, len(data))), *dense})
+    consumed, count, torn_cuts = 0, 0, 0
+    for position in positions:
+        cut.write_bytes(data[:position])
+        records, torn = store.read_records(cut)
+        where = f"cut at byte {position} of {len(data)}"
+        assert records == whole[:len(records)], where
+        assert len(records) >= count and position - torn >= consumed, where
+        if position in dense and position - 1 in dense and torn:
+            assert position - torn == consumed and len(records) == count, where  # no record completed
+        consumed, count, torn_cuts = position - torn, len(records), torn_cuts + bool(torn)
+        steps = [r["step"] for r in records if r["k"] == "step"]
+        assert steps == list(range(1, len(steps) + 1)), where
+    assert count == len(whole) and consumed == len(data) and torn_cuts > 300
+    assert store.read_records(info.records_path)[0] == whole
+
+
 def test_kill_9_of_the_monitor_leaves_the_job_alone(tmp_path):
     ready = tmp_path / "ready"
     job = start_job("--steps", "300", "--sleep", "0.01", "--ready-file", str(ready))
@@ -56,6 +94,33 @@ def test_the_session_directory_deleted_under_a_running_job(tmp_path):
     assert feed.wait(timeout=WAIT_S) and feed.state == "ended"
     assert list(feed.model.history.step) == list(range(1, 201))
     assert store.list_sessions() == []
+
+
+def test_a_full_disk_mid_run_keeps_training_and_a_monitor_still_gets_every_record(tmp_path):
+    """The kernel refuses writes past RLIMIT_FSIZE, as on a full disk. Training goes on and says so
+    once; a monitor attached after the disk filled still gets the whole run, from memory."""
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))  # Python ignores SIGXFSZ itself
+
+    stderr = tmp_path / "stderr"
+    with open(stderr, "w") as err:
+        job = spawn(train_command("--steps", "100000", "--sleep", "0.005"), stderr=err, preexec_fn=limit_file_size)
+    wait_for(lambda: "Training continues" in stderr.read_text(), "the job to say its disk is full", job,
+             output=stderr.read_text)
+    (info,) = store.list_sessions()
+    recorded = store.session_info(info.directory).steps
+    assert 0 < recorded and info.records_path.stat().st_size <= 20_000
+    feed = Feed().attach(info.socket)
+    wait_for(lambda: feed.read(lambda model: model.stats().step) > recorded + 50, "50 steps past the full disk", job,
+             output=stderr.read_text)
+    job.send_signal(signal.SIGINT)
+    assert job.wait(timeout=WAIT_S) == -signal.SIGINT  # Python re-raises SIGINT after KeyboardInterrupt
+    assert feed.wait(timeout=WAIT_S)
+    steps = list(feed.model.history.step)
+    assert len(steps) > recorded + 50 and steps == list(range(1, len(steps) + 1))
+    text = stderr.read_text()
+    assert text.count("Training continues") == 1 and "recording to" in text and "failed" in text
+    assert store.session_info(info.directory).steps == recorded  # the file kept what fitted
 
 
 def test_a_monitor_that_stops_reading_is_dropped_and_counted(monkeypatch):
