@@ -1,7 +1,9 @@
 """Faults around a running job, each with what bsmon promises (docs/reliability.md): the training
 never pays, and what was recorded stays readable."""
 
+import ast
 import random
+import re
 import resource
 import shutil
 import signal
@@ -15,7 +17,7 @@ import bsmon
 from bsmon import store
 from bsmon.client import Feed, connect
 from bsmon.probe import publisher
-from conftest import WAIT_S, bsmon_cli, spawn, start_job, train_command, wait_for, wait_for_line
+from conftest import ROOT, WAIT_S, bsmon_cli, spawn, start_job, train_command, wait_for, wait_for_line
 
 
 def _model():
@@ -173,3 +175,24 @@ def test_a_second_bsmon_run_with_the_same_name(tmp_path):
     sessions = store.list_sessions()
     assert [s.name for s in sessions] == ["twin", "twin"] and len({s.id for s in sessions}) == 2
     assert sorted(s.status for s in sessions) == ["failed", "finished"]
+
+
+def test_the_reliability_table_names_real_tests():
+    """docs/reliability.md: every fault names at least one test, and every test it names exists
+    (``file.py::name``, or ``::name`` in the file named before it; a parametrize id is ignored)."""
+    rows = [line for line in (ROOT / "docs" / "reliability.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith(("| fault ", "| ---", "| |"))]
+    rows = rows[:next(i for i, row in enumerate(rows) if row.startswith("| the job |"))]  # the fault table only
+    assert len(rows) >= 15
+    defined: dict[str, set[str]] = {}
+    for row in rows:
+        named, file = re.findall(r"`((?:test_\w+\.py)?::test_\w+)(?:\[[^\]`]*\])?`", row), None
+        assert named, f"no test named for: {row[:80]}"
+        for reference in named:
+            prefix, name = reference.split("::")
+            file = prefix or file
+            if file not in defined:
+                tree = ast.parse((ROOT / "tests" / file).read_text())
+                defined[file] = {node.name for node in tree.body
+                                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+            assert name in defined[file], f"docs/reliability.md names {file}::{name}, which does not exist"

@@ -430,8 +430,7 @@ async def test_q_in_run_mode_detaches_and_leaves_the_job_running(sessions, sleep
         await pilot.pause()
         assert pilot.app.is_running
         await pilot.press("q")
-        await pilot.pause()
-        assert not pilot.app.is_running
+        await until(pilot, lambda: not pilot.app.is_running, "leaving")
     assert sleeping_job.returncode() is None
 
 
@@ -500,8 +499,7 @@ async def test_the_footer_says_what_q_does_in_each_mode(sleeping_job):
 async def test_ctrl_c_quits_a_replay():
     async with BsmonApp(synthetic_feed(), mode="replay").run_test(size=SIZE) as pilot:
         await pilot.press("ctrl+c")
-        await pilot.pause()
-        assert not pilot.app.is_running
+        await until(pilot, lambda: not pilot.app.is_running, "quitting")
 
 
 def test_bad_arguments_are_refused_with_a_sentence(sleeping_job):
