@@ -627,7 +627,7 @@ class Monitor:
         self.record_event("warning", message)
         if key not in self._rejected_names:
             self._rejected_names.add(key)
-            warnings.warn(f"bsmon: {message}", BsmonWarning, stacklevel=3)
+            warnings.warn(f"bsmon: {message}", BsmonWarning, stacklevel=4)  # _reject, log, its guard, the caller
 
     @guarded_method()
     def warn(self, message: str) -> None:
@@ -747,9 +747,12 @@ class Monitor:
         if self._closed:
             return
         self._closed = True
-        bye = {"k": "bye", "t": time.time(), "status": status, "code": code, "error": error}
+
+        def say_goodbye() -> None:
+            self._publisher.close({"k": "bye", "t": time.time(), "status": status, "code": code, "error": error})
+
         parts = [self._remove_hooks, self._noise.close, self._flops and self._flops.close,
-                 self._ranks and self._ranks.close, self._unregister, lambda: self._publisher.close(bye)]
+                 self._ranks and self._ranks.close, self._unregister, say_goodbye]
         for part in filter(None, parts):
             # Each part behind the guard, and whatever fails the others still run: a bsmon bug
             # must not fail a job at its end, nor leave a hook, or the session without its bye.
