@@ -490,13 +490,13 @@ def test_a_64_rank_stream_stays_cheap_to_ingest_and_read():
                         "since_report": [0.0] * world})
     data = b"".join(wire.encode(r) for r in records)
     model = SessionModel()
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: a loaded machine stretches the wall clock, not this
     model.ingest_all(wire.FrameReader().feed(data))
-    ingest_s = (time.perf_counter() - start) / 2000
-    start = time.perf_counter()
+    ingest_s = (time.process_time() - start) / 2000
+    start = time.process_time()
     for _ in range(100):
         stats = model.stats()
-    stats_s = (time.perf_counter() - start) / 100
+    stats_s = (time.process_time() - start) / 100
     print(f"64 ranks: {ingest_s * 1e6:.0f} us per ranks record + step (decode and ingest), "
           f"stats() {stats_s * 1e6:.0f} us")
     assert stats.world_size == world and len(stats.rank_step_time_s) == world and stats.step == 2000

@@ -751,8 +751,8 @@ def test_the_thread_samples_at_2_hz_and_stop_shuts_nvml_down():
     sampler.start()
     sampler.start()  # already running: no second thread
     seen = set()
-    started = time.monotonic()
-    while time.monotonic() - started < 1.7:  # slack for a loaded machine
+    deadline = time.monotonic() + WAIT_S  # three samples take 1 s; a loaded machine may starve the thread
+    while len(seen - {before.time}) < 3 and time.monotonic() < deadline:
         seen.add(sampler.latest().time)
         time.sleep(0.02)
     sampler.stop()
