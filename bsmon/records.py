@@ -62,7 +62,8 @@ class Num:
             _fail(at, self.describe(), value)
         if self.finite and not math.isfinite(value):
             _fail(at, self.describe(), value)
-        if ((self.min is not None and value < self.min) or (self.max is not None and value > self.max)
+        if ((self.min is not None and value < self.min) or (self.max is not None and value > self.max
+                                                             and math.isfinite(value))
                 or (self.above is not None and not value > self.above)):
             _fail(at, self.describe(), value)
 
@@ -73,7 +74,7 @@ class Num:
         if self.min is not None:
             words.append(f">= {self.min:g}")
         if self.max is not None:
-            words.append(f"<= {self.max:g}")
+            words.append(f"<= {self.max:g}" + ("" if self.finite else " when finite"))
         return " ".join(words) + (" or null" if self.null else "")
 
 
@@ -282,6 +283,11 @@ def _ddp_pre(noise: dict, at: str) -> None:
         raise InvalidRecord(f"{at}.pre has {len(pre)} entries, not {len(noise['micro']) + 1}")
 
 
+def _counted_step_has_samples(step: dict, at: str) -> None:
+    if step.get("flops", {}).get("total") is not None and step["n"] < 1:
+        raise InvalidRecord(f"{at}.flops counts the FLOPs of a step of {step['n']} samples")
+
+
 def _rank_columns(record: dict, at: str) -> None:
     size = record["world_size"]
     for name in RANK_COLUMNS:
@@ -298,7 +304,11 @@ def _branch_curves(branch: dict, at: str) -> None:
 
 TIME = Num(min=0)  # unix seconds
 SECONDS = Num(min=0)  # a duration
-SQ_NORMS = ListOf(Num(finite=False, min=0))  # squared norms: an overflowing AMP step gives inf or NaN, skipped later
+#: Squared norms: an overflowing AMP step gives inf or NaN (skipped later). A finite one above
+#: SQ_NORM_MAX is a corrupt record: float32 gradients of 10^12 parameters stay below 1e51, and
+#: the estimators' products of norms and batch sizes must not overflow a float64.
+SQ_NORM_MAX = 1e60
+SQ_NORMS = ListOf(Num(finite=False, min=0, max=SQ_NORM_MAX))
 MICRO = ListOf(Int(min=0), min_length=1)
 
 #: A measured step's raw gradient norms, one layout per estimator (bsmon/probe/noise.py writes
@@ -364,7 +374,7 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in (
         _opt("ph", ListOf(SECONDS, length=4), "phase marks, seconds from the previous step's end"),
         _opt("noise", NOISE), _opt("flops", FLOPS), _opt("skipped", SKIPPED),
         _opt("busy", SECONDS, "until this rank's gradients were ready"),
-    )),
+    ), (_counted_step_has_samples,)),
     Kind("scalars", "Values from Monitor.log(), tagged with their step.", (
         Field("step", Int()), Field("values", MapOf(Num(finite=False))),
     )),

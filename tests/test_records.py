@@ -119,10 +119,10 @@ def _values(kind) -> st.SearchStrategy:
     if isinstance(kind, records.Int):
         base = st.integers(min_value=kind.min, max_value=2 ** 64 + 5)
     elif isinstance(kind, records.Num):
-        base = st.floats(min_value=kind.min, max_value=kind.max, allow_nan=False, allow_infinity=not kind.finite) \
+        base = st.floats(min_value=kind.min, max_value=kind.max, allow_nan=False, allow_infinity=False) \
             | st.integers(min_value=0 if kind.min is not None else None, max_value=10 ** 6)
         if not kind.finite:
-            base = base | st.just(math.nan)
+            base = base | st.sampled_from([math.nan, math.inf] + ([] if kind.min is not None else [-math.inf]))
         if kind.min is not None and kind.min > 0:
             base = base.filter(lambda v: v >= kind.min)
     elif isinstance(kind, records.Str):
