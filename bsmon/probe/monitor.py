@@ -328,6 +328,7 @@ class Monitor:
             self._writer.close()
             try:
                 self._writer.path.unlink(missing_ok=True)
+                (self._writer.path.parent / store.SUMMARY_FILE).unlink(missing_ok=True)
                 self._writer.path.parent.rmdir()  # only if empty: `bsmon run` keeps output.log there
             except OSError:
                 pass
