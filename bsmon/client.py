@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from bsmon import store, wire
 from bsmon.model import SessionModel
@@ -53,12 +53,15 @@ class Feed:
 
     # -- sources --------------------------------------------------------------
     def replay(self, info: store.SessionInfo) -> "Feed":
-        """Load a recorded session synchronously (GPU samples included)."""
+        """Load a recorded session synchronously (GPU samples included), streamed from disk in
+        batches: memory stays bounded however long the session."""
         self.session_dir = info.directory
-        records, torn = store.read_records(info.records_path)
-        gpu_records, _ = store.read_records(info.directory / store.GPU_FILE)
-        self._ingest(merge_by_time(records, gpu_records))
+        records = store.iter_record_batches(info.records_path, batch=INGEST_BATCH)
+        gpu_records, _ = store.read_records(info.directory / store.GPU_FILE)  # about one a second
+        for batch in merge_by_time(records, gpu_records):
+            self._ingest(batch)
         self.state = "replay"
+        torn = records.torn_bytes
         if torn:
             self.message = f"the last {torn} bytes of the record were torn (job killed?) and are skipped"
         return self
@@ -153,6 +156,7 @@ class Feed:
 
     # -- internals ------------------------------------------------------------
     def _ingest(self, records: list[dict[str, Any]]) -> None:
+        """Into the model in batches, one lock hold each: views wait at most one batch."""
         for start in range(0, len(records), INGEST_BATCH):
             with self.lock:
                 self.model.ingest_all(records[start:start + INGEST_BATCH])
@@ -192,11 +196,13 @@ class Feed:
         """The stream broke off early: the session file holds the same records, take the rest from it."""
         if self.session_dir is None:
             return
-        records, _ = store.read_records(self.session_dir / store.RECORDS_FILE)
-        if len(records) > ingested:
-            self._ingest(records[ingested:])
-            if self.model.bye is not None:
-                self.message = None
+        seen = 0
+        for batch in store.iter_record_batches(self.session_dir / store.RECORDS_FILE, batch=INGEST_BATCH):
+            seen += len(batch)
+            if seen > ingested:
+                self._ingest(batch[max(0, len(batch) - (seen - ingested)):])
+        if seen > ingested and self.model.bye is not None:
+            self.message = None
 
 
 def connect(socket_path: str, client: str = "bsmon") -> socket.socket:
@@ -217,23 +223,24 @@ def connect(socket_path: str, client: str = "bsmon") -> socket.socket:
     return sock
 
 
-def merge_by_time(records: list[dict], gpu_records: list[dict]) -> list[dict]:
-    """Interleave NVML snapshots into the job's records by wall time (stable for the job's order)."""
-    if not gpu_records:
-        return records
-    merged: list[dict] = []
-    gpu = iter(sorted(gpu_records, key=lambda r: r["snapshot"].get("time", 0.0)))
-    pending = next(gpu, None)
-    for record in records:
-        t = record.get("t")
-        while pending is not None and t is not None and pending["snapshot"].get("time", 0.0) <= t:
-            merged.append(pending)
-            pending = next(gpu, None)
-        merged.append(record)
-    while pending is not None:
-        merged.append(pending)
-        pending = next(gpu, None)
-    return merged
+def merge_by_time(batches: Iterable[list[dict]], gpu_records: list[dict]) -> Iterator[list[dict]]:
+    """Interleave NVML snapshots into the job's batches of records by wall time (stable for the job's order)."""
+    gpu = sorted(gpu_records, key=lambda r: r["snapshot"].get("time", 0.0))
+    at = 0
+    for records in batches:
+        if at == len(gpu):
+            yield records
+            continue
+        merged: list[dict] = []
+        for record in records:
+            t = record.get("t")
+            while at < len(gpu) and t is not None and gpu[at]["snapshot"].get("time", 0.0) <= t:
+                merged.append(gpu[at])
+                at += 1
+            merged.append(record)
+        yield merged
+    if at < len(gpu):
+        yield gpu[at:]
 
 
 def wait_for_session(session_id: str, alive: Callable[[], bool], timeout: float | None = None,
