@@ -45,6 +45,10 @@ class Feed:
         self.message: str | None = None
         self.version = 0
         self.session_dir: Path | None = None
+        #: While attaching: the bytes the session file held when the stream began (the backlog the
+        #: job sends first), and the bytes received so far; see :meth:`catching_up`.
+        self.backlog_bytes = 0
+        self.received_bytes = 0
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
@@ -70,6 +74,10 @@ class Feed:
         """Connect to a live job and stream on a background thread; raises SessionError."""
         self.session_dir = session_dir
         self._sock = connect(socket_path)
+        try:
+            self.backlog_bytes = os.path.getsize(session_dir / store.RECORDS_FILE) if session_dir else 0
+        except OSError:
+            self.backlog_bytes = 0
         self._thread = threading.Thread(target=self._read_socket, name="bsmon-feed", daemon=True)
         self._thread.start()
         return self
@@ -149,6 +157,13 @@ class Feed:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
+    def catching_up(self) -> float | None:
+        """The share of the backlog received while a live stream catches up with the job's
+        recorded steps (a monitor attached late); None once it has."""
+        if self.state != "live" or not self.backlog_bytes or self.received_bytes >= self.backlog_bytes:
+            return None
+        return self.received_bytes / self.backlog_bytes
+
     def read(self, fn: Callable[[SessionModel], Any]) -> Any:
         """Run ``fn(model)`` under the lock (views use this to take a snapshot)."""
         with self.lock:
@@ -172,6 +187,7 @@ class Feed:
                 if not data:
                     break
                 records = reader.feed(data)
+                self.received_bytes += len(data)
                 ingested += len(records)
                 self._ingest(records)
         except wire.ProtocolError as exc:

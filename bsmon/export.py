@@ -17,7 +17,6 @@ from __future__ import annotations
 import collections
 import csv
 import datetime as dt
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,16 +27,21 @@ import numpy as np
 from bsmon import store
 from bsmon.gpu import CSV_COLUMNS
 from bsmon.model import SessionModel, nearest_sample, summarise_ranks
+from bsmon.records import STEP_COLUMNS
 from bsmon.stats.branch import BranchCheck
 
 if TYPE_CHECKING:
     import pandas
 
-BASE_COLUMNS = ["step", "time", "elapsed_s", "batch_size", "micro_batches", "skipped_steps", "step_time_s",
-                "samples_per_s", "loss"]
-NOISE_COLUMNS = ["b_simple", "b_simple_low", "b_simple_high", "noise_age_steps", "grad_sq", "trace_sigma",
-                 "noise_coverage", "b_simple_precond", "b_simple_precond_low", "b_simple_precond_high"]
-OPTIMAL_COLUMNS = ["b_noise", "b_opt", "b_opt_speedup"]
+#: The model's per-step columns (bsmon.records.STEP_COLUMNS) up to step_time_s, with elapsed_s
+#: after time; then samples_per_s and the logged scalars, loss first; then the rest of the table.
+_SPLIT = next(i for i, column in enumerate(STEP_COLUMNS) if column.name == "step_time_s") + 1
+_INTEGERS = [i for i, column in enumerate(STEP_COLUMNS) if column.type is int]
+_AT = {column.name: i for i, column in enumerate(STEP_COLUMNS)}
+BASE_COLUMNS = [header for column in STEP_COLUMNS[:_SPLIT]
+                for header in ((column.header, "elapsed_s") if column.name == "time" else (column.header,))]
+BASE_COLUMNS += ["samples_per_s", "loss"]
+FIGURE_COLUMNS = [column.header for column in STEP_COLUMNS[_SPLIT:]]
 #: A branch check's result, on the row of the step it branched from (empty elsewhere).
 BRANCH_COLUMNS = ["branch_b_crit", "branch_b_crit_low", "branch_b_crit_high", "branch_b_simple_ratio"]
 RANK_COLUMNS = ["world_size", "slowest_rank_step_time_s"]
@@ -52,8 +56,6 @@ GPU_MAX_GAP_S = 5.0
 SCALARS_WAIT_STEPS = 64
 #: Rows are made this many at a time (the nearest GPU sample and ranks record, vectorised).
 ROW_BLOCK = 4096
-#: The model's step row (bsmon.model.SessionModel._step_row): index of its first figure (b_simple).
-_FIGURES_AT = 6
 
 
 @dataclass
@@ -129,13 +131,9 @@ def _cell(value: float | int | None) -> str:
     return "" if text == "nan" else text
 
 
-def _integral(value: float) -> int | None:
-    return None if math.isnan(value) else int(value)
-
-
 def columns(index: SessionIndex) -> list[str]:
     scalars = [name for name in index.scalar_names if name != "loss"]
-    return BASE_COLUMNS + scalars + NOISE_COLUMNS + OPTIMAL_COLUMNS + BRANCH_COLUMNS + RANK_COLUMNS + GPU_COLUMNS
+    return BASE_COLUMNS + scalars + FIGURE_COLUMNS + BRANCH_COLUMNS + RANK_COLUMNS + GPU_COLUMNS
 
 
 def rows(session: "store.SessionInfo | os.PathLike", index: SessionIndex | None = None) -> Iterator[list]:
@@ -177,35 +175,35 @@ class _RowMaker:
 
     def rows(self, block: list[tuple[dict[str, Any], tuple]], logged: dict[int, dict[str, float]]) -> Iterator[list]:
         index = self.index
-        times = np.array([row[1] for _, row in block], dtype=float)
+        times = np.array([row[_AT["time"]] for _, row in block], dtype=float)
         gpu_at = nearest_sample(index.gpu_time, times, GPU_MAX_GAP_S).tolist()
         ranks_at = nearest_sample(self.rank_time, times, RANKS_MAX_GAP_S).tolist()
         gpu = [index.gpu_fields.get(name) for name in GPU_COLUMNS]
         t0 = self.t0 if self.t0 is not None else times[0]
         no_gpu, no_check = [None] * len(GPU_COLUMNS), (None,) * len(BRANCH_COLUMNS)
+        at_step, at_time, at_batch, at_dt = _AT["step"], _AT["time"], _AT["batch_size"], _AT["step_time_s"]
         for (record, row), g, r in zip(block, gpu_at, ranks_at):
-            step, t, dt_s, batch, micro_batches, skipped = row[:_FIGURES_AT]
-            figures = row[_FIGURES_AT:]
+            step, t, batch, dt_s = row[at_step], row[at_time], row[at_batch], row[at_dt]
+            row = list(row)
+            for i in _INTEGERS:
+                row[i] = None if row[i] != row[i] else int(row[i])  # NaN: no value
             values = logged.pop(step, {})
             check = index.checks.get(step)
             yield [
-                step,
+                *row[:at_time],
                 dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="milliseconds"),
                 t - t0,
-                int(batch),
-                micro_batches,
-                skipped,
-                dt_s,
+                *row[at_time + 1:_SPLIT],
                 batch / dt_s if dt_s > 0 else None,
                 values.get("loss"),
                 *(values.get(name) for name in self.scalar_names),
-                *figures[:3], _integral(figures[3]), *figures[4:11], _integral(figures[11]), figures[12],
+                *row[_SPLIT:],
                 *((check.b_crit, check.b_crit_low, check.b_crit_high, check.ratio) if check else no_check),
                 index.rank_world_size[r] if r >= 0 else self.world_size,
                 index.slowest_rank_step_time_s[r] if r >= 0 else None,
                 *([column[g] if column is not None else None for column in gpu] if g >= 0 else no_gpu),
             ]
-        oldest = block[-1][1][0]
+        oldest = block[-1][1][at_step]
         for step in [s for s in logged if s <= oldest]:  # logged for a step that has no row
             del logged[step]
 

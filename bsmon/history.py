@@ -9,9 +9,12 @@ long session are on disk: export streams them from there (bsmon/export.py).
 from __future__ import annotations
 
 import collections
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
+
+from bsmon import records
 
 #: Bins per series. Charts draw at most a few hundred points; 2048 keeps every step of a
 #: short session, and costs ~20 columns x 2048 x 8 bytes.
@@ -138,16 +141,15 @@ class Binned:
         return {name: table[:, i].copy() for i, name in enumerate((*self.columns, "count"))}
 
 
-#: The per-step columns of the history and how they bin. batch_size and step_time_s add up
-#: within a bin: their ratio is the bin's throughput, batch_size / count its mean batch.
-STEP_COLUMNS = {
-    "step": "last", "time": "last", "step_time_s": "sum", "batch_size": "sum", "micro_batches": "last",
-    "skipped_steps": "last",
-    "b_simple": "last", "b_simple_low": "last", "b_simple_high": "last", "noise_age_steps": "last",
-    "grad_sq": "last", "trace_sigma": "last", "noise_coverage": "last",
-    "b_simple_precond": "last", "b_simple_precond_low": "last", "b_simple_precond_high": "last",
-    "b_noise": "last",
-}
+#: The per-step columns of the history and how they bin (bsmon.records.STEP_COLUMNS). batch_size
+#: and step_time_s add up within a bin: their ratio is the bin's throughput, batch_size / count
+#: its mean batch.
+STEP_COLUMNS = {column.name: column.bins for column in records.STEP_COLUMNS if column.bins}
+_BINNED = [i for i, column in enumerate(records.STEP_COLUMNS) if column.bins]
+#: A model row (all of records.STEP_COLUMNS) -> the history's row.
+_history_row = operator.itemgetter(*_BINNED)
+
+
 #: The ``ranks`` records over time (multi-process jobs): the straggler, NaN where none.
 RANK_COLUMNS = {"rank_time": "last", "rank_world_size": "last", "slowest_rank": "last",
                 "slowest_rank_step_time_s": "last", "slowest_rank_lag_steps": "last", "rank_skew": "last"}
@@ -184,6 +186,10 @@ class History:
             if binned is not None and name in binned.columns:
                 return binned.column(name)
         raise AttributeError(f"History has no column {name!r}")
+
+    def add_step(self, row: Sequence[float]) -> None:
+        """A step's row from the model (all of records.STEP_COLUMNS)."""
+        self.steps.append(_history_row(row))
 
     def add_scalars(self, step: int, values: Mapping[str, float]) -> None:
         """A ``scalars`` record. A step's values may come in several records; a step counts as

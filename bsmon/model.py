@@ -46,8 +46,8 @@ LIVE_MIN_STEPS = 10
 #: Step-time splits are kept for this many (samples, micro-batches) configurations, the latest.
 MAX_PHASE_CONFIGS = 8
 #: The optimal batch size is re-evaluated every this many steps (and when the points change),
-#: when read (``stats()``); a step's exported row re-evaluates it at most every
-#: RECOMMEND_INTERVAL_S of the job's time, so a 1 kHz job costs as little as a 10 Hz one.
+#: when read (``stats()``); a step's exported row re-evaluates it, once there is one, at most
+#: every RECOMMEND_INTERVAL_S of the job's time, so a 1 kHz job costs as little as a 10 Hz one.
 RECOMMEND_EVERY = 10
 RECOMMEND_INTERVAL_S = 1.0
 #: A rank is stalled when its step has not advanced, and lost when it has not reported at all,
@@ -427,7 +427,7 @@ class SessionModel:
         if self.history is not None or self.on_step_row is not None:
             row = self._step_row(record)
             if self.history is not None:
-                self.history.steps.append(row[:-2])
+                self.history.add_step(row)
             if self.on_step_row is not None:
                 self.on_step_row(record, row)
 
@@ -438,6 +438,9 @@ class SessionModel:
         GradScaler overflow, a retry after an exception), unless CLEARS_IN_A_ROW steps in a row
         had such chunks: a loop that clears in every step calls zero_grad() between its micro-batches.
         """
+        if not skipped and not self._clear_run:  # the common step: nothing abandoned, none before
+            self._clearing_micro_batches = False
+            return
         cleared = sum(chunk.get("why") == "cleared" for chunk in skipped)
         if cleared:
             self._clear_run.append(cleared)
@@ -745,15 +748,15 @@ class SessionModel:
         return GradNormPoints(tuple(self._units.from_samples(b) for b in points.batch_sizes), points.sq_norms)
 
     def _step_row(self, record: dict[str, Any]) -> tuple:
-        """The step's row: step, time, step time, batch size (the session's unit), micro-batches,
-        skipped steps, then the figures (NaN: no value). The history keeps all but the last two
-        (bsmon.history.STEP_COLUMNS); the export gets all, b_opt and b_opt_speedup last.
+        """The step's row: a value for each of bsmon.records.STEP_COLUMNS, in that order (NaN: no
+        value). The history keeps the columns it bins; the export gets them all.
 
         The figures after ``skipped_steps`` change only when the estimate, the estimator, the
         advice or a branch check does, so they are computed then and reused (only the
         estimate's age, and a calibrated B_noise, move every step).
         """
-        if self.on_step_row is not None and record["t"] - self._recommended_at >= RECOMMEND_INTERVAL_S:
+        if self.on_step_row is not None and (self._recommend_reason is not None
+                                             or record["t"] - self._recommended_at >= RECOMMEND_INTERVAL_S):
             self._recommended_at = record["t"]
             self._refresh_recommendation()
         if self._figures is None or self.branch_checks:  # a calibration decays (and may end) step by step
@@ -769,8 +772,8 @@ class SessionModel:
         age = self.noise_age_steps() if not math.isnan(figures[0]) else None
         factor = self._calibration_now() if self.branch_checks else None
         advice = self._advice_b
-        return (record["step"], record["t"], record["dt"], self._units.from_rank_samples(record["n"]), record["mb"],
-                self._skipped_steps, *figures[:3], _nan(age), *figures[4:10],
+        return (record["step"], record["t"], self._units.from_rank_samples(record["n"]), record["mb"],
+                self._skipped_steps, record["dt"], *figures[:3], _nan(age), *figures[4:10],
                 _nan(advice / factor if factor and advice else advice), *figures[11:])
 
     # -- reading --------------------------------------------------------------

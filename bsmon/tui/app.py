@@ -239,7 +239,7 @@ class BsmonApp(App):
         feed = self.feed
         returncode = self.job.returncode() if self.job is not None else None
         clock = int(time.time()) if self._live(returncode, feed.model.bye) else None  # elapsed ticks while live
-        key = (feed.version, feed.state, feed.message, returncode, clock, self.paused)
+        key = (feed.version, feed.state, feed.message, returncode, clock, self.paused, feed.catching_up())
         if key == self._numbers_key and not force:
             return False
         self._numbers_key = key
@@ -259,10 +259,11 @@ class BsmonApp(App):
             elapsed = numbers.elapsed_s
         error = (numbers.bye or {}).get("error")
         messages = [self.feed.message, f"job error: {error.rstrip(': ')}" if error else None]
+        backlog = self.feed.catching_up()
         self.query_one(JobHeader).show(
             name=hello.get("name", "waiting for the job"), status=status, status_kind=status_kind,
             pid=hello.get("pid", self.job.pid if self.job else None), elapsed_s=elapsed,
-            step=numbers.stats.step, world_size=hello.get("world_size"), paused=self.paused,
+            step=numbers.stats.step, world_size=hello.get("world_size"), paused=self.paused, catching_up=backlog,
             command=short_command(hello.get("command", ())),
             message=" | ".join(m for m in messages if m) or None)
         self.query_one(ThroughputPanel).show(numbers.stats)
