@@ -131,12 +131,13 @@ class Binned:
         return len(self.columns) if name == "count" else self.columns.index(name)
 
     def arrays(self, max_bins: int | None = None) -> dict[str, np.ndarray]:
-        """Every column and ``count``, a value per bin; with ``max_bins``, neighbouring bins
-        merged (as their kinds say) into at most that many."""
+        """Every column and ``count``, a value per bin; with ``max_bins``, runs of a power of two
+        neighbouring bins merged (as their kinds say) into at most that many."""
         self._fold_pending()
         table = self._bins[:self._n]
         if max_bins is not None and self._n > max_bins:
-            group = -(-self._n // max_bins)
+            # a power of two, so a bin's edges stay put as the run grows (no jitter between redraws)
+            group = 1 << (-(-self._n // max_bins) - 1).bit_length()
             table = self._reduce(table, np.arange(0, self._n, group))
         return {name: table[:, i].copy() for i, name in enumerate((*self.columns, "count"))}
 
