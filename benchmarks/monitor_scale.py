@@ -11,8 +11,8 @@ recorded 1M-step session: its hello, then its step and scalars records ten times
 step numbers and times shifted by the 1M block's span (re-encoded with ``bsmon.wire``), then
 its bye. Everything in it is a record the probe wrote, only repeated.
 
-Every figure is measured in a fresh subprocess (wall time; peak resident memory and CPU
-from ``wait4``), against the issue's targets, with a same-run baseline where one exists:
+Every figure is measured in a fresh subprocess (wall time; CPU from ``wait4``; peak resident
+memory from GNU ``time``), against the issue's targets, with a same-run baseline where one exists:
 
 * ``bsmon ls`` with the big session present, and with 100 sessions (100 watch()/close()
   sessions of 1,000 steps made by one process);
@@ -116,6 +116,10 @@ class Run:
 def measure(command: list[str], home: Path, *, stdin: int | None = subprocess.DEVNULL) -> Run:
     """Run ``command`` with BSMON_HOME=home; its wall time, CPU time and peak resident memory."""
     env = {**os.environ, "BSMON_HOME": str(home)}
+    peak = CACHE / "peak-rss-kib"
+    # GNU time reports its child's peak RSS: wait4 here would count this (big) process's pages,
+    # which a vfork()ed child shares until it execs.
+    command = ["/usr/bin/time", "-f", "%M", "-o", str(peak), *command]
     start = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
@@ -131,7 +135,7 @@ def measure(command: list[str], home: Path, *, stdin: int | None = subprocess.DE
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode:
         raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}): {''.join(err)[-2000:]}")
-    return Run(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, "".join(out))
+    return Run(wall, usage.ru_utime + usage.ru_stime, int(peak.read_text().split()[-1]) / 1024, "".join(out))
 
 
 def bsmon_cli(*args: str) -> list[str]:
