@@ -23,7 +23,7 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from bsmon import wire
 
@@ -141,16 +141,67 @@ class RecordWriter:
             self._fd = None
 
 
+#: Bytes read at a time when streaming a records file: bounded memory, whatever the session's length.
+READ_CHUNK = 1 << 20
+
+
+class RecordStream:
+    """The validated records of a file, in batches, read in bounded memory (an iterator).
+
+    After iteration: ``end`` is the offset just past the last whole frame, ``torn_bytes`` the
+    bytes after it that were read but do not form a valid frame (the torn tail a crash
+    leaves, or garbage), ``invalid`` the well-framed records skipped because they broke the
+    record table (each also reported by an ``event`` record in the batches; bsmon.wire), and
+    ``error`` the framing error that stopped the reading, if any.
+    """
+
+    def __init__(self, path: Path, start: int = 0, batch: int = 4096) -> None:
+        self.path = path
+        self.end = start
+        self.torn_bytes = 0
+        self.invalid = 0
+        self.error: wire.ProtocolError | None = None
+        self._start = start
+        self._batch = batch
+        self._batches = self._read()
+
+    def __iter__(self) -> "RecordStream":
+        return self
+
+    def __next__(self) -> list[dict[str, Any]]:
+        return next(self._batches)
+
+    def _read(self) -> Iterator[list[dict[str, Any]]]:
+        try:
+            handle = open(self.path, "rb")
+        except FileNotFoundError:
+            return
+        reader = wire.FrameReader()
+        read = 0
+        with handle:
+            handle.seek(self._start)
+            while reader.error is None and (chunk := handle.read(READ_CHUNK)):
+                read += len(chunk)
+                records = reader.read(chunk)
+                self.end = self._start + reader.consumed
+                self.torn_bytes = read - reader.consumed
+                self.invalid = reader.invalid
+                self.error = reader.error
+                for i in range(0, len(records), self._batch):
+                    yield records[i:i + self._batch]
+
+
+def iter_record_batches(path: Path, *, start: int = 0, batch: int = 4096) -> RecordStream:
+    """Stream the records of ``path`` from byte ``start`` (a frame boundary) in lists of at most
+    ``batch``; the returned iterator tells ``end``, ``torn_bytes`` and ``invalid`` afterwards."""
+    return RecordStream(path, start, batch)
+
+
 def read_records(path: Path) -> tuple[list[dict[str, Any]], int]:
     """All valid records of a file and the number of trailing bytes that were not (a torn tail)."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return [], 0
-    records, end = [], 0
-    for end, record in wire.iter_frames(data):
-        records.append(record)
-    return records, len(data) - end
+    stream = iter_record_batches(path)
+    records = [record for batch in stream for record in batch]
+    return records, stream.torn_bytes
 
 
 def socket_alive(path: str | None) -> bool:

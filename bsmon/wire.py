@@ -1,82 +1,50 @@
-"""The bsmon protocol: record kinds, framing and validation.
+"""The bsmon protocol: framing, the binary step frame, and decoding with validation.
 
 One format serves the socket and the session file, so replay reads exactly the
 bytes a live monitor saw. A frame is::
 
     uint32 big-endian payload length | uint32 big-endian CRC32 of payload | payload
 
-and the payload is a UTF-8 JSON object whose ``"k"`` names the record kind.
-The CRC lets a reader tell a torn or corrupted tail from a real record, and a
-length cap keeps a hostile peer from making us allocate without bound.
-Everything received is validated; a bad frame raises :class:`ProtocolError`,
-which ends that one connection and nothing else.
+The payload is either a UTF-8 JSON object whose ``"k"`` names the record kind, or (protocol
+v2) a binary step: :data:`STEP` packs the fixed fields of a step record, the most frequent by
+far, and a JSON tail carries its rare extras (noise norms, FLOPs, skipped attempts). Packing a
+step costs the training thread about half of what ``json.dumps`` did, and a monitor decodes a run of
+plain steps in bulk with numpy (docs/design.md has the figures). docs/protocol.md lays out
+every byte.
+
+Every record received or read is checked against the table in :mod:`bsmon.records`.
+A record that breaks it (wrong type, out of range, a missing nested field) is skipped: the
+reader counts it in ``invalid`` and says so in an ``event`` record it adds to the stream, and
+the stream goes on. A frame that breaks the framing (a length over the cap, a checksum that
+does not match, a hello of an unreadable protocol version) means the bytes that follow cannot
+be trusted: a socket closes that one connection, a file reader stops there (a torn tail).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
+import time
 import zlib
-from typing import Any, Iterator
+from typing import Any
 
-PROTOCOL_VERSION = 1
+from bsmon.records import (KINDS, PROTOCOL_VERSION, READABLE_VERSIONS, InvalidRecord, ProtocolError,  # noqa: F401
+                           validate)
+
 MAX_FRAME_BYTES = 1 << 20
 HEADER = struct.Struct(">II")
 
-_NUM = (int, float)
-_OPT_NUM = (int, float, type(None))
-_OPT_STR = (str, type(None))
-
-#: Required fields and their types for each record kind. Extra fields are allowed
-#: (forward compatibility); missing or mistyped required ones are not.
-SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
-    # First record of every session and of every stream.
-    "hello": {"v": (int,), "session": (str,), "name": (str,), "pid": (int,), "t0": _NUM,
-              "command": (list,), "host": (str,), "user": (str,), "unit": (str,)},
-    # A monitor's first (and only) frame to the probe.
-    "attach": {"v": (int,), "client": (str,)},
-    # One optimizer step. Optional "noise" holds the raw norms (see bsmon.probe.noise), optional
-    # "ph" the step's phase marks (see bsmon.probe.phases), optional "flops" the step's FLOP
-    # count (see bsmon.probe.flops), optional "skipped" the attempts abandoned before it:
-    # [{"n": samples, "mb": forwards, "why": "cleared" or "raised"}] (bsmon.probe.monitor),
-    # which n and mb do not include.
-    "step": {"step": (int,), "t": _NUM, "dt": _NUM, "n": (int,), "mb": (int,), "dropped": (int,)},
-    # Values from Monitor.log(), tagged with the step they belong to.
-    "scalars": {"step": (int,), "values": (dict,)},
-    # Which noise estimator is active, what it covers, or why none applies.
-    "estimator": {"name": _OPT_STR, "reason": _OPT_STR},
-    # Something a person should see: a recording failure, a rejected log value. Optional "traceback":
-    # the Python traceback of a bug inside bsmon that turned it off (bsmon/probe/guard.py).
-    "event": {"t": _NUM, "level": (str,), "msg": (str,)},
-    # One measured point of a throughput profile, and a finished profile.
-    "profile_point": {"batch_size": (int,), "step_time_s": _NUM, "samples_per_s": _NUM},
-    "profile": {"profile": (dict,)},
-    # One NVML snapshot (written by the monitor into the session's gpu file).
-    "gpu": {"snapshot": (dict,)},
-    # Multi-process jobs, from rank 0 about once a second: one column per field, one entry per
-    # rank (bsmon.probe.distributed.RankReporter); None where a rank has not reported.
-    "ranks": {"t": _NUM, "world_size": (int,), "step": (list,), "dt": (list,), "dt95": (list,),
-              "busy": (list,), "n": (list,), "since_step": (list,), "since_report": (list,)},
-    # A branch check's result (bsmon.branch_check; fields as bsmon.stats.branch.BranchCheck, one
-    # dict per branch in "branches"). An aborted check leaves only an event.
-    "branch_check": {"t": _NUM, "step": (int,), "samples_seen": (int,), "base_batch": (int,), "samples": (int,),
-                     "start_loss": _NUM, "branches": (list,), "b_crit": _OPT_NUM, "b_crit_low": _OPT_NUM,
-                     "b_crit_high": _OPT_NUM, "censored": _OPT_STR, "b_simple": _OPT_NUM, "calibrate": (bool,),
-                     "confidence": _NUM, "cost_samples": (int,), "cost_s": _NUM},
-    # Last record: how the job ended.
-    "bye": {"t": _NUM, "status": (str,), "code": (int, type(None))},
-}
-#: Fields a record may lack (older jobs do not send them), with their types where present.
-OPTIONAL: dict[str, dict[str, tuple[type, ...]]] = {
-    # The job's environment as the GPU sampler needs it (bsmon.gpu.GpuSampler).
-    "hello": {"cuda_visible_devices": _OPT_STR, "cuda_device_order": _OPT_STR, "pid_namespace": _OPT_STR},
-}
-
-
-
-class ProtocolError(ValueError):
-    """A frame that is not a valid bsmon record."""
-
+#: The first payload byte of a binary step frame (a JSON payload starts with "{").
+STEP_TAG = 0x01
+#: tag, flags, reserved, mb, step, t, dt, n, dropped, ph[4]; little-endian, 8-byte aligned.
+STEP = struct.Struct("<BBHIQddQQdddd")
+#: Flags of a binary step: which optional parts it carries.
+HAS_PH = 0x01
+HAS_TAIL = 0x02
+#: The fields a binary step packs; all others go to its JSON tail.
+STEP_FIXED = frozenset(("k", "step", "t", "dt", "n", "mb", "dropped", "ph"))
+_NO_PH = (math.nan,) * 4
 
 #: Built once: json.dumps with non-default separators builds an encoder per call, a third of
 #: the cost of a small record, paid on the training thread for every step.
@@ -84,174 +52,220 @@ _JSON = json.JSONEncoder(separators=(",", ":"))
 
 
 def encode(record: dict[str, Any]) -> bytes:
-    """One record as a frame. Non-finite floats are written as JSON NaN/Infinity."""
-    payload = _JSON.encode(record).encode()
+    """One record as a frame: a step as a binary step frame, any other record as JSON.
+
+    A step whose fixed fields do not pack (a negative count, a value of the wrong type) is
+    written as JSON instead, so the reader sees it and refuses it, counted. Non-finite floats
+    in JSON are written as NaN/Infinity.
+    """
+    payload = _step_payload(record) if record.get("k") == "step" else None
+    if payload is None:
+        payload = _JSON.encode(record).encode()
     if len(payload) > MAX_FRAME_BYTES:
         raise ProtocolError(f"record of {len(payload)} bytes exceeds the {MAX_FRAME_BYTES}-byte frame limit")
     return HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 
 
-def validate(record: Any) -> dict[str, Any]:
-    """Return ``record`` if it is a well-formed record, else raise ProtocolError."""
-    if not isinstance(record, dict):
-        raise ProtocolError("record is not a JSON object")
-    kind = record.get("k")
-    if kind not in SCHEMA:
-        raise ProtocolError(f"unknown record kind {kind!r}")
-    for field, types in SCHEMA[kind].items():
-        value = record.get(field, _MISSING)
-        if value is _MISSING:
-            raise ProtocolError(f"{kind} record lacks field {field!r}")
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            raise ProtocolError(f"{kind}.{field} has type {type(value).__name__}")
-    for field, types in OPTIONAL.get(kind, {}).items():
-        value = record.get(field)
-        if not isinstance(value, types) or isinstance(value, bool):
-            raise ProtocolError(f"{kind}.{field} has type {type(value).__name__}")
-    if kind in ("hello", "attach") and record["v"] != PROTOCOL_VERSION:
-        raise ProtocolError(
-            f"protocol version {record['v']} is not {PROTOCOL_VERSION}: "
-            "the job and the monitor run different bsmon releases")
-    if kind == "ranks":
-        _validate_rank_columns(record)
-    if kind == "step" and "ph" in record:
-        phases = record["ph"]
-        if not (isinstance(phases, list) and len(phases) == 4
-                and all(isinstance(v, _NUM) and not isinstance(v, bool) for v in phases)):
-            raise ProtocolError("step.ph is not a list of 4 numbers")
-    if kind == "step" and "skipped" in record:
-        _validate_skipped(record["skipped"])
-    if kind == "branch_check":
-        _validate_branches(record)
-    if kind == "step" and "flops" in record:
-        _validate_flops(record["flops"])
-    if kind == "scalars":
-        for name, value in record["values"].items():
-            if not isinstance(value, _NUM) or isinstance(value, bool):
-                raise ProtocolError(f"scalar {name!r} is not a number")
+def _step_payload(record: dict[str, Any]) -> bytes | None:
+    ph = record.get("ph")
+    plain = len(record) == (7 if ph is None and "ph" not in record else 8)
+    tail = b"" if plain else _JSON.encode({k: v for k, v in record.items() if k not in STEP_FIXED}).encode()
+    try:
+        return STEP.pack(STEP_TAG, (HAS_PH if ph is not None else 0) | (HAS_TAIL if tail else 0), 0,
+                         record["mb"], record["step"], record["t"], record["dt"], record["n"], record["dropped"],
+                         *(_NO_PH if ph is None else ph)) + tail
+    except (struct.error, TypeError, KeyError):
+        return None
+
+
+def _decode_step(payload: bytes) -> dict[str, Any]:
+    if len(payload) < STEP.size:
+        raise InvalidRecord(f"binary step of {len(payload)} bytes, shorter than its {STEP.size}-byte header")
+    _, flags, _, mb, step, t, dt, n, dropped, *ph = STEP.unpack_from(payload)
+    if flags & ~(HAS_PH | HAS_TAIL):
+        raise InvalidRecord(f"binary step with unknown flags {flags:#x} (a newer bsmon wrote it)")
+    record = {"k": "step", "step": step, "t": t, "dt": dt, "n": n, "mb": mb, "dropped": dropped}
+    if flags & HAS_PH:
+        record["ph"] = ph
+    if flags & HAS_TAIL:
+        extras = _json(payload[STEP.size:])
+        if not isinstance(extras, dict) or STEP_FIXED.intersection(extras):
+            raise InvalidRecord("binary step's tail is not an object of extra fields")
+        record.update(extras)
+    elif len(payload) != STEP.size:
+        raise InvalidRecord("binary step with trailing bytes and no tail flag")
     return record
 
 
-_MISSING = object()
-
-
-def _validate_flops(flops: Any) -> None:
-    """A step's optional FLOP count: {"total": number or null, "dtype", "tf32", "reason"}."""
-    if not isinstance(flops, dict):
-        raise ProtocolError("step.flops is not an object")
-    total = flops.get("total")
-    if not isinstance(total, _OPT_NUM) or isinstance(total, bool) or (total is not None and total < 0):
-        raise ProtocolError("step.flops.total is not a non-negative number or null")
-    for field in ("dtype", "reason"):
-        if not isinstance(flops.get(field), _OPT_STR):
-            raise ProtocolError(f"step.flops.{field} is not a string or null")
-
-
-def _validate_rank_columns(record: dict[str, Any]) -> None:
-    size = record["world_size"]
-    if size < 1:
-        raise ProtocolError(f"ranks.world_size is {size}")
-    for field in SCHEMA["ranks"]:
-        column = record[field]
-        if not isinstance(column, list):
-            continue
-        if len(column) != size:
-            raise ProtocolError(f"ranks.{field} has {len(column)} entries for {size} ranks")
-        types = (int, type(None)) if field in ("step", "n") else _OPT_NUM
-        if any(not isinstance(v, types) or isinstance(v, bool) for v in column):
-            raise ProtocolError(f"ranks.{field} holds a value that is not a number or null")
-
-
-SKIP_CAUSES = ("cleared", "raised")
-
-
-def _validate_skipped(skipped: Any) -> None:
-    if not isinstance(skipped, list):
-        raise ProtocolError("step.skipped is not a list")
-    for chunk in skipped:
-        if (not isinstance(chunk, dict) or chunk.get("why") not in SKIP_CAUSES
-                or any(not isinstance(chunk.get(f), int) or isinstance(chunk.get(f), bool) for f in ("n", "mb"))):
-            raise ProtocolError(f"step.skipped holds {chunk!r}, not {{n: int, mb: int, why: {SKIP_CAUSES}}}")
-
-
-#: Required fields of each entry of a branch_check record's "branches".
-BRANCH_FIELDS: dict[str, tuple[type, ...]] = {"batch_size": (int,), "steps": (int,), "lr": _NUM, "loss": _NUM,
-                                              "lrs": (list,), "losses": (list,)}
-
-
-def _validate_branches(record: dict[str, Any]) -> None:
-    branches = record["branches"]
-    if not branches:
-        raise ProtocolError("branch_check.branches is empty")
-    for i, branch in enumerate(branches):
-        if not isinstance(branch, dict):
-            raise ProtocolError(f"branch_check.branches[{i}] is not an object")
-        for field, types in BRANCH_FIELDS.items():
-            value = branch.get(field, _MISSING)
-            if value is _MISSING or not isinstance(value, types) or isinstance(value, bool):
-                raise ProtocolError(f"branch_check.branches[{i}].{field} is missing or mistyped")
-        if len(branch["lrs"]) != len(branch["losses"]) or any(
-                not isinstance(v, _NUM) or isinstance(v, bool) for v in branch["lrs"] + branch["losses"]):
-            raise ProtocolError(f"branch_check.branches[{i}]: lrs and losses must be equally long lists of numbers")
+def _json(payload: bytes) -> Any:
+    try:
+        return json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRecord(f"payload is not JSON: {exc}") from None
 
 
 def decode_payload(payload: bytes) -> dict[str, Any]:
-    try:
-        record = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"payload is not JSON: {exc}") from None
+    """One frame's payload as a validated record; InvalidRecord, or ProtocolError for an unreadable hello."""
+    record = _decode_step(payload) if payload[:1] == b"\x01" else _json(payload)
     return validate(record)
 
 
+#: Frame bytes of a binary step without a tail, the layout a run of plain steps shares.
+PLAIN_STEP_FRAME = HEADER.size + STEP.size
+#: A run of plain steps shorter than this is decoded one by one (numpy's set-up would cost more).
+BULK_MIN = 4
+BULK_MAX = 8192
+
+
 class FrameReader:
-    """Incremental decoder for a byte stream of frames (socket or file)."""
+    """Incremental decoder for a byte stream of frames (socket or file).
+
+    ``invalid`` counts the well-framed records skipped because they broke the record table;
+    each skip at a count of 1, 10, 100, ... also adds an ``event`` record to the output, so a
+    view shows it. ``error`` is the framing error that stopped the stream, if any; ``consumed``
+    counts the bytes of whole frames taken. Steps must advance: a step record whose number is
+    not above the previous one's is skipped too.
+    """
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        self.invalid = 0
+        self.error: ProtocolError | None = None
+        self.consumed = 0
+        self._last_step = -1
+        self._last_t = 0.0
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
-        """Add bytes and return every complete record; raise ProtocolError on a bad frame."""
-        self._buf += data
-        records = []
-        while len(self._buf) >= HEADER.size:
-            length, crc = HEADER.unpack_from(self._buf)
-            if length > MAX_FRAME_BYTES:
-                raise ProtocolError(f"frame of {length} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
-            end = HEADER.size + length
-            if len(self._buf) < end:
-                break
-            payload = bytes(self._buf[HEADER.size:end])
-            if zlib.crc32(payload) != crc:
-                raise ProtocolError("frame checksum mismatch")
-            del self._buf[:end]
-            records.append(decode_payload(payload))
+        """Add bytes and return every complete record; raise ProtocolError on a framing error."""
+        records = self.read(data)
+        if self.error is not None:
+            raise self.error
         return records
+
+    def read(self, data: bytes) -> list[dict[str, Any]]:
+        """Add bytes and return every complete record; never raises.
+
+        After a framing error (``error``) the rest of the stream is not decoded.
+        """
+        if self.error is not None:
+            return []
+        self._buf += data
+        out: list[dict[str, Any]] = []
+        buf, pos, size = self._buf, 0, len(self._buf)
+        while size - pos >= HEADER.size:
+            length, crc = HEADER.unpack_from(buf, pos)
+            if length > MAX_FRAME_BYTES:
+                self.error = ProtocolError(f"frame of {length} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
+                break
+            end = pos + HEADER.size + length
+            if end > size:
+                break
+            if length == STEP.size and self._plain_step_at(end, size):
+                run_end = self._read_plain_steps(pos, size, out)
+                if run_end > pos:
+                    pos = run_end
+                    continue
+            payload = bytes(buf[pos + HEADER.size:end])
+            if zlib.crc32(payload) != crc:
+                self.error = ProtocolError("frame checksum mismatch")
+                break
+            try:
+                record = decode_payload(payload)
+                if record["k"] == "step":
+                    self._advance(record["step"])
+            except InvalidRecord as exc:
+                self._skip(str(exc), out)
+            except ProtocolError as exc:
+                self.error = exc
+                break
+            else:
+                out.append(record)
+            pos = end
+        del buf[:pos]
+        self.consumed += pos
+        return out
 
     @property
     def pending(self) -> int:
         """Bytes of an incomplete frame still waiting for the rest."""
         return len(self._buf)
 
+    def _advance(self, step: int) -> None:
+        if step <= self._last_step:
+            raise InvalidRecord(f"step {step} after step {self._last_step}: steps must advance")
+        self._last_step = step
 
-def iter_frames(data: bytes) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (end offset, record) for each valid frame from the start of ``data``.
+    def _skip(self, why: str, out: list[dict[str, Any]]) -> None:
+        """Count a refused record; say so at the 1st, 10th, 100th, ... (a view shows events)."""
+        self.invalid += 1
+        if math.log10(self.invalid).is_integer():
+            last_t = next((r["t"] for r in reversed(out) if isinstance(r.get("t"), float)), None)
+            self._last_t = last_t if last_t is not None else self._last_t or time.time()
+            out.append({"k": "event", "t": self._last_t, "level": "warning",
+                        "msg": f"skipped {self.invalid} invalid record{'s' if self.invalid > 1 else ''} so far "
+                               f"(the latest: {why}); the session goes on without them"})
 
-    Stops silently at the first incomplete or invalid frame: in a file that is
-    the torn tail a crash leaves, and the caller learns where it begins from the
-    last end offset.
-    """
-    pos = 0
-    while pos + HEADER.size <= len(data):
-        length, crc = HEADER.unpack_from(data, pos)
-        end = pos + HEADER.size + length
-        if length > MAX_FRAME_BYTES or end > len(data):
-            return
-        payload = data[pos + HEADER.size:end]
-        if zlib.crc32(payload) != crc:
-            return
-        try:
-            record = decode_payload(payload)
-        except ProtocolError:
-            return
-        yield end, record
-        pos = end
+    def _plain_step_at(self, second: int, size: int) -> bool:
+        """Whether the frame at ``second - PLAIN_STEP_FRAME`` and the one after it are plain binary steps."""
+        first = second - STEP.size
+        return (size - second >= PLAIN_STEP_FRAME and self._buf[first] == STEP_TAG
+                and self._buf[first + 1] & ~HAS_PH == 0
+                and self._buf[second:second + HEADER.size - 4] == _PLAIN_LENGTH
+                and self._buf[second + HEADER.size] == STEP_TAG and self._buf[second + HEADER.size + 1] & ~HAS_PH == 0)
+
+    def _read_plain_steps(self, pos: int, size: int, out: list[dict[str, Any]]) -> int:
+        """Decode the run of plain binary steps at ``pos`` with numpy; returns where it ended.
+
+        The run ends before the first frame that is not a plain step, fails its checksum, or
+        breaks the table (a time not finite, a step not advancing): the frame-by-frame path
+        deals with that one.
+        """
+        import numpy as np  # the monitor side only: the probe encodes, it never decodes
+
+        buf, run, limit = self._buf, 0, min((size - pos) // PLAIN_STEP_FRAME, BULK_MAX)
+        with memoryview(buf) as view:
+            at = pos
+            while run < limit and buf[at:at + 4] == _PLAIN_LENGTH and buf[at + 8] == STEP_TAG \
+                    and buf[at + 9] & ~HAS_PH == 0 \
+                    and zlib.crc32(view[at + HEADER.size:at + PLAIN_STEP_FRAME]) == HEADER.unpack_from(buf, at)[1]:
+                run += 1
+                at += PLAIN_STEP_FRAME
+        if run < BULK_MIN:
+            return pos
+        frames = np.frombuffer(buf, _plain_dtype(), run, pos)
+        has_ph = (frames["flags"] & HAS_PH) != 0
+        step = frames["step"]
+        ok = (np.isfinite(frames["t"]) & (frames["t"] >= 0) & np.isfinite(frames["dt"]) & (frames["dt"] >= 0)
+              & (np.isfinite(frames["ph"]).all(axis=1) | ~has_ph) & (step < (1 << 63)))
+        ok[1:] &= step[1:] > step[:-1]
+        ok[0] &= int(step[0]) > self._last_step
+        run = run if ok.all() else int(ok.argmin())
+        if run < BULK_MIN:
+            return pos
+        frames, has_ph = frames[:run], has_ph[:run].tolist()
+        columns = (frames["step"].tolist(), frames["t"].tolist(), frames["dt"].tolist(), frames["n"].tolist(),
+                   frames["mb"].tolist(), frames["dropped"].tolist(), frames["ph"].tolist())
+        del frames, step  # numpy views of the buffer, which read() resizes next
+        for step_, t, dt, n, mb, dropped, ph, with_ph in zip(*columns, has_ph):
+            record = {"k": "step", "step": step_, "t": t, "dt": dt, "n": n, "mb": mb, "dropped": dropped}
+            if with_ph:
+                record["ph"] = ph
+            out.append(record)
+        self._last_step = columns[0][-1]
+        return pos + run * PLAIN_STEP_FRAME
+
+
+_PLAIN_LENGTH = STEP.size.to_bytes(4, "big")
+_PLAIN_DTYPE = None
+
+
+def _plain_dtype():
+    """The numpy layout of a plain binary step frame: the header, then :data:`STEP`."""
+    global _PLAIN_DTYPE
+    if _PLAIN_DTYPE is None:
+        import numpy as np
+        _PLAIN_DTYPE = np.dtype([("len", ">u4"), ("crc", ">u4"), ("tag", "u1"), ("flags", "u1"), ("reserved", "<u2"),
+                                 ("mb", "<u4"), ("step", "<u8"), ("t", "<f8"), ("dt", "<f8"), ("n", "<u8"),
+                                 ("dropped", "<u8"), ("ph", "<f8", (4,))])
+        assert _PLAIN_DTYPE.itemsize == PLAIN_STEP_FRAME
+    return _PLAIN_DTYPE

@@ -391,8 +391,8 @@ def test_a_calibrating_check_divides_b_simple_by_the_measured_ratio_and_decays()
 
 
 @pytest.mark.parametrize("breakage, message", [
-    (lambda r: r.update(branches=[]), "empty"),
-    (lambda r: r["branches"][0].pop("loss"), "missing or mistyped"),
+    (lambda r: r.update(branches=[]), "branch_check.branches"),
+    (lambda r: r["branches"][0].pop("loss"), "lacks field 'loss'"),
     (lambda r: r["branches"][1].update(losses=[1.0, 2.0]), "equally long"),
     (lambda r: r.update(calibrate=1), "calibrate"),
 ])

@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from bsmon import store
+from bsmon import store, wire
 from bsmon.probe import publisher as publisher_module
 from bsmon.probe.deferred import Deferred
 from bsmon.probe.publisher import Publisher
@@ -42,7 +42,7 @@ class Recorder:
 def _publisher(tmp_path):
     writer = store.RecordWriter(tmp_path / "records.bsr")
     recorder = Recorder()
-    hello = {"k": "hello", "v": 1, "session": "s", "name": "n", "pid": 1, "t0": 0.0, "command": [],
+    hello = {"k": "hello", "v": wire.PROTOCOL_VERSION, "session": "s", "name": "n", "pid": 1, "t0": 0.0, "command": [],
              "host": "h", "user": "u", "unit": "samples"}
     return Publisher(hello, writer, None, recorder), writer, recorder
 
@@ -90,7 +90,7 @@ def test_poll_never_waits_for_device_values_and_keeps_the_order(tmp_path):
     publisher, writer, recorder = _publisher(tmp_path)
     late = SlowDeviceValue([2.5, 4.0])
     publisher.submit(_step(1))
-    publisher.submit(_step(2, noise={"est": "microbatch", "acc": late}))
+    publisher.submit(_step(2, noise={"est": "microbatch", "micro": [4, 4], "g": 1, "acc": late}))
     publisher.submit(_step(3))
     publisher.poll(now=True)
     assert recorder.steps() == [1]  # step 2 is still on its way from the device; 3 waits behind it
@@ -107,7 +107,7 @@ def test_the_background_thread_flushes_when_nobody_polls(tmp_path, monkeypatch):
     monkeypatch.setattr(publisher_module, "IDLE_FLUSH_S", 0.1)
     publisher, writer, recorder = _publisher(tmp_path)
     late = SlowDeviceValue([1.0])  # never "ready": the background thread may wait for it
-    publisher.submit(_step(1, noise={"est": "microbatch", "acc": late}))
+    publisher.submit(_step(1, noise={"est": "microbatch", "micro": [8], "g": 1, "acc": late}))
     publisher.submit(_step(2))
     assert _wait_for(lambda: _written_steps(writer) == [1, 2])
     assert recorder.steps() == [1, 2] and threading.get_ident() not in recorder.threads
@@ -117,7 +117,7 @@ def test_the_background_thread_flushes_when_nobody_polls(tmp_path, monkeypatch):
 def test_a_rank_that_records_nothing_encodes_nothing(tmp_path):
     """Ranks > 0 have no session file and no socket: their records only feed stats()."""
     recorder = Recorder()
-    hello = {"k": "hello", "v": 1, "session": "s", "name": "n", "pid": 1, "t0": 0.0, "command": [],
+    hello = {"k": "hello", "v": wire.PROTOCOL_VERSION, "session": "s", "name": "n", "pid": 1, "t0": 0.0, "command": [],
              "host": "h", "user": "u", "unit": "samples"}
     publisher = Publisher(hello, None, None, recorder)
     publisher.submit(_step(1))

@@ -330,7 +330,12 @@ class _Client(threading.Thread):
 
     def _run(self) -> None:
         try:
-            if self._handshake():
+            attach = self._handshake()
+            if attach is not None and attach["v"] != wire.PROTOCOL_VERSION:
+                # A monitor of another release: the hello alone, whose version its reader refuses
+                # with a message naming both releases (docs/protocol.md, "Versions").
+                self._conn.sendall(self._publisher._hello_frame)
+            elif attach is not None:
                 self._stream()
         except OSError:
             pass  # the monitor went away; that costs the job nothing
@@ -338,22 +343,22 @@ class _Client(threading.Thread):
             self._publisher._forget(self)
             self._conn.close()
 
-    def _handshake(self) -> bool:
-        """Read the monitor's attach frame; anything else ends this connection only."""
+    def _handshake(self) -> dict[str, Any] | None:
+        """The monitor's attach record; None (end this connection only) for anything else."""
         self._conn.settimeout(HANDSHAKE_TIMEOUT_S)
         reader = wire.FrameReader()
         deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
         while time.monotonic() < deadline:
             data = self._conn.recv(4096)
             if not data:
-                return False
+                return None
             try:
                 records = reader.feed(data)
             except wire.ProtocolError:
-                return False
+                return None
             if records:
-                return records[0]["k"] == "attach"
-        return False
+                return records[0] if records[0]["k"] == "attach" else None
+        return None
 
     def _stream(self) -> None:
         self._conn.settimeout(None)
