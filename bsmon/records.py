@@ -431,3 +431,21 @@ def validate(record: Any) -> dict[str, Any]:
 # -- per-step columns --------------------------------------------------------------------------
 # The per-step CSV/history column table (STEP_COLUMNS) is declared here by the monitor side
 # (issue 12, i12-monitor).
+
+
+def markdown_table() -> str:
+    """The table as docs/protocol.md shows it (``python -m bsmon.records`` prints it; a test keeps them equal)."""
+    def fields(specs: tuple[Field, ...]) -> str:
+        return "; ".join(f"`{f.name}`{'' if f.required else '?'}: {f.type.describe()}" for f in specs)
+
+    rows = ["| kind | fields (`?`: optional) |", "| --- | --- |"]
+    rows += [f"| `{kind.name}` | {fields(kind.fields)} |" for kind in KINDS.values()]
+    rows += [f"| `step.noise` with `est` = `{tag}` | {fields(variant.fields)} |" for tag, variant in NOISE.variants.items()]
+    rows += [f"| `step.flops` | {fields(FLOPS.fields)} |", f"| `step.skipped[i]` | {fields(SKIPPED.item.fields)} |",
+             f"| `branch_check.branches[i]` | {fields(BRANCH.fields)} |", f"| `summary.json` | {fields(SUMMARY.fields)} |"]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
+

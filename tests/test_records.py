@@ -79,6 +79,12 @@ def test_every_kind_has_an_example_and_every_example_is_valid():
         assert records.validate(example) is example
 
 
+def test_the_docs_show_the_table_as_it_is():
+    protocol = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
+    block = protocol.split("<!-- records table -->\n")[1].split("<!-- end records table -->")[0]
+    assert block == records.markdown_table() + "\n", "run `python -m bsmon.records` and paste it into docs/protocol.md"
+
+
 def _stream() -> list[dict]:
     steps = [{**EXAMPLES["step"], "step": 2, "noise": NOISE_EXAMPLES[0]},
              {**EXAMPLES["step"], "step": 3, "noise": NOISE_EXAMPLES[1]},
