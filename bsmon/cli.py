@@ -17,11 +17,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from bsmon import fmt, store, terminal, wire
-from bsmon.client import Feed, wait_for_session
-from bsmon.model import SessionModel, Stats
+
+if TYPE_CHECKING:  # the commands import them when they run: `bsmon ls` needs neither numpy nor the model
+    from bsmon.client import Feed
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -186,6 +187,7 @@ def run_job(command: list[str], *, name: str | None, headless: bool, json_lines:
         return _fail(f"cannot start {command[0]}: {exc}", 126)
     job = ChildJob(process, on_hangup=on_hangup)
     try:
+        from bsmon.client import wait_for_session
         info = wait_for_session(session_id, alive=lambda: process.poll() is None, home=home)
         if info is None:
             code = shell_exit_code(process.wait())
@@ -223,6 +225,7 @@ def run_job(command: list[str], *, name: str | None, headless: bool, json_lines:
 
 
 def _open_feed(info: store.SessionInfo) -> Feed:
+    from bsmon.client import Feed
     feed = Feed()
     if info.status == "running":
         try:
@@ -316,6 +319,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
         stale = " Its stale socket was removed." if store.remove_stale_socket(info) else ""
         return _fail(f"session {info.id} ({info.name}) is {info.status}: there is no job to attach to.{stale} "
                      f"`bsmon replay {info.id}` shows the record.")
+    from bsmon.client import Feed
     feed = _attach_with_gpu(Feed(), info)
     if _headless_wanted(args):
         try:
@@ -329,6 +333,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    from bsmon.client import Feed
     info = store.resolve_session(args.session)
     feed = Feed().replay(info)
     if _headless_wanted(args):
@@ -348,6 +353,7 @@ def session_figures(info: store.SessionInfo) -> store.Figures:
     """
     if info.figures is not None:
         return info.figures
+    from bsmon.model import SessionModel
     model = SessionModel(keep_history=False)
     stream = store.iter_record_batches(info.records_path)
     samples, last_t = 0, None
@@ -396,6 +402,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.format == "parquet" and args.output is None:
         return _fail("--format parquet writes a file: give it with -o FILE.parquet", 2)
+    from bsmon.client import Feed
     info = store.resolve_session(args.session)
     model = Feed().replay(info).model
     if args.output is None:

@@ -276,6 +276,12 @@ def _microbatch_mod(noise: dict, at: str) -> None:
         raise InvalidRecord(f"{at}.mod has {len(mod)} entries, not a multiple of {len(noise['micro'])} passes")
 
 
+def _ddp_pre(noise: dict, at: str) -> None:
+    pre = noise.get("pre")
+    if pre is not None and len(pre) != len(noise["micro"]) + 1:
+        raise InvalidRecord(f"{at}.pre has {len(pre)} entries, not {len(noise['micro']) + 1}")
+
+
 def _rank_columns(record: dict, at: str) -> None:
     size = record["world_size"]
     for name in RANK_COLUMNS:
@@ -309,11 +315,13 @@ NOISE = Tagged("est", {
         Field("batch", Int(min=1), doc="samples in the step"),
         Field("pe", SQ_NORMS, doc="sum of per-example |g_i|^2 per group"),
         Field("big", SQ_NORMS, doc="|.grad|^2 per group"),
+        _opt("pre", ListOf(Num(finite=False, min=0), length=2), "[sum of |P g_i|^2, |P .grad|^2]"),
     ), (_lengths(lambda v: (len(v["big"]), len(v["pe"]), "big")),)),
     "ddp": Obj((
         Field("micro", MICRO), Field("g", Int(min=1)), Field("world", Int(min=1)),
         Field("norms", SQ_NORMS, doc="per pass before the synchronising one, then local and averaged totals"),
-    ), (_lengths(lambda v: (len(v["norms"]), (len(v["micro"]) - 1) * v["g"] + 2, "norms")),)),
+        _opt("pre", SQ_NORMS, "the same of the gradients rescaled by P: one per pass, then local and averaged"),
+    ), (_lengths(lambda v: (len(v["norms"]), (len(v["micro"]) - 1) * v["g"] + 2, "norms")), _ddp_pre)),
 })
 
 SKIP_CAUSES = ("cleared", "raised")

@@ -8,9 +8,9 @@ bytes a live monitor saw. A frame is::
 The payload is either a UTF-8 JSON object whose ``"k"`` names the record kind, or (protocol
 v2) a binary step: :data:`STEP` packs the fixed fields of a step record, the most frequent by
 far, and a JSON tail carries its rare extras (noise norms, FLOPs, skipped attempts). Packing a
-step costs the training thread about half of what ``json.dumps`` did, and a monitor decodes a run of
-plain steps in bulk with numpy (docs/design.md has the figures). docs/protocol.md lays out
-every byte.
+plain step costs the training thread about a third of what ``json.dumps`` did, and a monitor
+decodes a run of plain steps in bulk with numpy (docs/design.md has the figures).
+docs/protocol.md lays out every byte.
 
 Every record received or read is checked against the table in :mod:`bsmon.records`.
 A record that breaks it (wrong type, out of range, a missing nested field) is skipped: the
@@ -29,8 +29,8 @@ import time
 import zlib
 from typing import Any
 
-from bsmon.records import (KINDS, PROTOCOL_VERSION, READABLE_VERSIONS, InvalidRecord, ProtocolError,  # noqa: F401
-                           validate)
+# PROTOCOL_VERSION and validate are used as wire.PROTOCOL_VERSION and wire.validate: the protocol's face.
+from bsmon.records import PROTOCOL_VERSION, InvalidRecord, ProtocolError, validate  # noqa: F401
 
 MAX_FRAME_BYTES = 1 << 20
 HEADER = struct.Struct(">II")

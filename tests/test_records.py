@@ -55,8 +55,8 @@ EXAMPLES = {
     "bye": {"k": "bye", "t": 104.0, "status": "finished", "code": 0, "error": None},
 }
 NOISE_EXAMPLES = [
-    {"est": "per_example", "batch": 32, "pe": [1.0, 2.0], "big": [0.5, 0.25]},
-    {"est": "ddp", "micro": [8, 8], "g": 1, "world": 2, "norms": [1.0, 2.0, 1.5]},
+    {"est": "per_example", "batch": 32, "pe": [1.0, 2.0], "big": [0.5, 0.25], "pre": [3.0, 0.5]},
+    {"est": "ddp", "micro": [8, 8], "g": 1, "world": 2, "norms": [1.0, 2.0, 1.5], "pre": [1.0, 2.0, 1.5]},
 ]
 
 
