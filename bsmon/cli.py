@@ -8,6 +8,7 @@ to do.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -16,11 +17,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from bsmon import fmt, store, terminal, wire
-from bsmon.client import Feed, wait_for_session
-from bsmon.model import SessionModel, Stats
+
+if TYPE_CHECKING:  # the commands import them when they run: `bsmon ls` needs neither numpy nor the model
+    from bsmon.client import Feed
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -126,10 +128,11 @@ def record_exit(info: store.SessionInfo, code: int) -> None:
     """Give the session the job's real exit code (the job itself cannot know it).
 
     Safe because the job has exited: nobody else writes the file. A torn tail
-    is cut off first so the appended record stays readable.
+    is cut off first so the appended record stays readable. Reads the file's tail only,
+    and brings the summary sidecar up to date.
     """
-    records, torn = store.read_records(info.records_path)
-    last_bye = next((r for r in reversed(records) if r["k"] == "bye"), None)
+    tail, torn = store.tail_records(info.records_path)
+    last_bye = next((r for r in reversed(tail) if r["k"] == "bye"), None)
     if last_bye is not None and last_bye.get("code") == code:
         return
     status = "finished" if code == 0 else "failed"
@@ -141,8 +144,13 @@ def record_exit(info: store.SessionInfo, code: int) -> None:
             handle.truncate(size - torn)
             handle.seek(0, os.SEEK_END)
             handle.write(wire.encode(bye))
+            end = handle.tell()
     except OSError as exc:
         print(f"bsmon: could not record the exit code in {info.records_path}: {exc}", file=sys.stderr)
+        return
+    summary = store.read_summary(info.directory)
+    if summary is not None and summary["bytes"] <= size - torn:
+        store.write_summary(info.directory, {**summary, "status": status, "code": code, "t": bye["t"], "bytes": end})
 
 
 #: After q in `bsmon demo` the demo has this long to stop on its SIGINT before it is killed.
@@ -179,6 +187,7 @@ def run_job(command: list[str], *, name: str | None, headless: bool, json_lines:
         return _fail(f"cannot start {command[0]}: {exc}", 126)
     job = ChildJob(process, on_hangup=on_hangup)
     try:
+        from bsmon.client import wait_for_session
         info = wait_for_session(session_id, alive=lambda: process.poll() is None, home=home)
         if info is None:
             code = shell_exit_code(process.wait())
@@ -216,6 +225,7 @@ def run_job(command: list[str], *, name: str | None, headless: bool, json_lines:
 
 
 def _open_feed(info: store.SessionInfo) -> Feed:
+    from bsmon.client import Feed
     feed = Feed()
     if info.status == "running":
         try:
@@ -309,6 +319,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
         stale = " Its stale socket was removed." if store.remove_stale_socket(info) else ""
         return _fail(f"session {info.id} ({info.name}) is {info.status}: there is no job to attach to.{stale} "
                      f"`bsmon replay {info.id}` shows the record.")
+    from bsmon.client import Feed
     feed = _attach_with_gpu(Feed(), info)
     if _headless_wanted(args):
         try:
@@ -322,6 +333,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    from bsmon.client import Feed
     info = store.resolve_session(args.session)
     feed = Feed().replay(info)
     if _headless_wanted(args):
@@ -331,15 +343,32 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def session_figures(info: store.SessionInfo) -> Stats:
-    """The session's last numbers (B_simple, the recommended batch), from its records.
+def session_figures(info: store.SessionInfo) -> store.Figures:
+    """The session's last numbers (B*, B_simple, their unit) for `bsmon ls`.
 
-    Replays the records through a model without history, streamed in batches (bounded memory).
+    From the summary the job keeps (store.session_info). A session without one (an older bsmon,
+    or a job killed before its first summary) is replayed once through a model without history,
+    about 0.1 s for 10,000 steps, and, once it no longer runs, its summary is written so the
+    next listing reads that instead.
     """
+    if info.figures is not None:
+        return info.figures
+    from bsmon.model import SessionModel
     model = SessionModel(keep_history=False)
-    for batch in store.iter_record_batches(info.records_path):
+    stream = store.iter_record_batches(info.records_path)
+    samples, last_t = 0, None
+    for batch in stream:
         model.ingest_all(batch)
-    return model.stats()
+        samples += sum(r["n"] for r in batch if r["k"] == "step")
+        last_t = next((r["t"] for r in reversed(batch) if "t" in r), last_t)
+    stats = model.stats()
+    figures = store.Figures(stats.b_opt, stats.b_simple, stats.unit)
+    if info.status != "running":
+        store.write_summary(info.directory, {
+            "session": info.id, "steps": info.steps, "samples": samples,
+            "status": info.status if info.status in ("finished", "failed") else "running",
+            "t": last_t, "bytes": stream.end, "code": info.exit_code, **dataclasses.asdict(figures)})
+    return figures
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -348,7 +377,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         sessions = [s for s in sessions if s.status == "running"]
     figures = [session_figures(s) for s in sessions]
     if args.json:
-        print(json.dumps([{**s.to_json(), "b_opt": f.b_opt, "b_simple": f.b_simple, "unit": f.unit}
+        print(json.dumps([{**s.to_json(), **dataclasses.asdict(f)}
                           for s, f in zip(sessions, figures)], indent=2))
         return 0
     if not sessions:
@@ -373,6 +402,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.format == "parquet" and args.output is None:
         return _fail("--format parquet writes a file: give it with -o FILE.parquet", 2)
+    from bsmon.client import Feed
     info = store.resolve_session(args.session)
     if args.output is None:
         write_csv(info, sys.stdout)

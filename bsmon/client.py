@@ -202,11 +202,22 @@ class Feed:
             self._sock.close()
         if self._stop.is_set():
             return
+        if ingested == 0:
+            self._explain_refusal()
         if self.model.bye is None:
             self._catch_up_from_file(ingested)
         self.state = "ended" if self.model.bye is not None else "lost"
         if self.state == "lost" and self.message is None:
             self.message = "the job stopped streaming without saying goodbye (killed?)"
+
+    def _explain_refusal(self) -> None:
+        """The job closed the connection before its hello: a job of another protocol version does
+        (docs/protocol.md, "Versions"). Say so; its session file is still read below."""
+        hello = store.read_hello(self.session_dir / store.RECORDS_FILE) if self.session_dir is not None else None
+        if hello is not None and hello["v"] != wire.PROTOCOL_VERSION:
+            self.message = (f"the job runs bsmon protocol v{hello['v']} and this monitor v{wire.PROTOCOL_VERSION}, "
+                            "so it refused the live stream: shown from its session file up to now. Attach with "
+                            "the job's bsmon release to follow it live")
 
     def _catch_up_from_file(self, ingested: int) -> None:
         """The stream broke off early: the session file holds the same records, take the rest from it."""

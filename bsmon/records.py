@@ -14,6 +14,7 @@ what the table says. Pure data and the standard library only: the probe imports 
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -46,11 +47,13 @@ def _is_number(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class Num:
-    """A number (int or float); ``finite`` refuses NaN and infinities, ``min`` is inclusive."""
+    """A number (int or float); ``finite`` refuses NaN and infinities, ``min`` and ``max`` are
+    inclusive, ``above`` is an exclusive lower bound (a duration something is divided by)."""
     finite: bool = True
     min: float | None = None
     max: float | None = None
     null: bool = False
+    above: float | None = None
 
     def check(self, value: Any, at: str) -> None:
         if value is None and self.null:
@@ -59,11 +62,14 @@ class Num:
             _fail(at, self.describe(), value)
         if self.finite and not math.isfinite(value):
             _fail(at, self.describe(), value)
-        if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
+        if ((self.min is not None and value < self.min) or (self.max is not None and value > self.max)
+                or (self.above is not None and not value > self.above)):
             _fail(at, self.describe(), value)
 
     def describe(self) -> str:
         words = ["a finite number" if self.finite else "a number"]
+        if self.above is not None:
+            words.append(f"> {self.above:g}")
         if self.min is not None:
             words.append(f">= {self.min:g}")
         if self.max is not None:
@@ -73,18 +79,23 @@ class Num:
 
 @dataclass(frozen=True)
 class Int:
-    """An int (not a bool); ``min`` is inclusive (0 by default: counts are never negative)."""
+    """An int (not a bool) that fits 64 bits; ``min`` is inclusive (0 by default: counts are never negative)."""
     min: int | None = 0
     null: bool = False
 
     def check(self, value: Any, at: str) -> None:
         if value is None and self.null:
             return
-        if not isinstance(value, int) or isinstance(value, bool) or (self.min is not None and value < self.min):
+        if (not isinstance(value, int) or isinstance(value, bool) or not -INT_LIMIT <= value < INT_LIMIT
+                or (self.min is not None and value < self.min)):
             _fail(at, self.describe(), value)
 
     def describe(self) -> str:
         return "an int" + (f" >= {self.min}" if self.min is not None else "") + (" or null" if self.null else "")
+
+
+#: Every int in a record fits a signed 64-bit integer (the history's arrays, numpy).
+INT_LIMIT = 1 << 63
 
 
 @dataclass(frozen=True)
@@ -160,6 +171,28 @@ class AnyObj:
 
     def describe(self) -> str:
         return "an object" + (" or null" if self.null else "")
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """An object whose layout its own parser declares (``"module:Class.method"``, imported on first
+    use, on the monitor side): what that parser refuses is refused here, so it cannot fail later."""
+    parser: str
+
+    def check(self, value: Any, at: str) -> None:
+        module, _, name = self.parser.partition(":")
+        target: Any = importlib.import_module(module)
+        for part in name.split("."):
+            target = getattr(target, part)
+        if not isinstance(value, dict):
+            _fail(at, self.describe(), value)
+        try:
+            target(value)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise InvalidRecord(f"{at} is not {self.describe()}: {exc}") from None
+
+    def describe(self) -> str:
+        return f"an object {self.parser} reads"
 
 
 @dataclass(frozen=True)
@@ -243,6 +276,12 @@ def _microbatch_mod(noise: dict, at: str) -> None:
         raise InvalidRecord(f"{at}.mod has {len(mod)} entries, not a multiple of {len(noise['micro'])} passes")
 
 
+def _ddp_pre(noise: dict, at: str) -> None:
+    pre = noise.get("pre")
+    if pre is not None and len(pre) != len(noise["micro"]) + 1:
+        raise InvalidRecord(f"{at}.pre has {len(pre)} entries, not {len(noise['micro']) + 1}")
+
+
 def _rank_columns(record: dict, at: str) -> None:
     size = record["world_size"]
     for name in RANK_COLUMNS:
@@ -259,7 +298,7 @@ def _branch_curves(branch: dict, at: str) -> None:
 
 TIME = Num(min=0)  # unix seconds
 SECONDS = Num(min=0)  # a duration
-SQ_NORMS = ListOf(Num(finite=False))  # squared norms: an overflowing AMP step gives inf or NaN, skipped later
+SQ_NORMS = ListOf(Num(finite=False, min=0))  # squared norms: an overflowing AMP step gives inf or NaN, skipped later
 MICRO = ListOf(Int(min=0), min_length=1)
 
 #: A measured step's raw gradient norms, one layout per estimator (bsmon/probe/noise.py writes
@@ -276,11 +315,13 @@ NOISE = Tagged("est", {
         Field("batch", Int(min=1), doc="samples in the step"),
         Field("pe", SQ_NORMS, doc="sum of per-example |g_i|^2 per group"),
         Field("big", SQ_NORMS, doc="|.grad|^2 per group"),
+        _opt("pre", ListOf(Num(finite=False, min=0), length=2), "[sum of |P g_i|^2, |P .grad|^2]"),
     ), (_lengths(lambda v: (len(v["big"]), len(v["pe"]), "big")),)),
     "ddp": Obj((
         Field("micro", MICRO), Field("g", Int(min=1)), Field("world", Int(min=1)),
         Field("norms", SQ_NORMS, doc="per pass before the synchronising one, then local and averaged totals"),
-    ), (_lengths(lambda v: (len(v["norms"]), (len(v["micro"]) - 1) * v["g"] + 2, "norms")),)),
+        _opt("pre", SQ_NORMS, "the same of the gradients rescaled by P: one per pass, then local and averaged"),
+    ), (_lengths(lambda v: (len(v["norms"]), (len(v["micro"]) - 1) * v["g"] + 2, "norms")), _ddp_pre)),
 })
 
 SKIP_CAUSES = ("cleared", "raised")
@@ -297,6 +338,8 @@ _RANK_TYPES = {"step": Int(null=True), "n": Int(null=True)}
 BRANCH = Obj((
     Field("batch_size", Int(min=1)), Field("steps", Int()), Field("lr", Num()), Field("loss", Num(finite=False)),
     Field("lrs", ListOf(Num())), Field("losses", ListOf(Num(finite=False))),
+    _opt("equiv_samples", Num(finite=False, null=True)), _opt("samples_ratio", Num(finite=False, null=True)),
+    _opt("steps_ratio", Num(finite=False, null=True)),
 ), (_branch_curves,))
 
 KINDS: dict[str, Kind] = {kind.name: kind for kind in (
@@ -318,7 +361,7 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in (
         Field("step", Int(), doc="optimizer steps so far"), Field("t", TIME, doc="unix time at its end"),
         Field("dt", SECONDS, doc="since the previous step ended"), Field("n", Int(), doc="samples"),
         Field("mb", Int(), doc="micro-batches (backward passes)"), Field("dropped", Int(), doc="records dropped so far"),
-        _opt("ph", ListOf(Num(), length=4), "phase marks, seconds from the previous step's end"),
+        _opt("ph", ListOf(SECONDS, length=4), "phase marks, seconds from the previous step's end"),
         _opt("noise", NOISE), _opt("flops", FLOPS), _opt("skipped", SKIPPED),
         _opt("busy", SECONDS, "until this rank's gradients were ready"),
     )),
@@ -336,10 +379,12 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in (
         _opt("traceback", Str()),
     )),
     Kind("profile_point", "One measured point of a throughput profile.", (
-        Field("batch_size", Int(min=1)), Field("step_time_s", SECONDS), Field("samples_per_s", Num(min=0)),
+        Field("batch_size", Int(min=1)), Field("step_time_s", Num(above=0)), Field("samples_per_s", Num(above=0)),
+        _opt("peak_memory_bytes", Int(null=True)),
     )),
-    Kind("profile", "A finished throughput profile.", (Field("profile", AnyObj()),)),
-    Kind("gpu", "One NVML snapshot (written by a monitor into gpu.bsr).", (Field("snapshot", AnyObj()),)),
+    Kind("profile", "A finished throughput profile.", (Field("profile", Parsed("bsmon.profiling:Profile.from_dict")),)),
+    Kind("gpu", "One NVML snapshot (written by a monitor into gpu.bsr).",
+         (Field("snapshot", Parsed("bsmon.gpu.records:GpuSnapshot.from_record")),)),
     Kind("ranks", "Multi-process jobs: one column per field, one entry per rank.", (
         Field("t", TIME), Field("world_size", Int(min=1)),
         *(Field(name, ListOf(_RANK_TYPES.get(name, Num(min=0, null=True)))) for name in RANK_COLUMNS),
@@ -352,12 +397,27 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in (
         Field("b_crit_high", Num(finite=False, null=True)), Field("censored", Str(("above", "below"), null=True)),
         Field("b_simple", Num(finite=False, null=True)), Field("calibrate", Bool()),
         Field("confidence", Num(min=0, max=1)), Field("cost_samples", Int()), Field("cost_s", SECONDS),
+        Field("tolerance_loss", Num(finite=False, null=True)), Field("within", Int(null=True)),
+        Field("interval", Str(null=True)), _opt("cost_steps", Int()), _opt("cost_evals", Int()),
+        _opt("reason", Str(null=True)),
     )),
     Kind("bye", "Last record: how the job ended.", (
         Field("t", TIME), Field("status", Str()), Field("code", Int(min=None, null=True)),
         _opt("error", Str(null=True)),
     )),
 )}
+
+
+#: The session's summary sidecar (summary.json, bsmon.store): what `bsmon ls` shows, kept current
+#: by the job's publisher so listing never reads the records.
+SUMMARY = Obj((
+    Field("session", Str()), Field("steps", Int(), doc="the last step recorded"),
+    Field("samples", Int(), doc="samples in the recorded steps (rank 0's, as in the step records)"),
+    Field("status", Str(("running", "finished", "failed"))), Field("t", Num(min=0, null=True), doc="last record's time"),
+    Field("bytes", Int(), doc="bytes of records.bsr this summary covers"), Field("code", Int(min=None, null=True)),
+    _opt("b_opt", Int(min=1, null=True)), _opt("b_simple", Num(finite=False, null=True)),
+    _opt("unit", Str(("samples", "tokens"))),
+))
 
 
 def validate(record: Any) -> dict[str, Any]:
@@ -377,8 +437,6 @@ def validate(record: Any) -> dict[str, Any]:
 
 
 # -- per-step columns --------------------------------------------------------------------------
-# The per-step CSV/history column table (STEP_COLUMNS) is declared here by the monitor side
-# (issue 12, i12-monitor).
 
 @dataclass(frozen=True)
 class StepColumn:
@@ -423,3 +481,21 @@ STEP_COLUMNS = (
     StepColumn("b_opt", int, "samples", bins=None),  # re-evaluated on a cadence: the views read it from stats()
     StepColumn("b_opt_speedup", float, "ratio", bins=None),
 )
+
+
+def markdown_table() -> str:
+    """The table as docs/protocol.md shows it (``python -m bsmon.records`` prints it; a test keeps them equal)."""
+    def fields(specs: tuple[Field, ...]) -> str:
+        return "; ".join(f"`{f.name}`{'' if f.required else '?'}: {f.type.describe()}" for f in specs)
+
+    rows = ["| kind | fields (`?`: optional) |", "| --- | --- |"]
+    rows += [f"| `{kind.name}` | {fields(kind.fields)} |" for kind in KINDS.values()]
+    rows += [f"| `step.noise` with `est` = `{tag}` | {fields(variant.fields)} |" for tag, variant in NOISE.variants.items()]
+    rows += [f"| `step.flops` | {fields(FLOPS.fields)} |", f"| `step.skipped[i]` | {fields(SKIPPED.item.fields)} |",
+             f"| `branch_check.branches[i]` | {fields(BRANCH.fields)} |", f"| `summary.json` | {fields(SUMMARY.fields)} |"]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
+

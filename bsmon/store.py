@@ -4,6 +4,7 @@ Layout under ``$BSMON_HOME`` (default ``$XDG_DATA_HOME/bsmon``, else
 ``~/.local/share/bsmon``)::
 
     sessions/<id>/records.bsr   framed records written by the job (hello first, bye last)
+    sessions/<id>/summary.json  steps, status, last time, bytes covered: kept current by the job
     sessions/<id>/gpu.bsr       NVML snapshots written by an attached monitor
     sessions/<id>/output.log    the job's stdout/stderr when started by ``bsmon run`` with the TUI
     run/<id>.sock               the live job's socket (directory 0700, socket 0600)
@@ -21,17 +22,28 @@ import os
 import secrets
 import socket
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from bsmon import wire
+from bsmon.records import SUMMARY
 
 RECORDS_FILE = "records.bsr"
+SUMMARY_FILE = "summary.json"
 GPU_FILE = "gpu.bsr"
 OUTPUT_FILE = "output.log"
 #: ``bsmon run --name`` reaches the job in this variable; it wins over ``watch(name=)``.
 RUN_NAME_ENV = "BSMON_RUN_NAME"
+
+#: How often the job's publisher rewrites summary.json (from its background thread).
+SUMMARY_INTERVAL_S = 1.0
+#: The tail read, growing, to find a session's last step and bye when its summary cannot say.
+TAIL_BYTES = (1 << 16, 1 << 20, 1 << 23)
+
+#: A summary this far behind the records file is not used (read forward from it): the tail is read instead.
+SUMMARY_LAG_BYTES = 1 << 20
 
 #: sockaddr_un.sun_path holds 108 bytes on Linux, 104 on macOS; stay under both.
 _MAX_SOCKET_PATH = 100
@@ -220,6 +232,14 @@ def socket_alive(path: str | None) -> bool:
 
 
 @dataclass(frozen=True)
+class Figures:
+    """A session's headline numbers as `bsmon ls` shows them."""
+    b_opt: int | None
+    b_simple: float | None
+    unit: str
+
+
+@dataclass(frozen=True)
 class SessionInfo:
     id: str
     name: str
@@ -234,6 +254,11 @@ class SessionInfo:
     exit_code: int | None
     torn_bytes: int
     hello: dict[str, Any]
+    #: The headline figures (b_opt, b_simple, unit) as of the summary, at most a few seconds
+    #: old while the job runs; None without a summary (`bsmon ls` computes them once then).
+    figures: Figures | None = None
+    #: The last bye record, if the session has one (``bsmon run`` may append a second).
+    bye: dict[str, Any] | None = None
 
     @property
     def records_path(self) -> Path:
@@ -246,30 +271,132 @@ class SessionInfo:
                 "path": str(self.directory)}
 
 
-def session_info(directory: Path) -> SessionInfo | None:
-    """Summarise one session directory; None when it holds no hello record yet."""
-    records, torn = read_records(directory / RECORDS_FILE)
-    if not records or records[0]["k"] != "hello":
+def write_summary(directory: Path, summary: dict[str, Any]) -> bool:
+    """Replace the session's summary sidecar atomically (a temporary file, then a rename).
+
+    A reader sees the old summary or the new one, never half of one. False (and no
+    exception) when it cannot be written: listing then falls back to the records' tail.
+    """
+    temporary = directory / f".{SUMMARY_FILE}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(summary))
+        os.replace(temporary, directory / SUMMARY_FILE)
+        return True
+    except OSError:
+        try:
+            temporary.unlink()
+        except OSError:
+            pass
+        return False
+
+
+def read_summary(directory: Path) -> dict[str, Any] | None:
+    """The session's summary sidecar, or None when it is missing or not a valid summary."""
+    try:
+        summary = json.loads((directory / SUMMARY_FILE).read_bytes())
+        SUMMARY.check(summary, "summary")
+        return summary
+    except (OSError, ValueError):
         return None
-    hello = records[0]
-    steps = 0
+
+
+def read_hello(path: Path) -> dict[str, Any] | None:
+    """The first record of a records file if it is a hello (reads that frame only)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(wire.HEADER.size)
+            if len(head) < wire.HEADER.size:
+                return None
+            length, _ = wire.HEADER.unpack(head)
+            data = head + handle.read(min(length, wire.MAX_FRAME_BYTES))
+    except OSError:
+        return None
+    first = wire.FrameReader().read(data)
+    return first[0] if first and first[0]["k"] == "hello" else None
+
+
+def tail_records(path: Path, size: int | None = None) -> tuple[list[dict[str, Any]], int]:
+    """The records in the last part of the file, and its torn bytes, without reading the rest.
+
+    A frame boundary in the tail is found by trying each offset: a header whose CRC matches,
+    from which frames decode cleanly on to the end. The window grows (TAIL_BYTES) until it
+    holds a step, so a tail of events still finds the last step.
+    """
+    size = path.stat().st_size if size is None else size
+    for window in TAIL_BYTES:
+        if window >= size:
+            stream = iter_record_batches(path)
+            return [record for batch in stream for record in batch], stream.torn_bytes
+        with open(path, "rb") as handle:
+            handle.seek(size - window)
+            tail = handle.read(window)
+        found = _decode_from_boundary(tail)
+        if found is not None and any(r["k"] == "step" for r in found[0]):
+            return found
+    return found if found is not None else ([], 0)
+
+
+def _decode_from_boundary(tail: bytes) -> tuple[list[dict[str, Any]], int] | None:
+    with memoryview(tail) as view:
+        for offset in range(len(tail) - wire.HEADER.size):
+            length, crc = wire.HEADER.unpack_from(tail, offset)
+            end = offset + wire.HEADER.size + length
+            if end > len(tail) or zlib.crc32(view[offset + wire.HEADER.size:end]) != crc:
+                continue
+            reader = wire.FrameReader()
+            found = reader.read(view[offset:])
+            if found and reader.error is None and reader.invalid == 0:
+                return found, reader.pending
+    return None
+
+
+def session_info(directory: Path) -> SessionInfo | None:
+    """Summarise one session directory; None when it holds no hello record yet.
+
+    Reads the hello (the first frame) and the summary sidecar the job keeps current, plus the
+    records written after the summary (at most about a second's worth). Without a usable
+    summary (an older bsmon, a crash before the first one, a summary of another file) it reads
+    the records file's tail only. "running" is confirmed by connecting to the job's socket.
+    """
+    path = directory / RECORDS_FILE
+    hello = read_hello(path)
+    if hello is None:
+        return None
+    size = path.stat().st_size
+    summary = read_summary(directory)
+    if summary is not None and (summary["session"] != hello["session"] or summary["bytes"] > size
+                                or size - summary["bytes"] > SUMMARY_LAG_BYTES):
+        summary = None  # another session's, or a crash left it far behind: the tail says more
+    if summary is not None:
+        stream = iter_record_batches(path, start=summary["bytes"])
+        later, torn = [record for batch in stream for record in batch], stream.torn_bytes
+        if stream.error is not None or stream.invalid:  # "bytes" is not where a frame starts
+            summary = None
+    if summary is not None:
+        steps, status, code = summary["steps"], summary["status"], summary["code"]
+    else:
+        later, torn = tail_records(path, size)
+        steps, status, code = 0, "running", None
     bye = None
-    for record in records:
+    for record in later:
         if record["k"] == "step":
             steps = record["step"]
         elif record["k"] == "bye":
             bye = record
     if bye is not None:
-        status = "finished" if bye["status"] == "finished" else "failed"
-    elif socket_alive(hello.get("socket")):
-        status = "running"
-    else:
-        status = "lost"
+        status, code = ("finished" if bye["status"] == "finished" else "failed"), bye["code"]
+    elif status == "running":
+        status = "running" if socket_alive(hello.get("socket")) else "lost"
+    figures = None
+    if summary is not None and "b_opt" in summary:
+        figures = Figures(summary["b_opt"], summary.get("b_simple"), summary.get("unit", "samples"))
     return SessionInfo(
         id=hello["session"], name=hello["name"], pid=hello["pid"], host=hello["host"],
         status=status, steps=steps, started=hello["t0"], directory=directory,
         socket=hello.get("socket"), command=tuple(hello["command"]),
-        exit_code=None if bye is None else bye["code"], torn_bytes=torn, hello=hello)
+        exit_code=code, torn_bytes=torn, hello=hello, figures=figures, bye=bye)
 
 
 def list_sessions(home: Path | None = None) -> list[SessionInfo]:

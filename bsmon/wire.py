@@ -8,9 +8,9 @@ bytes a live monitor saw. A frame is::
 The payload is either a UTF-8 JSON object whose ``"k"`` names the record kind, or (protocol
 v2) a binary step: :data:`STEP` packs the fixed fields of a step record, the most frequent by
 far, and a JSON tail carries its rare extras (noise norms, FLOPs, skipped attempts). Packing a
-step costs the training thread about half of what ``json.dumps`` did, and a monitor decodes a run of
-plain steps in bulk with numpy (docs/design.md has the figures). docs/protocol.md lays out
-every byte.
+plain step costs the training thread about a third of what ``json.dumps`` did, and a monitor
+decodes a run of plain steps in bulk with numpy (docs/design.md has the figures).
+docs/protocol.md lays out every byte.
 
 Every record received or read is checked against the table in :mod:`bsmon.records`.
 A record that breaks it (wrong type, out of range, a missing nested field) is skipped: the
@@ -29,8 +29,8 @@ import time
 import zlib
 from typing import Any
 
-from bsmon.records import (KINDS, PROTOCOL_VERSION, READABLE_VERSIONS, InvalidRecord, ProtocolError,  # noqa: F401
-                           validate)
+# PROTOCOL_VERSION and validate are used as wire.PROTOCOL_VERSION and wire.validate: the protocol's face.
+from bsmon.records import PROTOCOL_VERSION, InvalidRecord, ProtocolError, validate  # noqa: F401
 
 MAX_FRAME_BYTES = 1 << 20
 HEADER = struct.Struct(">II")
@@ -67,15 +67,28 @@ def encode(record: dict[str, Any]) -> bytes:
 
 
 def _step_payload(record: dict[str, Any]) -> bytes | None:
+    """A step's binary payload; None when its fixed fields are not of the types the layout holds
+    (struct would take a bool for an int, or an int for a float, and the reader would accept it)."""
+    try:
+        mb, step, t, dt, n, dropped = (record["mb"], record["step"], record["t"], record["dt"], record["n"],
+                                       record["dropped"])
+    except KeyError:
+        return None
     ph = record.get("ph")
+    if not (type(mb) is type(step) is type(n) is type(dropped) is int and type(t) in _REAL and type(dt) in _REAL
+            and (ph is None or (type(ph) is list and len(ph) == 4 and type(ph[0]) in _REAL and type(ph[1]) in _REAL
+                                and type(ph[2]) in _REAL and type(ph[3]) in _REAL))):
+        return None
     plain = len(record) == (7 if ph is None and "ph" not in record else 8)
     tail = b"" if plain else _JSON.encode({k: v for k, v in record.items() if k not in STEP_FIXED}).encode()
     try:
         return STEP.pack(STEP_TAG, (HAS_PH if ph is not None else 0) | (HAS_TAIL if tail else 0), 0,
-                         record["mb"], record["step"], record["t"], record["dt"], record["n"], record["dropped"],
-                         *(_NO_PH if ph is None else ph)) + tail
-    except (struct.error, TypeError, KeyError):
-        return None
+                         mb, step, t, dt, n, dropped, *(_NO_PH if ph is None else ph)) + tail
+    except (struct.error, OverflowError):
+        return None  # a count out of the layout's range: JSON, and the reader says what is wrong
+
+
+_REAL = frozenset((float, int))
 
 
 def _decode_step(payload: bytes) -> dict[str, Any]:

@@ -616,7 +616,7 @@ def _parameters(model: nn.Module) -> dict[str, torch.Tensor]:
 def check_profiled_session(session: str, callback, *, advice: bool) -> str:
     """The profile is in the session (>= 2 sizes, events before and after); with ``advice`` (an
     optimizer whose advice follows B_simple: SGD) it drives the optimal batch once B_simple resolves."""
-    from bsmon.cli import session_figures
+    from bsmon.model import SessionModel
 
     assert callback.profile is not None and len(callback.profile.points) >= 2
     info = store.resolve_session(session)
@@ -626,7 +626,9 @@ def check_profiled_session(session: str, callback, *, advice: bool) -> str:
     assert any(m.startswith("profiling micro-batch sizes") for m in messages), messages
     assert any(m.startswith("throughput profile of micro-batch sizes") and "training state restored" in m
                for m in messages), messages
-    stats = session_figures(info)
+    replayed = SessionModel(keep_history=False)
+    replayed.ingest_all(store.read_records(info.records_path)[0])
+    stats = replayed.stats()
     if advice:
         assert stats.b_simple is not None and stats.b_opt_source == "profile", stats.b_opt_reason
     return headless_line(session)

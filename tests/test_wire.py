@@ -1,4 +1,5 @@
 import math
+import re
 import struct
 import zlib
 
@@ -101,7 +102,6 @@ def test_invalid_records_are_skipped_counted_and_shown(frame, message):
     assert [r["k"] for r in records] == ["step", "event", "step"]
     assert records[1]["level"] == "warning"
     assert records[1]["msg"].startswith("skipped 1 invalid record so far")
-    import re
     assert re.search(message, records[1]["msg"]), records[1]["msg"]
 
 

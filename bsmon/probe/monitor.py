@@ -262,7 +262,8 @@ class Monitor:
             **(self._flops.hello_fields if self._flops else {}),
         }
         self._model_state.ingest(hello)
-        self._publisher = Publisher(hello, writer, socket_path, self._on_published, guard=self._guard)
+        self._publisher = Publisher(hello, writer, socket_path, self._on_published, guard=self._guard,
+                                    summary_figures=self._summary_figures)
         if writer is not None and writer.error is not None:
             self._warn(f"cannot record the session in {writer.path.parent}: {writer.error}. "
                        "Training continues; attach a monitor to watch it live.")
@@ -577,6 +578,19 @@ class Monitor:
             self._unread.extend(records)
             if len(self._unread) >= INGEST_BATCH:
                 self._ingest_unread()
+
+    def _summary_figures(self) -> dict[str, Any] | None:
+        """B* and B_simple for the session's summary (`bsmon ls`), asked by the publisher's background
+        thread every few seconds; None while the training thread holds the model (asked again later)."""
+        if not self._state_lock.acquire(blocking=False):
+            return None
+        try:
+            self._ingest_unread()
+            stats = self._model_state.stats()
+        finally:
+            self._state_lock.release()
+        return {"b_opt": None if stats.b_opt is None else int(stats.b_opt),
+                "b_simple": None if stats.b_simple is None else float(stats.b_simple), "unit": stats.unit}
 
     def _ingest_unread(self) -> None:
         """Feed the waiting records to the model (the caller holds ``_state_lock``)."""

@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 from bsmon import wire
 from bsmon.probe.deferred import resolve
-from bsmon.store import RecordWriter
+from bsmon.store import SUMMARY_INTERVAL_S, RecordWriter, write_summary
 
 FLUSH_INTERVAL_S = 0.25
 IDLE_FLUSH_S = 0.5
@@ -48,12 +48,17 @@ CLIENT_BACKLOG_LIMIT = 64 << 20
 #: When the disk fails, frames are kept in memory up to this size for monitors that attach later.
 SPILL_LIMIT = 128 << 20
 HANDSHAKE_TIMEOUT_S = 5.0
+#: The summary's headline figures (B*, B_simple) are recomputed at most this often while the job
+#: runs: about a millisecond of the background thread's time (the job's own SessionModel).
+SUMMARY_FIGURES_S = 5.0
 
 
 class Publisher:
     def __init__(self, hello: dict[str, Any], writer: RecordWriter | None, socket_path: str | None,
-                 on_records: Callable[[list[dict]], None], guard: Callable[[Callable], Callable] = lambda f: f) -> None:
-        """``guard`` wraps the background thread and every monitor's sender thread (bsmon/probe/guard.py)."""
+                 on_records: Callable[[list[dict]], None], guard: Callable[[Callable], Callable] = lambda f: f,
+                 summary_figures: Callable[[], dict[str, Any] | None] = lambda: None) -> None:
+        """``guard`` wraps the background thread and every monitor's sender thread (bsmon/probe/guard.py).
+        ``summary_figures`` gives the headline figures for the summary sidecar (None: keep the last)."""
         self.dropped = 0
         self.dropped_monitors = 0  # disconnected for falling CLIENT_BACKLOG_LIMIT behind
         self._guard = guard
@@ -70,6 +75,12 @@ class Publisher:
         self._spill: list[bytes] = []
         self._spill_bytes = 0
         self._reported_failure = False
+        # summary.json, the session's sidecar for `bsmon ls`: updated from what is delivered.
+        self._summary = {"session": hello["session"], "steps": 0, "samples": 0, "status": "running",
+                         "t": hello["t0"], "bytes": 0, "code": None}
+        self._summary_at = -SUMMARY_INTERVAL_S
+        self._summary_figures = summary_figures
+        self._figures_at = time.monotonic()
         self._stopping = False
         self._closing = False
         if writer is not None:
@@ -142,6 +153,7 @@ class Publisher:
         for client in clients:
             client.join(timeout=2.0)
         if self._writer is not None:
+            self._write_summary(final=True)
             self._writer.close()
 
     @property
@@ -164,7 +176,7 @@ class Publisher:
         if not records:
             return
         if self._writer is not None or self._server is not None:  # ranks > 0 record nothing
-            self._outbox.append(b"".join(map(_frame, records)))
+            self._outbox.append((b"".join(map(_frame, records)), records))
             if now - self._last_wake >= FLUSH_INTERVAL_S:
                 self._last_wake = now
                 self._wake()
@@ -179,9 +191,11 @@ class Publisher:
 
     def _deliver(self) -> None:
         """Write the outbox to the session file and to every monitor (background thread)."""
-        chunks = []
+        chunks, delivered = [], []
         while self._outbox:
-            chunks.append(self._outbox.popleft())
+            frames, records = self._outbox.popleft()
+            chunks.append(frames)
+            delivered.append(records)
         if not chunks:
             return
         data = b"".join(chunks)
@@ -190,6 +204,42 @@ class Publisher:
                 data = self._recording_failed(data)
             for client in self._clients:
                 client.push(data)
+        if self._writer is not None and self._writer.error is None:
+            self._count(delivered)
+            if time.monotonic() - self._summary_at >= SUMMARY_INTERVAL_S:
+                self._write_summary(final=False)
+
+    def _count(self, delivered: list[list[dict[str, Any]]]) -> None:
+        """Bring the summary up to the records just written."""
+        summary = self._summary
+        for records in delivered:
+            for record in records:
+                kind = record["k"]
+                if kind == "step":
+                    summary["steps"] = record["step"]
+                    summary["samples"] += record["n"]
+                elif kind == "bye":
+                    summary["status"] = "finished" if record["status"] == "finished" else "failed"
+                    summary["code"] = record.get("code")
+            if records and isinstance(records[-1].get("t"), float):
+                summary["t"] = records[-1]["t"]
+        summary["bytes"] = self._writer.durable_bytes
+
+    def _write_summary(self, *, final: bool) -> None:
+        """Rewrite summary.json (background thread, or close()): at most every SUMMARY_INTERVAL_S."""
+        if self._writer.error is not None:
+            return
+        self._summary_at = time.monotonic()
+        figures = self._summary_figures() if final or self._summary_figures_due() else None
+        if figures is not None:
+            self._summary.update(figures)
+        write_summary(self._writer.path.parent, self._summary)
+
+    def _summary_figures_due(self) -> bool:
+        due = time.monotonic() - self._figures_at >= SUMMARY_FIGURES_S
+        if due:
+            self._figures_at = time.monotonic()
+        return due
 
     def _recording_failed(self, data: bytes) -> bytes:
         """Keep the frames for monitors, and report the failure once (to the job and the stream)."""
