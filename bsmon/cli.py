@@ -402,7 +402,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.format == "parquet" and args.output is None:
         return _fail("--format parquet writes a file: give it with -o FILE.parquet", 2)
-    from bsmon.client import Feed
     info = store.resolve_session(args.session)
     if args.output is None:
         write_csv(info, sys.stdout)
