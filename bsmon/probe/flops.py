@@ -46,7 +46,7 @@ class FlopCounter:
 
     def __init__(self, model: nn.Module, flops_per_sample: float | None) -> None:
         self._model = model
-        self._counted: set[int] = set()
+        self.counted: set[int] = set()  # micro-batch sizes counted so far (or whose count failed)
         self._waited: dict[int, int] = {}
         self._mode: Any = None
         self._size = 0
@@ -62,7 +62,7 @@ class FlopCounter:
 
     def start(self, micro_size: int | None, measured: bool) -> None:
         """At the first forward of a step: count this step if its size was not counted yet."""
-        if self.off or micro_size is None or micro_size in self._counted or self._mode is not None:
+        if self.off or micro_size is None or micro_size in self.counted or self._mode is not None:
             return
         if measured:
             waited = self._waited[micro_size] = self._waited.get(micro_size, 0) + 1
@@ -85,7 +85,7 @@ class FlopCounter:
         mode, self._mode = self._mode, None
         if mode is None:
             return failed
-        self._counted.add(self._size)
+        self.counted.add(self._size)
         try:
             mode.__exit__(None, None, None)
             total = float(mode.get_total_flops())

@@ -439,8 +439,9 @@ class Monitor:
         if self._step_started is None:
             self._step_started = time.perf_counter()
         self._phases.forward()
-        if not self._micro_sizes and self._flops is not None and not self._flops.off:  # the step's first forward
-            self._flops.start(size, measured=self._noise.measuring)  # a set lookup, except once per size
+        flops = self._flops
+        if not self._micro_sizes and flops is not None and not flops.off and size not in flops.counted:
+            flops.start(size, measured=self._noise.measuring)  # the step's first forward, at a new size
         if size is not None:
             self._micro_sizes.append(size)
 
@@ -466,7 +467,7 @@ class Monitor:
         if self._paused or is_compiling():
             return
         self._forward_open = False
-        if not (self._follow_backward and not self._compiled and module.training and torch.is_grad_enabled()):
+        if not self._follow_backward or self._compiled or not (module.training and torch.is_grad_enabled()):
             return
         start = time.perf_counter()
         for tensor in _output_tensors(output):

@@ -270,6 +270,8 @@ class NoiseProbe:
         MEASURE_GAP_STEPS * budget steps of training then costs 1/MEASURE_GAP_STEPS of its
         steps instead. Unmeasured steps still count towards the averaging horizon (in samples).
         """
+        if self.mode is None:
+            return None  # noise=None, or no estimator can work here: nothing to measure or budget
         measured, passes, self._passes = self._measuring, self._passes, []
         pre_passes, self._pre_passes = self._pre_passes, []
         self._trained_s += step_time_s

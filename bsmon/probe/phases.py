@@ -68,5 +68,8 @@ class StepPhases:
             return None
         if self._cuda is not None:
             return DeferredElapsed(start, [first, last, optimizer, end])
-        # Microseconds: half the bytes of full floats in every step record, finer than any split needs.
-        return [round(first - start, 6), round(last - start, 6), round(optimizer - start, 6), round(end - start, 6)]
+        # Whole microseconds: half the bytes of full floats in every step record, finer than any split
+        # needs. round(x * 1e6) / 1e6 is the same number as round(x, 6) to within a rounding of the
+        # last microsecond, and about a third of its cost (round(x, 6) formats the float in decimal).
+        return [round((first - start) * 1e6) / 1e6, round((last - start) * 1e6) / 1e6,
+                round((optimizer - start) * 1e6) / 1e6, round((end - start) * 1e6) / 1e6]
