@@ -268,7 +268,7 @@ def _export_session_csv(feed: Feed, info: store.SessionInfo) -> Path:
     from bsmon.export import export_to_file
 
     path = Path.cwd() / f"bsmon-{info.name}-{info.id}.csv"
-    feed.read(lambda model: export_to_file(model, path))
+    export_to_file(info, path)  # from the session file, not the view's model: no lock held
     return path
 
 
@@ -404,13 +404,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         return _fail("--format parquet writes a file: give it with -o FILE.parquet", 2)
     from bsmon.client import Feed
     info = store.resolve_session(args.session)
-    model = Feed().replay(info).model
     if args.output is None:
-        write_csv(model, sys.stdout)
+        write_csv(info, sys.stdout)
         return 0
     path = Path(args.output)
     try:
-        rows = export_to_file(model, path, info=info, format=args.format)
+        rows = export_to_file(info, path, format=args.format)
     except ImportError as exc:
         return _fail(f"Parquet export needs pandas and pyarrow: pip install 'bsmon[parquet]' ({exc})")
     except OSError as exc:

@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from bsmon import store, wire
 from bsmon.model import SessionModel
@@ -45,6 +45,10 @@ class Feed:
         self.message: str | None = None
         self.version = 0
         self.session_dir: Path | None = None
+        #: While attaching: the bytes the session file held when the stream began (the backlog the
+        #: job sends first), and the bytes received so far; see :meth:`catching_up`.
+        self.backlog_bytes = 0
+        self.received_bytes = 0
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
@@ -53,12 +57,15 @@ class Feed:
 
     # -- sources --------------------------------------------------------------
     def replay(self, info: store.SessionInfo) -> "Feed":
-        """Load a recorded session synchronously (GPU samples included)."""
+        """Load a recorded session synchronously (GPU samples included), streamed from disk in
+        batches: memory stays bounded however long the session."""
         self.session_dir = info.directory
-        records, torn = store.read_records(info.records_path)
-        gpu_records, _ = store.read_records(info.directory / store.GPU_FILE)
-        self._ingest(merge_by_time(records, gpu_records))
+        records = store.iter_record_batches(info.records_path, batch=INGEST_BATCH)
+        gpu_records, _ = store.read_records(info.directory / store.GPU_FILE)  # about one a second
+        for batch in merge_by_time(records, gpu_records):
+            self._ingest(batch)
         self.state = "replay"
+        torn = records.torn_bytes
         if torn:
             self.message = f"the last {torn} bytes of the record were torn (job killed?) and are skipped"
         return self
@@ -67,6 +74,10 @@ class Feed:
         """Connect to a live job and stream on a background thread; raises SessionError."""
         self.session_dir = session_dir
         self._sock = connect(socket_path)
+        try:
+            self.backlog_bytes = os.path.getsize(session_dir / store.RECORDS_FILE) if session_dir else 0
+        except OSError:
+            self.backlog_bytes = 0
         self._thread = threading.Thread(target=self._read_socket, name="bsmon-feed", daemon=True)
         self._thread.start()
         return self
@@ -146,6 +157,13 @@ class Feed:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
+    def catching_up(self) -> float | None:
+        """The share of the backlog received while a live stream catches up with the job's
+        recorded steps (a monitor attached late); None once it has."""
+        if self.state != "live" or not self.backlog_bytes or self.received_bytes >= self.backlog_bytes:
+            return None
+        return self.received_bytes / self.backlog_bytes
+
     def read(self, fn: Callable[[SessionModel], Any]) -> Any:
         """Run ``fn(model)`` under the lock (views use this to take a snapshot)."""
         with self.lock:
@@ -153,6 +171,7 @@ class Feed:
 
     # -- internals ------------------------------------------------------------
     def _ingest(self, records: list[dict[str, Any]]) -> None:
+        """Into the model in batches, one lock hold each: views wait at most one batch."""
         for start in range(0, len(records), INGEST_BATCH):
             with self.lock:
                 self.model.ingest_all(records[start:start + INGEST_BATCH])
@@ -168,6 +187,7 @@ class Feed:
                 if not data:
                     break
                 records = reader.feed(data)
+                self.received_bytes += len(data)
                 ingested += len(records)
                 self._ingest(records)
         except wire.ProtocolError as exc:
@@ -203,11 +223,13 @@ class Feed:
         """The stream broke off early: the session file holds the same records, take the rest from it."""
         if self.session_dir is None:
             return
-        records, _ = store.read_records(self.session_dir / store.RECORDS_FILE)
-        if len(records) > ingested:
-            self._ingest(records[ingested:])
-            if self.model.bye is not None:
-                self.message = None
+        seen = 0
+        for batch in store.iter_record_batches(self.session_dir / store.RECORDS_FILE, batch=INGEST_BATCH):
+            seen += len(batch)
+            if seen > ingested:
+                self._ingest(batch[max(0, len(batch) - (seen - ingested)):])
+        if seen > ingested and self.model.bye is not None:
+            self.message = None
 
 
 def connect(socket_path: str, client: str = "bsmon") -> socket.socket:
@@ -228,23 +250,24 @@ def connect(socket_path: str, client: str = "bsmon") -> socket.socket:
     return sock
 
 
-def merge_by_time(records: list[dict], gpu_records: list[dict]) -> list[dict]:
-    """Interleave NVML snapshots into the job's records by wall time (stable for the job's order)."""
-    if not gpu_records:
-        return records
-    merged: list[dict] = []
-    gpu = iter(sorted(gpu_records, key=lambda r: r["snapshot"].get("time", 0.0)))
-    pending = next(gpu, None)
-    for record in records:
-        t = record.get("t")
-        while pending is not None and t is not None and pending["snapshot"].get("time", 0.0) <= t:
-            merged.append(pending)
-            pending = next(gpu, None)
-        merged.append(record)
-    while pending is not None:
-        merged.append(pending)
-        pending = next(gpu, None)
-    return merged
+def merge_by_time(batches: Iterable[list[dict]], gpu_records: list[dict]) -> Iterator[list[dict]]:
+    """Interleave NVML snapshots into the job's batches of records by wall time (stable for the job's order)."""
+    gpu = sorted(gpu_records, key=lambda r: r["snapshot"].get("time", 0.0))
+    at = 0
+    for records in batches:
+        if at == len(gpu):
+            yield records
+            continue
+        merged: list[dict] = []
+        for record in records:
+            t = record.get("t")
+            while at < len(gpu) and t is not None and gpu[at]["snapshot"].get("time", 0.0) <= t:
+                merged.append(gpu[at])
+                at += 1
+            merged.append(record)
+        yield merged
+    if at < len(gpu):
+        yield gpu[at:]
 
 
 def wait_for_session(session_id: str, alive: Callable[[], bool], timeout: float | None = None,

@@ -58,13 +58,9 @@ def staleness(s: Stats) -> str | None:
 
 def shown_loss(model: SessionModel, step: int) -> float | None:
     """The loss logged for ``step`` or the newest step before it: never a later step's."""
-    history = model.history
-    if history is None:
+    if model.history is None:
         return model.last_scalars.get("loss")
-    for logged in reversed(history.scalars):
-        if logged <= step and "loss" in history.scalars[logged]:
-            return history.scalars[logged]["loss"]
-    return None
+    return model.history.loss_at(step)
 
 
 def status_line(model: SessionModel, state: str) -> str:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from array import array
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
+from bsmon.history import History
 from bsmon.stats.branch import BranchCheck, calibrated_factor
 from bsmon.stats.flops import mfu, peak_flops
 from bsmon.stats.optimal import Recommendation, StableRecommendation, optimal_accumulation, optimal_batch_size
@@ -45,8 +45,11 @@ LIVE_WARMUP_STEPS = 5
 LIVE_MIN_STEPS = 10
 #: Step-time splits are kept for this many (samples, micro-batches) configurations, the latest.
 MAX_PHASE_CONFIGS = 8
-#: The optimal batch size is re-evaluated every this many steps (and when the points change).
+#: The optimal batch size is re-evaluated every this many steps (and when the points change),
+#: when read (``stats()``); a step's exported row re-evaluates it, once there is one, at most
+#: every RECOMMEND_INTERVAL_S of the job's time, so a 1 kHz job costs as little as a 10 Hz one.
 RECOMMEND_EVERY = 10
+RECOMMEND_INTERVAL_S = 1.0
 #: A rank is stalled when its step has not advanced, and lost when it has not reported at all,
 #: for this long, or for this many of the ranks' median step time if that is longer.
 RANK_SILENCE_S = 30.0
@@ -231,73 +234,15 @@ def summarise_ranks(record: dict[str, Any]) -> RankSummary:
     )
 
 
-def nearest_sample(sample_times: array, times: np.ndarray, max_gap_s: float) -> np.ndarray:
+def nearest_sample(sample_times: np.ndarray, times: np.ndarray, max_gap_s: float) -> np.ndarray:
     """Index of the sample (in time order) nearest to each of ``times``; -1 if none within ``max_gap_s``."""
     if not len(sample_times):
         return np.full(len(times), -1)
-    samples = np.frombuffer(sample_times, dtype=float)
+    samples = np.asarray(sample_times, dtype=float)
     right = np.clip(np.searchsorted(samples, times), 0, len(samples) - 1)
     left = np.clip(right - 1, 0, len(samples) - 1)
     nearest = np.where(np.abs(samples[left] - times) <= np.abs(samples[right] - times), left, right)
     return np.where(np.abs(samples[nearest] - times) <= max_gap_s, nearest, -1)
-
-
-@dataclass
-class History:
-    """Per-step columns, appended as steps arrive (compact: 8 bytes a value)."""
-
-    step: array = field(default_factory=lambda: array("q"))
-    time: array = field(default_factory=lambda: array("d"))
-    step_time_s: array = field(default_factory=lambda: array("d"))
-    batch_size: array = field(default_factory=lambda: array("d"))
-    micro_batches: array = field(default_factory=lambda: array("q"))
-    b_simple: array = field(default_factory=lambda: array("d"))
-    b_simple_low: array = field(default_factory=lambda: array("d"))
-    b_simple_high: array = field(default_factory=lambda: array("d"))
-    grad_sq: array = field(default_factory=lambda: array("d"))
-    trace_sigma: array = field(default_factory=lambda: array("d"))
-    b_simple_precond: array = field(default_factory=lambda: array("d"))
-    b_simple_precond_low: array = field(default_factory=lambda: array("d"))
-    b_simple_precond_high: array = field(default_factory=lambda: array("d"))
-    noise_coverage: array = field(default_factory=lambda: array("d"))  # share of parameters the estimator covers
-    noise_age_steps: array = field(default_factory=lambda: array("d"))  # NaN: no estimate
-    skipped_steps: array = field(default_factory=lambda: array("q"))  # so far in the session
-    b_noise: array = field(default_factory=lambda: array("d"))  # what the advice used (B_simple or B_pre, or calibrated)
-    b_opt: array = field(default_factory=lambda: array("d"))
-    b_opt_speedup: array = field(default_factory=lambda: array("d"))
-    #: step -> logged scalars of that step
-    scalars: dict[int, dict[str, float]] = field(default_factory=dict)
-    scalar_names: dict[str, None] = field(default_factory=dict)  # insertion-ordered set
-
-    #: NVML samples: wall time, and one column per CSV field (NaN = N/A)
-    gpu_time: array = field(default_factory=lambda: array("d"))
-    gpu_fields: dict[str, array] = field(default_factory=dict)
-
-    #: ``ranks`` records (multi-process jobs): rank 0's wall time, and the straggler over time (NaN = none)
-    rank_time: array = field(default_factory=lambda: array("d"))
-    rank_world_size: array = field(default_factory=lambda: array("q"))
-    slowest_rank: array = field(default_factory=lambda: array("d"))
-    slowest_rank_step_time_s: array = field(default_factory=lambda: array("d"))
-    slowest_rank_lag_steps: array = field(default_factory=lambda: array("d"))
-    rank_skew: array = field(default_factory=lambda: array("d"))
-
-    def __len__(self) -> int:
-        return len(self.step)
-
-    def nearest_gpu_sample(self, times: np.ndarray, max_gap_s: float) -> np.ndarray:
-        """Index of the GPU sample nearest in time to each of ``times`` (-1 if none within ``max_gap_s``)."""
-        return nearest_sample(self.gpu_time, times, max_gap_s)
-
-    def nearest_ranks_record(self, times: np.ndarray, max_gap_s: float) -> np.ndarray:
-        """Index of the ``ranks`` record nearest in time to each of ``times`` (-1 if none within ``max_gap_s``)."""
-        return nearest_sample(self.rank_time, times, max_gap_s)
-
-    def scalar_series(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        points = [(s, v[name]) for s, v in self.scalars.items() if name in v]
-        if not points:
-            return np.empty(0), np.empty(0)
-        steps, values = zip(*sorted(points))
-        return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
 
 
 @dataclass
@@ -328,6 +273,10 @@ class SessionModel:
         self.profile: dict[str, Any] | None = None
         self.profile_points: list[dict[str, Any]] = []
         self.history: History | None = History() if keep_history else None
+        #: Called with each step record and its row (see _step_row) as it is ingested: the
+        #: streaming export's hook. A step's row is made only when history or this wants it.
+        self.on_step_row: Callable[[dict[str, Any], tuple], None] | None = None
+        self._figures: tuple | None = None  # the step row's figures until something they depend on changes
         self._horizon_override = horizon_samples
         self._horizon = horizon_samples or DEFAULT_HORIZON_SAMPLES
         self._units = SessionUnits()
@@ -357,6 +306,7 @@ class SessionModel:
         self._phases: dict[tuple[int, int], collections.deque] = {}
         self._recommended_version = -1
         self._recommend_due = False
+        self._recommended_at = -math.inf  # the job's time of the last step row's re-evaluation
         self._stable = StableRecommendation()
         self.recommendation: Recommendation | None = None
         self._recommend_reason: str | None = NO_PROFILE_REASON
@@ -379,6 +329,7 @@ class SessionModel:
 
     def _on_hello(self, record: dict[str, Any]) -> None:
         self.hello = record
+        self._figures = None
         self._units = SessionUnits.from_hello(record)
         if self._horizon_override is None and record.get("horizon_samples"):
             self._horizon = float(record["horizon_samples"])
@@ -401,6 +352,7 @@ class SessionModel:
             # Recorded before bsmon refused partial coverage in the job: withheld here the same way.
             record = {**record, "name": None, "reason": partial_coverage_reason(fraction, record.get("uncovered"))}
         self.estimator = record
+        self._figures = None
 
     def _on_profile_point(self, record: dict[str, Any]) -> None:
         self.profile_points.append(record)
@@ -426,35 +378,30 @@ class SessionModel:
         self.gpu = GpuSnapshot.from_record(record["snapshot"])
         if self.history is not None and self.gpu.gpus:
             h = self.history
-            if len(h.gpu_time) and self.gpu.time <= h.gpu_time[-1]:
+            if h.last_gpu_time is not None and self.gpu.time <= h.last_gpu_time:
                 return  # two monitors recorded the same moment; keep one
-            h.gpu_time.append(self.gpu.time)
-            for name, value in self.gpu.csv_fields().items():
-                column = h.gpu_fields.setdefault(name, array("d", [math.nan] * (len(h.gpu_time) - 1)))
-                column.append(_nan(value))
+            h.last_gpu_time = self.gpu.time
+            fields = self.gpu.csv_fields()
+            h.gpu.append([self.gpu.time if name == "gpu_time" else _nan(fields.get(name)) for name in h.gpu.columns])
+            h.recent_gpu_util.append(_nan(fields.get("gpu_util_pct")))
 
     def _on_ranks(self, record: dict[str, Any]) -> None:
         self.ranks = summary = summarise_ranks(record)
         if self.history is not None:
-            h = self.history
-            h.rank_time.append(record["t"])
-            h.rank_world_size.append(summary.world_size)
-            h.slowest_rank.append(_nan(summary.slowest))
-            h.slowest_rank_step_time_s.append(_nan(summary.slowest_step_time_s))
-            h.slowest_rank_lag_steps.append(_nan(summary.slowest_lag_steps))
-            h.rank_skew.append(_nan(summary.skew))
+            self.history.ranks.append((record["t"], summary.world_size, _nan(summary.slowest),
+                                       _nan(summary.slowest_step_time_s), _nan(summary.slowest_lag_steps),
+                                       _nan(summary.skew)))
 
     def _on_branch_check(self, record: dict[str, Any]) -> None:
         self.branch_checks.append(BranchCheck.from_record(record))
+        self._figures = None
         self._recommend_due = True
 
     def _on_scalars(self, record: dict[str, Any]) -> None:
         values = {k: float(v) for k, v in record["values"].items()}
         self.last_scalars.update(values)
         if self.history is not None:
-            self.history.scalars.setdefault(record["step"], {}).update(values)
-            for name in values:
-                self.history.scalar_names.setdefault(name)
+            self.history.add_scalars(record["step"], values)
 
     def _on_step(self, record: dict[str, Any]) -> None:
         samples = self._units.global_samples(record["n"])  # rank 0's share times the shards
@@ -477,8 +424,12 @@ class SessionModel:
             self._track_phases(record)
         if record["step"] % RECOMMEND_EVERY == 0 or self._points_version != self._recommended_version:
             self._recommend_due = True
-        if self.history is not None:
-            self._append_history(record)
+        if self.history is not None or self.on_step_row is not None:
+            row = self._step_row(record)
+            if self.history is not None:
+                self.history.add_step(row)
+            if self.on_step_row is not None:
+                self.on_step_row(record, row)
 
     def _count_skipped(self, skipped: list[dict[str, Any]]) -> None:
         """Count iterations abandoned before this step (the probe's ``skipped`` list).
@@ -487,6 +438,9 @@ class SessionModel:
         GradScaler overflow, a retry after an exception), unless CLEARS_IN_A_ROW steps in a row
         had such chunks: a loop that clears in every step calls zero_grad() between its micro-batches.
         """
+        if not skipped and not self._clear_run:  # the common step: nothing abandoned, none before
+            self._clearing_micro_batches = False
+            return
         cleared = sum(chunk.get("why") == "cleared" for chunk in skipped)
         if cleared:
             self._clear_run.append(cleared)
@@ -635,9 +589,9 @@ class SessionModel:
             room = int(min(free_mib) * 2**20 // per_sample)
             hints.append(f"room for about {room:,} more samples per micro-batch "
                          f"(the profile's peak memory grows {per_sample / 2**20:.3g} MiB a sample)")
-        util = self.history.gpu_fields.get("gpu_util_pct") if self.history is not None else None
-        if util is not None and len(util) >= LOW_UTIL_SAMPLES and self.bye is None:
-            recent = np.array(util[-LOW_UTIL_SAMPLES:])
+        util = self.history.recent_gpu_util if self.history is not None else ()
+        if len(util) >= LOW_UTIL_SAMPLES and self.bye is None:
+            recent = np.array(list(util)[-LOW_UTIL_SAMPLES:])
             mean = float(np.nanmean(recent)) if np.isfinite(recent).any() else math.nan
             if mean < LOW_GPU_UTIL_PCT:
                 hints.append(f"GPU busy only {mean:.0f}% of the time while training: input-bound? {DATA_LOADER_ADVICE}")
@@ -670,8 +624,8 @@ class SessionModel:
     def _refresh_recommendation(self) -> None:
         """Recompute the recommendation if due: every RECOMMEND_EVERY steps, or on new throughput points.
 
-        Lazily, when read: the history reads it every step, while the job's own model (which
-        keeps no history) computes it only when ``Monitor.stats()`` asks.
+        Lazily, when read (``stats()``: a view's redraw, ``Monitor.stats()``), and for the
+        exported rows at most every RECOMMEND_INTERVAL_S of the job's time (see _step_row).
         """
         if self._recommend_due:
             self._recommend_due = False
@@ -684,6 +638,7 @@ class SessionModel:
         repeat: the profile covers the micro-batch size, the split the accumulation.
         """
         self._recommended_version = self._points_version
+        self._figures = None
         noise = self._advice_noise()
         check = self.branch_checks[-1] if self.branch_checks else None
         self._calibration = factor = self._calibration_now()
@@ -766,6 +721,7 @@ class SessionModel:
         name = noise.get("est")
         if name is None:
             return
+        self._figures = None
         self._last_estimator = name
         history = self._history_of(name)
         per_group = noise_points(noise, groups=bool(history.groups))
@@ -791,33 +747,34 @@ class SessionModel:
             return points
         return GradNormPoints(tuple(self._units.from_samples(b) for b in points.batch_sizes), points.sq_norms)
 
-    def _append_history(self, record: dict[str, Any]) -> None:
-        h = self.history
-        noise = self.noise()
-        h.step.append(record["step"])
-        h.time.append(record["t"])
-        h.step_time_s.append(record["dt"])
-        h.batch_size.append(self._units.from_rank_samples(record["n"]))
-        h.micro_batches.append(record["mb"])
-        h.b_simple.append(_nan(noise.b_simple))
-        h.b_simple_low.append(_nan(noise.b_simple_low))
-        h.b_simple_high.append(_nan(noise.b_simple_high))
-        h.grad_sq.append(_nan(noise.grad_sq))
-        h.trace_sigma.append(_nan(noise.trace_sigma))
-        pre = self.precond_noise()
-        h.noise_coverage.append(_nan((self.estimator or {}).get("covered_fraction")))
-        h.noise_age_steps.append(_nan(self.noise_age_steps() if noise.b_simple is not None else None))
-        h.skipped_steps.append(self._skipped_steps)
-        self._refresh_recommendation()
-        rec = self.recommendation if self._recommend_reason is None else None
-        h.b_simple_precond.append(_nan(pre.b_simple))
-        h.b_simple_precond_low.append(_nan(pre.b_simple_low))
-        h.b_simple_precond_high.append(_nan(pre.b_simple_high))
-        factor = self._calibration_now()
-        advice = self._advice_noise().b_simple
-        h.b_noise.append(_nan(advice / factor if factor and advice else advice))
-        h.b_opt.append(_nan(rec.batch_size if rec else None))
-        h.b_opt_speedup.append(_nan(rec.speedup if rec else None))
+    def _step_row(self, record: dict[str, Any]) -> tuple:
+        """The step's row: a value for each of bsmon.records.STEP_COLUMNS, in that order (NaN: no
+        value). The history keeps the columns it bins; the export gets them all.
+
+        The figures after ``skipped_steps`` change only when the estimate, the estimator, the
+        advice or a branch check does, so they are computed then and reused (only the
+        estimate's age, and a calibrated B_noise, move every step).
+        """
+        if self.on_step_row is not None and (self._recommend_reason is not None
+                                             or record["t"] - self._recommended_at >= RECOMMEND_INTERVAL_S):
+            self._recommended_at = record["t"]
+            self._refresh_recommendation()
+        if self._figures is None or self.branch_checks:  # a calibration decays (and may end) step by step
+            noise, pre = self.noise(), self.precond_noise()
+            rec = self.recommendation if self._recommend_reason is None else None
+            self._figures = (
+                _nan(noise.b_simple), _nan(noise.b_simple_low), _nan(noise.b_simple_high), None,
+                _nan(noise.grad_sq), _nan(noise.trace_sigma), _nan((self.estimator or {}).get("covered_fraction")),
+                _nan(pre.b_simple), _nan(pre.b_simple_low), _nan(pre.b_simple_high), None,
+                _nan(rec.batch_size if rec else None), _nan(rec.speedup if rec else None))
+            self._advice_b = self._advice_noise().b_simple
+        figures = self._figures
+        age = self.noise_age_steps() if not math.isnan(figures[0]) else None
+        factor = self._calibration_now() if self.branch_checks else None
+        advice = self._advice_b
+        return (record["step"], record["t"], self._units.from_rank_samples(record["n"]), record["mb"],
+                self._skipped_steps, record["dt"], *figures[:3], _nan(age), *figures[4:10],
+                _nan(advice / factor if factor and advice else advice), *figures[11:])
 
     # -- reading --------------------------------------------------------------
     @property

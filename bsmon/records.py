@@ -447,8 +447,50 @@ def validate(record: Any) -> dict[str, Any]:
 
 
 # -- per-step columns --------------------------------------------------------------------------
-# The per-step CSV/history column table (STEP_COLUMNS) is declared here by the monitor side
-# (issue 12, i12-monitor).
+
+@dataclass(frozen=True)
+class StepColumn:
+    """One per-step figure of the session model (``SessionModel._step_row`` makes them, in this
+    order): its name in the model's row and the history, its type and unit, its CSV header
+    (docs/csv.md) and how the history bins it ("last" value or "sum"; None: not kept there).
+
+    A new per-step figure is one line here, its producer in ``_step_row`` and its view. The
+    CSV keeps this order, with the columns the export adds from other records (docs/csv.md)
+    after ``step_time_s``.
+    """
+
+    name: str
+    type: type
+    unit: str
+    bins: str | None = "last"
+    csv: str | None = None  # None: the same as name
+
+    @property
+    def header(self) -> str:
+        return self.csv or self.name
+
+
+STEP_COLUMNS = (
+    StepColumn("step", int, "count"),
+    StepColumn("time", float, "s (Unix time; the CSV gives it as ISO 8601 UTC, then elapsed_s)"),
+    StepColumn("batch_size", int, "samples (all micro-batches and ranks)", "sum"),
+    StepColumn("micro_batches", int, "count"),
+    StepColumn("skipped_steps", int, "count (so far in the session)"),
+    StepColumn("step_time_s", float, "s", "sum"),
+    StepColumn("b_simple", float, "samples"),
+    StepColumn("b_simple_low", float, "samples"),
+    StepColumn("b_simple_high", float, "samples"),
+    StepColumn("noise_age_steps", int, "steps"),
+    StepColumn("grad_sq", float, "(gradient units)^2"),
+    StepColumn("trace_sigma", float, "(gradient units)^2 x samples"),
+    StepColumn("noise_coverage", float, "fraction"),
+    StepColumn("b_simple_precond", float, "samples"),
+    StepColumn("b_simple_precond_low", float, "samples"),
+    StepColumn("b_simple_precond_high", float, "samples"),
+    StepColumn("b_noise", float, "samples"),
+    StepColumn("b_opt", int, "samples", bins=None),  # re-evaluated on a cadence: the views read it from stats()
+    StepColumn("b_opt_speedup", float, "ratio", bins=None),
+)
 
 
 def markdown_table() -> str:

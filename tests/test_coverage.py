@@ -182,7 +182,7 @@ def test_partial_coverage_is_withheld_with_the_coverage_everywhere():
     assert f"B_simple N/A, coverage {fraction:.0%}: per-example norms cover only" in line
     assert json.loads(stats_json(replay, "ended"))["noise_covered_fraction"] == pytest.approx(fraction)
     out = io.StringIO()
-    write_csv(replay, out)
+    write_csv(bsmon.store.resolve_session(monitor.session_id), out)
     header, *rows = out.getvalue().splitlines()
     columns = header.split(",")
     last = dict(zip(columns, rows[-1].split(",")))

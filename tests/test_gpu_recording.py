@@ -50,7 +50,7 @@ def test_gpu_samples_are_recorded_and_exported_per_step(tmp_path, monkeypatch):
     replayed = Feed().replay(store.session_info(info.directory)).model
     assert replayed.gpu is not None and replayed.gpu.gpus[0].uuid == UUID
     out = io.StringIO()
-    write_csv(replayed, out)
+    write_csv(info.directory, out)
     rows = list(csv.DictReader(io.StringIO(out.getvalue())))
     filled = [r for r in rows if r["gpu_job_mem_mib"]]
     assert filled and all(float(r["gpu_job_mem_mib"]) == 1234 for r in filled)

@@ -29,7 +29,7 @@ from bsmon.probe import monitor as monitor_module
 from bsmon.probe.monitor import watch
 from bsmon.stats.optimal import optimal_batch_size
 from bsmon.tui import BsmonApp
-from bsmon.tui.app import Binned
+from bsmon.history import Binned
 from bsmon.tui.screens import HelpScreen, WhyScreen
 from bsmon.tui.widgets import (
     BatchPanel, BatchSizeChart, GpuPanel, JobHeader, LossChart, NoiseChart, OptimalPanel, RanksPanel, ScalarsPanel,
@@ -361,9 +361,9 @@ async def test_help_screen_opens_and_closes():
 # -- export ----------------------------------------------------------------------------------------
 
 def csv_export(feed, path):
-    """The export callable `bsmon run` hands the app: write the CSV under the feed's lock."""
+    """The export callable `bsmon run` hands the app: write the session file's CSV."""
     def export():
-        feed.read(lambda model: export_to_file(model, path))
+        export_to_file(feed.session_dir, path)
         return path
     return export
 
@@ -554,17 +554,30 @@ async def test_a_session_without_gpu_readings_says_so():
 # -- charts ----------------------------------------------------------------------------------------
 
 def test_binned_keeps_sums_and_last_values_exactly():
-    rows = [(float(i), float(i * i)) for i in range(1, 1001)]
-    binned = Binned(("last", "sum"), sums=("sum",), max_bins=8)
+    rows = [(float(i), float(i * i), float(i % 7), float(i % 5)) for i in range(1, 1001)]
+    binned = Binned({"last": "last", "sum": "sum", "min": "min", "max": "max"}, max_bins=8)
     binned.extend(rows[:500])
     binned.extend(rows[500:])
     arrays = binned.arrays()
-    assert len(binned) <= 8 and arrays["count"].sum() == 1000
+    assert binned.bins <= 8 and len(binned) == arrays["count"].sum() == 1000
     ends = np.cumsum(arrays["count"]).astype(int)
     starts = np.concatenate(([0], ends[:-1]))
     assert arrays["last"].tolist() == [rows[end - 1][0] for end in ends]
     assert arrays["sum"].tolist() == [sum(r[1] for r in rows[s:e]) for s, e in zip(starts, ends)]
+    assert arrays["min"].tolist() == [min(r[2] for r in rows[s:e]) for s, e in zip(starts, ends)]
+    assert arrays["max"].tolist() == [max(r[3] for r in rows[s:e]) for s, e in zip(starts, ends)]
     assert len(set(arrays["count"][:-1])) == 1  # equal widths, the open bin last
+    merged = binned.arrays(max_bins=3)
+    assert len(merged["count"]) <= 3 and merged["count"].sum() == 1000 and merged["last"][-1] == 1000.0
+
+
+def test_binned_memory_stays_bounded_and_a_short_series_stays_exact():
+    binned = Binned({"x": "last"}, max_bins=16)
+    binned.extend((float(i),) for i in range(10))
+    assert binned.column("x").tolist() == [float(i) for i in range(10)]  # one bin a row
+    for start in range(0, 100_000, 5000):
+        binned.extend((float(i),) for i in range(start, start + 5000))
+    assert binned.bins <= 16 and binned.column("x")[-1] == 99_999.0 and len(binned) == 100_010
 
 
 @pilot_test
@@ -573,29 +586,29 @@ async def test_charts_get_the_whole_history(sessions):
     app = BsmonApp(feed, mode="replay")
     async with app.run_test(size=(200, 60)) as pilot:
         await pilot.pause()
-        steps = app.series.steps.arrays()
+        steps = app.series.steps
         history = feed.model.history
         assert steps["count"].sum() == len(history) == 60
         assert steps["step"][-1] == 60 and steps["b_simple"][-1] == history.b_simple[-1]
-        assert math.isclose(steps["samples"].sum() / steps["dt"].sum(),
+        assert math.isclose(steps["batch_size"].sum() / steps["step_time_s"].sum(),
                             sum(history.batch_size) / sum(history.step_time_s))
-        assert app.series.loss.arrays()["count"].sum() == 60
+        assert app.series.loss["count"].sum() == 60
 
 
 @pilot_test
-async def test_live_charts_read_each_row_once_and_wait_for_the_newest_steps_scalars(sessions):
+async def test_live_charts_wait_for_the_newest_steps_scalars(sessions):
     feed, rest = partial_feed(sessions["noise"], 10)
     app = BsmonApp(feed, mode="attach")
     async with app.run_test(size=(200, 60)):
         for start in range(0, len(rest), 7):  # records arrive in uneven batches between redraws
             ingest(feed, rest[start:start + 7])
             app.refresh_charts(force=True)
-        loss = app.series.loss.arrays()
-        assert app.series.steps.arrays()["count"].sum() == 60
+        loss = app.series.loss
+        assert app.series.steps["count"].sum() == 60
         assert loss["count"].sum() == 59  # step 60's scalars may still grow while the job runs
         feed.state = "ended"
         app.refresh_charts(force=True)
-        loss = app.series.loss.arrays()
+        loss = app.series.loss
         _, losses = feed.model.history.scalar_series("loss")
         assert loss["count"].sum() == 60 and loss["step"][-1] == 60
         assert math.isclose(loss["loss"].sum(), losses.sum())

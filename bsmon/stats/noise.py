@@ -266,6 +266,7 @@ class NoiseScaleTracker:
         self._steps = 0
         self._samples = 0.0
         self._negative_steps = 0
+        self._result: NoiseScale | None = None  # result() until the next update (its band is costly)
 
     def update(self, estimate: NoiseStepEstimate, samples: float) -> None:
         """Add one step's estimate; samples = examples (or tokens) that step consumed."""
@@ -299,6 +300,7 @@ class NoiseScaleTracker:
         self._steps += 1
         self._samples += samples
         self._negative_steps += estimate.grad_sq < 0
+        self._result = None
 
     @property
     def effective_steps(self) -> float:
@@ -306,6 +308,12 @@ class NoiseScaleTracker:
         return self._weight**2 / self._weight_sq if self._steps else 0.0
 
     def result(self) -> NoiseScale:
+        """The estimate and its band; computed once per update (a monitor reads it every step)."""
+        if self._result is None:
+            self._result = self._compute()
+        return self._result
+
+    def _compute(self) -> NoiseScale:
         if self._steps == 0:
             return NoiseScale(
                 b_simple=None, b_simple_low=None, b_simple_high=None, grad_sq=None,

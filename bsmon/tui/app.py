@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,7 +44,7 @@ REDRAW_INTERVAL_S = 0.25
 #: Charts redraw at most every tick, and less often when plotting is expensive (a big terminal):
 #: they get at most this share of a core.
 CHARTS_CPU_SHARE = 0.05
-#: Charts keep at most this many points per series; older points merge pairwise as a run grows.
+#: Charts draw at most this many points per series (the history's bins, merged).
 CHART_BINS = 160
 #: The events line shows the newest of these warning/error events (the last EVENTS_SCANNED records).
 EVENTS_KEPT = 8
@@ -91,110 +91,33 @@ class Numbers:
                    points=tuple(model.throughput_points()), memory_limit=model.memory_limit())
 
 
-class Binned:
-    """An append-only series kept in at most ``max_bins`` bins whose width doubles as it grows.
+@dataclass(frozen=True)
+class ChartData:
+    """What the charts show, copied from the model's binned history under the feed's lock: at
+    most CHART_BINS points a series, however long the run."""
 
-    Columns in ``sums`` add up within a bin (divide by ``count`` for a mean); the others keep the
-    bin's last value. Appending costs O(1) amortised and memory stays O(max_bins), so an hours-long
-    run charts as cheaply as a short one.
-    """
+    t0: float
+    steps: dict[str, np.ndarray]  # History.steps columns and count, per bin
+    loss: dict[str, np.ndarray]  # step, loss (summed) and count, per bin
+    gpu: dict[str, np.ndarray]  # History.gpu columns (summed) and count, per bin
+    rank_skew: np.ndarray
 
-    def __init__(self, columns: Sequence[str], sums: Iterable[str] = (), max_bins: int = CHART_BINS) -> None:
-        if max_bins < 2 or max_bins % 2:
-            raise ValueError(f"max_bins must be an even number >= 2, got {max_bins}")
-        self.columns = tuple(columns)
-        self._adds = tuple(name in set(sums) for name in self.columns) + (True,)  # count always adds
-        self._bins: list[list[float]] = []
-        self._width = 1
-        self._max_bins = max_bins
-
-    def __len__(self) -> int:
-        return len(self._bins)
-
-    def extend(self, rows: Iterable[Sequence[float]]) -> None:
-        for row in rows:
-            last = self._bins[-1] if self._bins else None
-            if last is not None and last[-1] < self._width:
-                self._bins[-1] = self._merge(last, [*row, 1])
-            else:
-                self._bins.append([*row, 1])
-                if len(self._bins) > self._max_bins:
-                    pairs = [self._merge(a, b) for a, b in zip(self._bins[0::2], self._bins[1::2])]
-                    self._bins = pairs + self._bins[len(pairs) * 2:]
-                    self._width *= 2
-
-    def _merge(self, a: list[float], b: list[float]) -> list[float]:
-        return [x + y if add else y for add, x, y in zip(self._adds, a, b)]
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        """Each column (and ``count``) as a float array, one value per bin."""
-        table = np.array(self._bins, dtype=float).reshape(-1, len(self.columns) + 1)
-        return {name: table[:, i] for i, name in enumerate((*self.columns, "count"))}
-
-
-class RunSeries:
-    """The charts' view of the history: new rows are read under the lock, binned outside it."""
-
-    STEP_COLUMNS = ("step", "time", "samples", "dt", "batch", "b_simple", "low", "high")
-
-    def __init__(self) -> None:
-        self.steps = Binned(self.STEP_COLUMNS, sums=("samples", "dt"))
-        self.loss = Binned(("step", "loss"), sums=("loss",))
-        self.t0: float | None = None
-        self._rows = 0
-        self._scalar_step: int | None = None  # the last step whose scalars were read
-
-    def read_tail(self, model: SessionModel, final: bool) -> tuple[list, list]:
-        """Under the lock: copies of what the history gained since the last call, O(new rows).
-
-        The newest step's scalars are left for the next call while the job runs, because
-        several ``log()`` calls of one step may arrive in different batches.
-        """
+    @classmethod
+    def capture(cls, model: SessionModel, final: bool) -> ChartData:
+        """Under the lock. The newest step's loss only when ``final``: while the job runs, more
+        of that step's scalars may come."""
         history = model.history
-        self.t0 = model.hello["t0"] if model.hello else self.t0
-        start, end = self._rows, len(history)
-        self._rows = end
-        columns = [history.step, history.time, history.batch_size, history.step_time_s, history.batch_size,
-                   history.b_simple, history.b_simple_low, history.b_simple_high]
-        newest = next(reversed(history.scalars), None)  # steps are logged in increasing order
-        losses = []
-        if newest is not None:
-            last = newest if final else newest - 1
-            first = min(history.scalars) if self._scalar_step is None else self._scalar_step + 1
-            for step in range(first, last + 1):
-                values = history.scalars.get(step)
-                if values is not None and "loss" in values:
-                    losses.append((step, values["loss"]))
-            self._scalar_step = max(first - 1, last)
-        return [column[start:end] for column in columns], losses
+        return cls(t0=model.hello["t0"] if model.hello else 0.0, steps=history.steps.arrays(CHART_BINS),
+                   loss=history.loss_arrays(CHART_BINS, final), gpu=history.gpu.arrays(CHART_BINS),
+                   rank_skew=history.ranks.column("rank_skew"))
 
-    def add(self, tail: tuple[list, list]) -> None:
-        columns, losses = tail
-        self.steps.extend(zip(*columns))
-        self.loss.extend(losses)
-
-
-def gpu_series(model: SessionModel, t0: float, max_points: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(seconds since t0, utilisation %, memory used %) of the recorded GPU samples, averaged into
-    at most ``max_points`` bins (the aggregate over the job's GPUs, as in the CSV)."""
-    history = model.history
-    times = np.frombuffer(history.gpu_time, dtype=float).copy()
-    if not times.size:
-        return times, times, times
-    nan = np.full(times.size, np.nan)
-    util = np.frombuffer(history.gpu_fields["gpu_util_pct"], dtype=float) if "gpu_util_pct" in history.gpu_fields else nan
-    used = history.gpu_fields.get("gpu_mem_used_mib")
-    total = history.gpu_fields.get("gpu_mem_total_mib")
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mem = 100 * np.frombuffer(used, dtype=float) / np.frombuffer(total, dtype=float) if used and total else nan
-    bins = max(1, -(-times.size // max_points))
-    usable = times.size - times.size % bins if times.size >= bins else times.size
-
-    def binned(values: np.ndarray) -> np.ndarray:
-        head = values[:usable].reshape(-1, bins).mean(axis=1) if usable else values[:0]
-        return np.concatenate([head, [values[usable:].mean()]]) if usable < values.size else head
-
-    return binned(times) - t0, binned(np.array(util)), binned(np.array(mem))
+    def gpu_series(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(seconds since t0, utilisation %, memory used %) per bin: means of the recorded GPU samples
+        (the aggregate over the job's GPUs, as in the CSV)."""
+        gpu, count = self.gpu, self.gpu["count"]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return (gpu["gpu_time"] / count - self.t0, gpu["gpu_util_pct"] / count,
+                    100 * gpu["gpu_mem_used_mib"] / gpu["gpu_mem_total_mib"])
 
 
 class BsmonApp(App):
@@ -248,7 +171,7 @@ class BsmonApp(App):
         self.export_csv = export
         self.quit_ends_job = quit_ends_job
         self.paused = False
-        self.series = RunSeries()  # the history as the charts see it
+        self.series: ChartData | None = None  # what the charts show now
         self._numbers_key: tuple | None = None
         self._charts_key: tuple | None = None
         self._charts_due = 0.0  # time.monotonic() before which the charts are not redrawn
@@ -316,7 +239,7 @@ class BsmonApp(App):
         feed = self.feed
         returncode = self.job.returncode() if self.job is not None else None
         clock = int(time.time()) if self._live(returncode, feed.model.bye) else None  # elapsed ticks while live
-        key = (feed.version, feed.state, feed.message, returncode, clock, self.paused)
+        key = (feed.version, feed.state, feed.message, returncode, clock, self.paused, feed.catching_up())
         if key == self._numbers_key and not force:
             return False
         self._numbers_key = key
@@ -336,10 +259,11 @@ class BsmonApp(App):
             elapsed = numbers.elapsed_s
         error = (numbers.bye or {}).get("error")
         messages = [self.feed.message, f"job error: {error.rstrip(': ')}" if error else None]
+        backlog = self.feed.catching_up()
         self.query_one(JobHeader).show(
             name=hello.get("name", "waiting for the job"), status=status, status_kind=status_kind,
             pid=hello.get("pid", self.job.pid if self.job else None), elapsed_s=elapsed,
-            step=numbers.stats.step, world_size=hello.get("world_size"), paused=self.paused,
+            step=numbers.stats.step, world_size=hello.get("world_size"), paused=self.paused, catching_up=backlog,
             command=short_command(hello.get("command", ())),
             message=" | ".join(m for m in messages if m) or None)
         self.query_one(ThroughputPanel).show(numbers.stats)
@@ -370,30 +294,29 @@ class BsmonApp(App):
         redrew = False
         if key != self._charts_key or force:
             self._charts_key = key
-            self.series.add(feed.read(lambda model: self.series.read_tail(model, final)))
-            t0 = self.series.t0 or 0.0
-            self.query_one(GpuChart).show(*feed.read(lambda model: gpu_series(model, t0, CHART_BINS)))
-            self.query_one(RanksPanel).show_history(feed.read(lambda model: np.array(model.history.rank_skew)))
-            self._draw_run_charts()
+            self.series = series = feed.read(lambda model: ChartData.capture(model, final))
+            self.query_one(GpuChart).show(*series.gpu_series())
+            self.query_one(RanksPanel).show_history(series.rank_skew)
+            self._draw_run_charts(series)
             redrew = True
         if redrew:
             cost = sum(chart.render_cost_s for chart in self.query(Chart) if chart.display)
             self._charts_due = now + cost / CHARTS_CPU_SHARE
         return redrew
 
-    def _draw_run_charts(self) -> None:
-        steps = self.series.steps.arrays()
-        loss = self.series.loss.arrays()
-        mean_loss = loss["loss"] / loss["count"]
+    def _draw_run_charts(self, series: ChartData) -> None:
+        steps, loss = series.steps, series.loss
         with np.errstate(divide="ignore", invalid="ignore"):
-            rate = steps["samples"] / steps["dt"]
-        elapsed = steps["time"] - (self.series.t0 or 0.0)
+            mean_loss = loss["loss"] / loss["count"]
+            rate = steps["batch_size"] / steps["step_time_s"]
+            batch = steps["batch_size"] / steps["count"]
+        elapsed = steps["time"] - series.t0
         b_at_loss = (np.interp(loss["step"], steps["step"], steps["b_simple"], left=np.nan)
-                     if len(self.series.steps) else np.full_like(mean_loss, np.nan))
+                     if len(steps["step"]) else np.full_like(mean_loss, np.nan))
         unit = self.feed.model.unit
         self.query_one(ThroughputChart).show(elapsed, rate, unit)
-        self.query_one(NoiseChart).show(steps["step"], steps["b_simple"], steps["low"], steps["high"],
-                                        steps["batch"])
+        self.query_one(NoiseChart).show(steps["step"], steps["b_simple"], steps["b_simple_low"],
+                                        steps["b_simple_high"], batch)
         self.query_one(NoiseLossChart).show(mean_loss, b_at_loss)
         self.query_one(LossChart).show(loss["step"], mean_loss)
         self.query_one("#rate-trend", Trend).show(rate, f"{unit_label(unit)}/s")

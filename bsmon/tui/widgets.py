@@ -134,13 +134,17 @@ class JobHeader(Lines):
         yield FitLine(id="command")
 
     def show(self, *, name: str, status: str, status_kind: str, pid: int | None, elapsed_s: float | None,
-             step: int, world_size: int | None, paused: bool, command: str, message: str | None) -> None:
+             step: int, world_size: int | None, paused: bool, command: str, message: str | None,
+             catching_up: float | None = None) -> None:
+        """``catching_up``: the share of a late monitor's backlog read so far (None: caught up)."""
         parts = [f"[b]{escape(name)}[/b]", f"[{STATUS_STYLES[status_kind]}]{escape(status)}[/]"]
         if pid is not None:
             parts.append(f"pid {pid}")
         if elapsed_s is not None:
             parts.append(fmt.duration(elapsed_s))
         parts.append(f"step {step:,}")
+        if catching_up is not None:
+            parts.append(f"[dim]reading the backlog: {catching_up:.0%}[/]")
         if world_size is not None:
             parts.append(f"world {world_size}")
         if paused:
