@@ -116,7 +116,7 @@ class Stats:
     skipped_steps: int = 0  # iterations abandoned without an optimizer step (GradScaler overflow, exception)
     step_problem: str | None = None  # a training-loop mistake that changes what a step is
     noise_groups: tuple[tuple[str, NoiseScale], ...] = ()
-    #: The micro-batch estimator's per-module breakdown: (label, share of the trainable parameters,
+    #: The micro-batch or per-example estimator's per-module breakdown: (label, share of the trainable parameters,
     #: NoiseScale) per row; its grad_sq and trace_sigma add up to the whole model's.
     noise_modules: tuple[tuple[str, float, NoiseScale], ...] = ()
     # B_pre: the noise scale of the gradient rescaled by an Adam-family optimizer's 1/(sqrt(v_hat)+eps);
