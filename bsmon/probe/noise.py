@@ -17,6 +17,10 @@ Per optimizer step it produces one ``noise`` payload for the step record:
   :class:`~bsmon.probe.distributed.DdpNormHook`, plus ``.grad`` after each pass
   accumulated under ``no_sync()`` before the synchronising one.
 
+The micro-batch and per-example payloads also break their norms down per row of
+the bounded per-module partition (:mod:`bsmon.probe.modules`), from the same
+per-parameter values: ``mod``, or ``mod_pe`` and ``mod_big``.
+
 For an Adam-family optimizer each estimator also records ``pre``: the same
 norms in the optimizer's geometry, of the gradients rescaled by its
 1/(sqrt(v_hat) + eps) (:mod:`bsmon.probe.precond`), for B_pre.
