@@ -116,7 +116,7 @@ class Stats:
     skipped_steps: int = 0  # iterations abandoned without an optimizer step (GradScaler overflow, exception)
     step_problem: str | None = None  # a training-loop mistake that changes what a step is
     noise_groups: tuple[tuple[str, NoiseScale], ...] = ()
-    #: The micro-batch estimator's per-module breakdown: (label, share of the trainable parameters,
+    #: The micro-batch or per-example estimator's per-module breakdown: (label, share of the trainable parameters,
     #: NoiseScale) per row; its grad_sq and trace_sigma add up to the whole model's.
     noise_modules: tuple[tuple[str, float, NoiseScale], ...] = ()
     # B_pre: the noise scale of the gradient rescaled by an Adam-family optimizer's 1/(sqrt(v_hat)+eps);
@@ -253,7 +253,7 @@ class EstimatorHistory:
     total: NoiseScaleTracker
     groups: list[NoiseScaleTracker]
     precond: NoiseScaleTracker  # B_pre, in the optimizer's geometry
-    modules: list[NoiseScaleTracker]  # per module row (the micro-batch estimator's breakdown)
+    modules: list[NoiseScaleTracker]  # per module row (the micro-batch and per-example breakdowns)
     samples_at_update: float  # the session's samples trained when it last took a step (or began)
     measured_step: int | None = None  # the last step it took in
 
@@ -1020,7 +1020,14 @@ def tracker_metrics(stats: Stats, prefix: str = "bsmon/") -> dict[str, float]:
 
 
 def module_points(noise: dict[str, Any], modules: int) -> list[GradNormPoints | None]:
-    """The step's points for each row of the per-module breakdown (micro-batch estimator), if recorded."""
+    """The step's points for each row of the per-module breakdown, if recorded: the micro-batch
+    estimator's |.grad|^2 per row after each pass, or the per-example estimator's sum of
+    per-example squared norms and |.grad|^2 per row."""
+    if noise.get("est") == "per_example":
+        pe, big = noise.get("mod_pe"), noise.get("mod_big")
+        if not modules or pe is None or big is None or not len(pe) == len(big) == modules:
+            return []
+        return [per_example_points(noise["batch"], p, b) for p, b in zip(pe, big)]
     mod, micro = noise.get("mod"), noise.get("micro") or []
     if noise.get("est") != "microbatch" or mod is None or not modules or len(mod) != len(micro) * modules:
         return []

@@ -277,6 +277,12 @@ def _microbatch_mod(noise: dict, at: str) -> None:
         raise InvalidRecord(f"{at}.mod has {len(mod)} entries, not a multiple of {len(noise['micro'])} passes")
 
 
+def _per_example_mod(noise: dict, at: str) -> None:
+    pe, big = noise.get("mod_pe"), noise.get("mod_big")
+    if (pe is None) != (big is None) or (pe is not None and len(pe) != len(big)):
+        raise InvalidRecord(f"{at}: mod_pe and mod_big must come together, one value per breakdown row each")
+
+
 def _ddp_pre(noise: dict, at: str) -> None:
     pre = noise.get("pre")
     if pre is not None and len(pre) != len(noise["micro"]) + 1:
@@ -326,7 +332,9 @@ NOISE = Tagged("est", {
         Field("pe", SQ_NORMS, doc="sum of per-example |g_i|^2 per group"),
         Field("big", SQ_NORMS, doc="|.grad|^2 per group"),
         _opt("pre", ListOf(Num(finite=False, min=0), length=2), "[sum of |P g_i|^2, |P .grad|^2]"),
-    ), (_lengths(lambda v: (len(v["big"]), len(v["pe"]), "big")),)),
+        _opt("mod_pe", SQ_NORMS, "sum of per-example |g_i|^2 per breakdown row"),
+        _opt("mod_big", SQ_NORMS, "|.grad|^2 per breakdown row"),
+    ), (_lengths(lambda v: (len(v["big"]), len(v["pe"]), "big")), _per_example_mod)),
     "ddp": Obj((
         Field("micro", MICRO), Field("g", Int(min=1)), Field("world", Int(min=1)),
         Field("norms", SQ_NORMS, doc="per pass before the synchronising one, then local and averaged totals"),

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from bsmon.probe.modules import module_partition
 from bsmon.probe.per_example import (
     LAYER_SETS,
     PerExampleNorms,
@@ -633,6 +634,45 @@ def test_tied_weight_in_its_own_param_group():
     _, totals = train_step(model, probe, ids, labels, cross_entropy)
     want = [sum(exact[n].sum() for n in probe.covered_names if n != "tok.weight"), exact["tok.weight"].sum()]
     torch.testing.assert_close(totals, torch.stack(want), rtol=RTOL, atol=0)
+
+
+@pytest.mark.parametrize("padding_idx", [None, 3])
+def test_rows_break_the_sum_down_per_module_with_the_tied_cross_term(padding_idx):
+    """The per-module breakdown (bsmon/probe/modules.py rows): each row's sum is its parameters'
+    exact per-example squared norms, the tied weight's cross term in its row, and the rows add
+    up to the groups."""
+    model = TinyLM(tied=True, padding_idx=padding_idx)
+    model.block.self_attn.requires_grad_(False)  # applied functionally: uncovered
+    ids, labels = lm_batch(batch=5, positions=7)
+    ids[0, :3] = 3
+    exact = exact_sq_norms(model, ids, labels, cross_entropy)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    names = {id(p): name for name, p in model.named_parameters()}
+    weights = [p for p in trainable if p.dim() > 1]
+    groups = [weights, [p for p in trainable if p.dim() == 1]]
+    row_labels, row_of, _ = module_partition(model, trainable, limit=4)
+    rows = [[p for p, r in zip(trainable, row_of) if r == k] for k in range(len(row_labels))]
+    probe = PerExampleNorms(model, param_groups=groups, rows=rows)
+    assert probe.covered_fraction == 1.0 and probe.n_rows == len(row_labels) == 4
+    _, totals = train_step(model, probe, ids, labels, cross_entropy)
+    want = torch.stack([sum(exact[names[id(p)]].sum() for p in row) for row in rows])
+    torch.testing.assert_close(probe.per_row, want, rtol=RTOL, atol=0)
+    torch.testing.assert_close(probe.per_row.sum(), totals.sum(), rtol=RTOL, atol=0)
+    # Without the cross term the tied weight's row would be off: check the test can tell.
+    cross_free = PerExampleNorms(model, param_groups=groups, rows=rows)
+    for tie in cross_free._ties:
+        tie.backward = lambda tap, delta, scale=None: None
+    train_step(model, cross_free, ids, labels, cross_entropy)
+    tied_row = row_of[next(i for i, p in enumerate(trainable) if p is model.tok.weight)]
+    assert not torch.allclose(cross_free.per_row[tied_row], want[tied_row], rtol=1e-3)
+
+
+def test_rows_must_hold_every_covered_parameter():
+    model = mlp()
+    with pytest.raises(ValueError, match="rows must hold every covered parameter; 2.weight"):
+        PerExampleNorms(model, rows=[[model[0].weight, model[0].bias]])
+    with pytest.raises(ValueError, match="both rows"):
+        PerExampleNorms(model, rows=[[model[0].weight], [model[0].weight]])
 
 
 def test_tied_embedding_when_the_head_sees_one_position():

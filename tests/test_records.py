@@ -55,7 +55,8 @@ EXAMPLES = {
     "bye": {"k": "bye", "t": 104.0, "status": "finished", "code": 0, "error": None},
 }
 NOISE_EXAMPLES = [
-    {"est": "per_example", "batch": 32, "pe": [1.0, 2.0], "big": [0.5, 0.25], "pre": [3.0, 0.5]},
+    {"est": "per_example", "batch": 32, "pe": [1.0, 2.0], "big": [0.5, 0.25], "pre": [3.0, 0.5],
+     "mod_pe": [2.5, 0.5], "mod_big": [0.7, 0.05]},
     {"est": "ddp", "micro": [8, 8], "g": 1, "world": 2, "norms": [1.0, 2.0, 1.5], "pre": [1.0, 2.0, 1.5]},
 ]
 
@@ -299,7 +300,9 @@ def test_a_noise_payload_lacking_a_field_is_refused_not_ingested():
     """The bug of issue 12: it used to pass validation and raise KeyError in SessionModel.ingest."""
     for noise in [{"est": "microbatch", "micro": [8, 8], "g": 1}, {"est": "per_example", "batch": 8, "pe": [1.0]},
                   {"est": "ddp", "micro": [8], "g": 1, "norms": [1.0, 2.0]},
-                  {"est": "microbatch", "micro": [8, 8], "g": 1, "acc": [1.0]}]:
+                  {"est": "microbatch", "micro": [8, 8], "g": 1, "acc": [1.0]},
+                  {"est": "per_example", "batch": 8, "pe": [1.0], "big": [0.5], "mod_pe": [1.0]},
+                  {"est": "per_example", "batch": 8, "pe": [1.0], "big": [0.5], "mod_pe": [1.0], "mod_big": [0.2, 0.3]}]:
         reader = wire.FrameReader()
         out = reader.feed(wire.encode({**EXAMPLES["step"], "noise": noise}))
         assert reader.invalid == 1 and [r["k"] for r in out] == ["event"], noise

@@ -1,8 +1,8 @@
 """A bounded partition of the measured parameters by module, for the per-layer noise scale.
 
-The micro-batch estimator's squared norms add over disjoint parameter sets, so the same
-per-parameter norms summed per module give each module's |G|^2 and tr(Sigma) at no extra
-norm: the modules' shares add back to the whole model's.
+The micro-batch and per-example estimators' squared norms add over disjoint parameter sets, so
+the same per-parameter norms (and per-example sums) summed per module give each module's |G|^2
+and tr(Sigma) at no extra norm: the modules' shares add back to the whole model's.
 """
 
 from __future__ import annotations

@@ -17,6 +17,10 @@ Per optimizer step it produces one ``noise`` payload for the step record:
   :class:`~bsmon.probe.distributed.DdpNormHook`, plus ``.grad`` after each pass
   accumulated under ``no_sync()`` before the synchronising one.
 
+The micro-batch and per-example payloads also break their norms down per row of
+the bounded per-module partition (:mod:`bsmon.probe.modules`), from the same
+per-parameter values: ``mod``, or ``mod_pe`` and ``mod_big``.
+
 For an Adam-family optimizer each estimator also records ``pre``: the same
 norms in the optimizer's geometry, of the gradients rescaled by its
 1/(sqrt(v_hat) + eps) (:mod:`bsmon.probe.precond`), for B_pre.
@@ -134,6 +138,10 @@ class ModuleRows:
 
     def __init__(self, model: nn.Module, params: Sequence[nn.Parameter]) -> None:
         self.labels, self.row_of, self.params = module_partition(model, params)
+        #: the parameters of each row, the form PerExampleNorms(rows=...) takes
+        self.members: list[list[nn.Parameter]] = [[] for _ in self.labels]
+        for row, param in zip(self.row_of, params):
+            self.members[row].append(param)
         self._index: dict[torch.device, torch.Tensor] = {}
 
     def index(self, device: torch.device) -> torch.Tensor:
@@ -193,7 +201,7 @@ class NoiseProbe:
         self._announce = announce
         self._group_params = [[p for p in g["params"] if p.requires_grad] for g in optimizer.param_groups]
         self._group_labels = [group_label(i, g) for i, g in enumerate(optimizer.param_groups)]
-        # the per-module breakdown of the micro-batch estimator, in group order; None for one module
+        # the per-module breakdown (micro-batch and per-example estimators), in group order; None for one module
         rows = ModuleRows(model, [p for group in self._group_params for p in group])
         self._rows = rows if len(rows.labels) > 1 else None
         self._measured = self._group_params
@@ -239,8 +247,8 @@ class NoiseProbe:
             # .grad is mid-all-reduce here (before or after it, depending on DDP's settings)
             self._passes.append(None)
         else:
-            microbatch = self._per_example is None and self._ddp_hook is None
-            self._passes.append(grad_sq_norms(self._measured, self._rows if microbatch else None))
+            # per module too, except inside DDP's buckets (not kept per module)
+            self._passes.append(grad_sq_norms(self._measured, self._rows if self._ddp_hook is None else None))
             if self._precond.supported:
                 rescaled = self._precond.rescaled(self._measured)
                 self._pre_passes.append(None if rescaled is None else sq_norm_sum(rescaled))
@@ -334,7 +342,11 @@ class NoiseProbe:
             if self._current[0] != "per_example":  # the step before was skipped, now one is not
                 self._announce_per_example()
             batch, pe_groups = per_example
-            payload = {"est": "per_example", "batch": int(batch), "pe": Deferred(pe_groups), "big": Deferred(passes[0])}
+            g, big, per_row = len(self._measured), passes[0], self._per_example.per_row
+            payload = {"est": "per_example", "batch": int(batch), "pe": Deferred(pe_groups), "big": Deferred(big[:g])}
+            if per_row is not None and len(big) == g + len(per_row):  # every measured parameter had a gradient
+                payload["mod_pe"] = Deferred(per_row)
+                payload["mod_big"] = Deferred(big[g:])
             rescaled = self._per_example.rescaled
             if rescaled is not None and len(pre_passes) == 1 and pre_passes[0] is not None:
                 payload["pre"] = Deferred(torch.stack([rescaled, pre_passes[0].to(rescaled.device)]))
@@ -415,7 +427,8 @@ class NoiseProbe:
 
         self._per_example = PerExampleNorms(self._model, layers=self._layers, param_groups=self._group_params,
                                             mixes_samples=self._mixes_samples, guard=self._guard,
-                                            rescale=self._precond.squares if self._precond.supported else None)
+                                            rescale=self._precond.squares if self._precond.supported else None,
+                                            rows=self._rows.members if self._rows is not None else None)
         self._announce_per_example()
 
     def _announce_per_example(self) -> None:
@@ -480,7 +493,9 @@ class NoiseProbe:
         if self._current == current:
             return
         self._current = current
-        if name == "microbatch" and self._rows is not None:
+        # Per-example rows exist only while the estimator covers every parameter (it is refused
+        # otherwise), so each row is its modules' whole gradient, never part of it.
+        if name in ("microbatch", "per_example") and self._rows is not None:
             details = {**details, "modules": self._rows.labels, "module_params": self._rows.params}
         record = {"k": "estimator", "name": name, "reason": reason, "groups": self._group_labels,
                   "second_moment": self._precond.supported, "precond_reason": precond_reason}

@@ -448,18 +448,20 @@ class _Tap:
     groups: list[int]
     weight: nn.Parameter | None  # the layer's weight if covered
     bias: nn.Parameter | None
+    rows: list[int]  # the breakdown row of each covered parameter (all 0 without one)
     handle: torch.utils.hooks.RemovableHandle | None = None
     generation: int = -1  # the forward of ``model`` this layer last ran in
-    group_index: dict[tuple[torch.device, bool, bool], Tensor] = field(default_factory=dict)
+    group_index: dict[tuple[torch.device, bool, bool, bool], Tensor] = field(default_factory=dict)
     tie: "_Tie | None" = None  # when its weight is shared with another tap
 
-    def index_for(self, device: torch.device, weight: bool, bias: bool) -> Tensor:
-        """Group of each computed column, cached per device so that a step copies nothing."""
-        key = (device, weight, bias)
+    def index_for(self, device: torch.device, weight: bool, bias: bool, rows: bool = False) -> Tensor:
+        """Group (with ``rows``: breakdown row) of each computed column, cached per device so that
+        a step copies nothing."""
+        key = (device, weight, bias, rows)
         if key not in self.group_index:
             wanted = [weight] * (self.weight is not None) + [bias] * (self.bias is not None)
-            groups = [g for g, keep in zip(self.groups, wanted) if keep]
-            self.group_index[key] = torch.tensor(groups, dtype=torch.long).to(device)
+            values = [g for g, keep in zip(self.rows if rows else self.groups, wanted) if keep]
+            self.group_index[key] = torch.tensor(values, dtype=torch.long).to(device)
         return self.group_index[key]
 
 
@@ -484,11 +486,12 @@ class _Tie:
     embedding: _Tap
     linear: _Tap
     group: int
+    row: int  # of the breakdown (0 without one)
     ids: Tensor | None = None  # this forward's lookups (B, T)
     mask: Tensor | None = None  # (B, T, 1), 0 at padding positions; None without padding_idx
     head_input: Tensor | None = None  # the Linear's input (B, S, d)
     half: Tensor | None = None  # the first backward's (B, T, d) factor
-    group_index: dict[torch.device, Tensor] = field(default_factory=dict)
+    group_index: dict[tuple[torch.device, bool], Tensor] = field(default_factory=dict)
 
     def clear(self) -> None:
         self.ids = self.mask = self.head_input = self.half = None
@@ -529,10 +532,13 @@ class _Tie:
             cross.append(2 * product.mul_(scale[self.ids]).sum((1, 2)))
         return cross
 
-    def index_for(self, device: torch.device) -> Tensor:
-        if device not in self.group_index:
-            self.group_index[device] = torch.tensor([self.group], dtype=torch.long).to(device)
-        return self.group_index[device]
+    def index_for(self, device: torch.device, rows: bool = False) -> Tensor:
+        """The cross term's group (with ``rows``: breakdown row), as _Tap.index_for."""
+        key = (device, rows)
+        if key not in self.group_index:
+            value = self.row if rows else self.group
+            self.group_index[key] = torch.tensor([value], dtype=torch.long).to(device)
+        return self.group_index[key]
 
 
 class PerExampleNorms:
@@ -540,7 +546,10 @@ class PerExampleNorms:
 
     ``layers`` is a key of ``LAYER_SETS`` or a tuple of supported layer types. ``param_groups``
     lists the optimizer's groups (iterables of parameters, or the optimizer's own
-    ``param_groups`` dicts) to break the sum down per group; None means one group.
+    ``param_groups`` dicts) to break the sum down per group; None means one group. ``rows``, a
+    second partition of the parameters in the same form (the per-module breakdown's rows,
+    bsmon/probe/modules.py), makes ``pop()`` also leave ``per_row``: the sum per row, from the
+    same per-parameter sums (one more index_add per step).
     ``mixes_samples`` names module types that, like BatchNorm in training mode, make one
     example's output depend on the others: a step in which one runs gives None (``mixed_by``
     says which), because per-example gradients of the loss do not exist there.
@@ -566,19 +575,22 @@ class PerExampleNorms:
         mixes_samples: tuple[type[nn.Module], ...] = (),
         guard: Callable[[Callable], Callable] = lambda f: f,
         rescale: Callable[[list[nn.Parameter]], list[Tensor] | None] | None = None,
+        rows: Sequence[Iterable[nn.Parameter]] | None = None,
     ) -> None:
         """``guard`` wraps every hook (bsmon/probe/guard.py)."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         layer_types = _resolve_layers(layers)
         group_of, self.n_groups = _group_lookup(param_groups)
+        row_of, n_rows = _group_lookup(rows, "rows")
+        self.n_rows = 0 if row_of is None else n_rows
         mixing = SAMPLE_MIXING + _resolve_mixing(mixes_samples)
         self._mixers = [(name or type(m).__name__, m) for name, m in model.named_modules() if isinstance(m, mixing)]
         self.uncovered: dict[str, str] = {}
         self._taps: list[_Tap] = []
         self._ties: list[_Tie] = []
         self._trainable_numel = 0
-        self._find_taps(model, layer_types, group_of)
+        self._find_taps(model, layer_types, group_of, row_of)
         self._refresh_coverage()
         self.mixed_by: str | None = None  # the sample-mixing module that made the last pop() None
         #: The model's forward ran under torch.compile, which traces these hooks away.
@@ -588,6 +600,7 @@ class PerExampleNorms:
         self._rescale = rescale
         self.rescaled: Tensor | None = None  # the last pop()'s sum of |P * g_i|^2 (0-d), with ``rescale``
         self.rescaled_reason: str | None = None  # why it is None
+        self.per_row: Tensor | None = None  # the last pop()'s sum_i |g_i|^2 per row, with ``rows``
         #: host seconds spent inside the hooks, for the probe's cost budget
         self.spent_s = 0.0
         self._model = model
@@ -638,7 +651,8 @@ class PerExampleNorms:
     # ---- set-up -------------------------------------------------------------------------
 
     def _find_taps(
-        self, model: nn.Module, layer_types: tuple[type | str, ...], group_of: dict[int, int] | None
+        self, model: nn.Module, layer_types: tuple[type | str, ...], group_of: dict[int, int] | None,
+        row_of: dict[int, int] | None,
     ) -> None:
         uses: dict[int, list[tuple[str, nn.Module, str]]] = {}  # every (name, module, local name) of a parameter
         for module_name, module in model.named_modules(remove_duplicate=False):
@@ -678,6 +692,8 @@ class PerExampleNorms:
                     self.uncovered[name] = "not in any of the given param_groups"
                 else:
                     covered[name] = param
+            if covered and row_of is not None and (missing := [n for n, p in covered.items() if id(p) not in row_of]):
+                raise ValueError(f"rows must hold every covered parameter; {missing[0]} is in none of them.")
             if covered:
                 recipe = _SUPPORTED[key]
                 self._taps.append(
@@ -690,6 +706,7 @@ class PerExampleNorms:
                         groups=[0 if group_of is None else group_of[id(p)] for p in covered.values()],
                         weight=next((p for p in covered.values() if p is module.weight), None),
                         bias=next((p for p in covered.values() if p is getattr(module, "bias", None)), None),
+                        rows=[0 if row_of is None else row_of[id(p)] for p in covered.values()],
                     )
                 )
         for pid in tied:
@@ -698,7 +715,8 @@ class PerExampleNorms:
                 continue  # not covered (outside the param_groups, say)
             embedding, linear = sorted(sharing, key=lambda tap: not isinstance(tap.module, nn.Embedding))
             group = 0 if group_of is None else group_of[pid]
-            tie = _Tie(param=embedding.weight, embedding=embedding, linear=linear, group=group)
+            tie = _Tie(param=embedding.weight, embedding=embedding, linear=linear, group=group,
+                       row=embedding.rows[0])
             embedding.tie = linear.tie = tie
             self._ties.append(tie)
 
@@ -736,6 +754,7 @@ class PerExampleNorms:
         self._rescaled_columns: list[Tensor] = []  # the same in the optimizer's geometry
         self._rescaled_invalid: str | None = None
         self._groups: list[Tensor] = []  # the group of each, a tensor per layer
+        self._row_indices: list[Tensor] = []  # the breakdown row of each, a tensor per layer
         self._batch_size: int | None = None
         self._backward_generation: int | None = None
         self._backward_taps: set[int] = set()
@@ -883,12 +902,16 @@ class PerExampleNorms:
         self._rescaled_columns.extend(columns[requested:])
         if self.n_groups > 1:
             self._groups.append(tap.index_for(delta.device, weight, bias))
+        if self.n_rows:
+            self._row_indices.append(tap.index_for(delta.device, weight, bias, rows=True))
         cross = tap.tie.backward(tap, delta, scales and scales[0]) if tap.tie is not None and weight else None
         if cross is not None:
             self._columns.append(cross[0])
             self._rescaled_columns.extend(cross[1:])
             if self.n_groups > 1:
                 self._groups.append(tap.tie.index_for(delta.device))
+            if self.n_rows:
+                self._row_indices.append(tap.tie.index_for(delta.device, rows=True))
 
     def _scales(self, tap: _Tap, weight: bool, bias: bool) -> list[Tensor] | None:
         """The optimizer's P^2 for the layer's requested parameters, or None (no rescaled norms)."""
@@ -910,12 +933,14 @@ class PerExampleNorms:
 
         The tensor has shape (n_groups,), lives on the parameters' device, is at least
         float32, and is new each step. None when no backward ran, or when the step broke an
-        assumption; ``skip_reason`` then says which.
+        assumption; ``skip_reason`` then says which. With ``rows``, ``per_row`` (n_rows,) holds
+        the same sum per row, from the same per-parameter sums, so the rows add up to the groups.
         """
         columns, groups, batch_size = self._columns, self._groups, self._batch_size
         invalid, backward_taps, self.mixed_by = self._invalid, self._backward_taps, self._mixer
         rescaled, self.rescaled_reason = self._rescaled_columns, self._rescaled_invalid
-        self.rescaled = None
+        row_indices = self._row_indices
+        self.rescaled = self.per_row = None
         self._start_step()
         if invalid is None and batch_size is not None:
             invalid = self._check_gradient_sources(backward_taps)
@@ -929,9 +954,13 @@ class PerExampleNorms:
             return None
         if self._rescale is not None and self.rescaled_reason is None:
             self.rescaled = torch.cat(rescaled).sum()
-        if self.n_groups == 1:
+        if self.n_groups == 1 and not self.n_rows:
             return batch_size, torch.cat(columns).sum(0, keepdim=True)
         per_param = torch.stack(columns).sum(1)
+        if self.n_rows:
+            self.per_row = per_param.new_zeros(self.n_rows).index_add_(0, torch.cat(row_indices), per_param)
+        if self.n_groups == 1:
+            return batch_size, per_param.sum(0, keepdim=True)
         return batch_size, per_param.new_zeros(self.n_groups).index_add_(0, torch.cat(groups), per_param)
 
     def _check_gradient_sources(self, backward_taps: set[int]) -> str | None:
@@ -1011,25 +1040,26 @@ def _splittable_tie(
 
 
 def _group_lookup(
-    param_groups: Sequence[Iterable[nn.Parameter] | Mapping] | None,
+    param_groups: Sequence[Iterable[nn.Parameter] | Mapping] | None, what: str = "param_groups",
 ) -> tuple[dict[int, int] | None, int]:
-    """Map id(parameter) -> group index, and the number of groups; None for a single group."""
+    """Map id(parameter) -> group index, and the number of groups; None for a single group.
+    ``what`` names the argument in messages."""
     if param_groups is None:
         return None, 1
     if isinstance(param_groups, (str, Mapping)) or not isinstance(param_groups, Sequence) or not param_groups:
         raise TypeError(
-            "param_groups must be a non-empty sequence of parameter iterables, such as optimizer.param_groups."
+            f"{what} must be a non-empty sequence of parameter iterables, such as optimizer.param_groups."
         )
     group_of: dict[int, int] = {}
     for index, group in enumerate(param_groups):
         for param in group["params"] if isinstance(group, Mapping) else group:
             if not isinstance(param, nn.Parameter):
                 raise TypeError(
-                    f"param_groups[{index}] holds a {type(param).__name__}; each group must hold nn.Parameter objects."
+                    f"{what}[{index}] holds a {type(param).__name__}; each group must hold nn.Parameter objects."
                 )
             if group_of.setdefault(id(param), index) != index:
                 raise ValueError(
-                    f"A parameter is in both param_groups[{group_of[id(param)]}] and param_groups[{index}]; "
+                    f"A parameter is in both {what}[{group_of[id(param)]}] and {what}[{index}]; "
                     "give each parameter one group."
                 )
     return group_of, len(param_groups)

@@ -203,9 +203,12 @@ class BranchScreen(DetailScreen):
 
 LAYERS_HELP = """\
 [b]How it is measured[/b]: the micro-batch estimator's squared norms of .grad after each backward pass, \
-summed per module from the same per-parameter norms, give each module's |G|² and tr(Σ); they add up to \
-the whole model's, so the shares below add to 100%. The largest modules have rows of their own, smaller \
-ones are grouped by type. [b]params[/b]: share of the trainable parameters. [b]|G|²[/b], [b]tr(Σ)[/b]: \
+or the per-example estimator's per-example squared norms and the batch gradient's, summed per module \
+from the same per-parameter norms, give each module's |G|² and tr(Σ); they add up to the whole model's, \
+so the shares below add to 100%. Every row covers all of its modules' parameters: the per-example \
+estimator runs only when it covers the whole model. The largest modules have rows of their own, smaller \
+ones are grouped by type. The data-parallel estimator has no breakdown: it measures DDP's gradient \
+buckets, flattened, which do not follow module boundaries. [b]params[/b]: share of the trainable parameters. [b]|G|²[/b], [b]tr(Σ)[/b]: \
 the module's share of the whole model's. Gray et al. (2024, nanoGNS) find that a transformer's LayerNorm \
 parameters alone track the whole model's noise scale: compare the norm layers' line with the whole model's."""
 
@@ -222,11 +225,11 @@ def _scale(noise) -> str:
 def layers_details(stats: Stats) -> str:
     """The per-module B_simple with bands, coverage and shares, and the norm layers against the whole."""
     if not stats.noise_modules:
-        why = ("the per-layer view comes from the micro-batch estimator (>= 2 accumulated micro-batches "
-               "per step) on a model of more than one module")
-        return f"[b]No per-layer breakdown[/b]: {why}; the estimator now: {escape(str(stats.noise_estimator))}."
+        return f"[b]No per-layer breakdown[/b]: {escape(_no_breakdown_reason(stats))}."
     width = max(len(label) for label, _, _ in stats.noise_modules)
-    lines = [f"[b]{'module':<{width}}  params  |G|²  tr(Σ)  B_simple [95%][/b]"]
+    lines = [f"{stats.noise_estimator} estimator, each row covering all of its modules' parameters "
+             f"({stats.noise_covered_fraction or 0:.0%} of the trainable parameters covered)\n",
+             f"[b]{'module':<{width}}  params  |G|²  tr(Σ)  B_simple [95%][/b]"]
     lines.append(f"{'whole model':<{width}}    100%  100%   100%  {_scale(stats)}")
     for label, share, noise in stats.noise_modules:
         lines.append(f"{escape(label):<{width}}   {share:5.0%} {_share(noise.grad_sq, stats.grad_sq)}  "
@@ -238,6 +241,18 @@ def layers_details(stats: Stats) -> str:
         lines.append(f"\nnorm layers together: B_simple {fmt.si(ratio * stats.b_simple)}, "
                      f"{ratio:.2f}x the whole model's (nanoGNS: close to 1x)")
     return "\n".join(lines)
+
+
+def _no_breakdown_reason(stats: Stats) -> str:
+    if stats.noise_estimator is None:
+        return f"no noise estimator: {stats.noise_reason or 'no measured step yet'}"
+    if stats.noise_estimator == "ddp":
+        return ("the data-parallel estimator measures DDP's gradient buckets inside its all-reduce hook: "
+                "flattened, in DDP's order, and not along module boundaries, so bsmon keeps no per-module sums "
+                "there. For the per-layer view, measure a single-process run (micro-batch or per-example)")
+    return (f"the {stats.noise_estimator} estimator recorded no per-module rows: the model has one module "
+            "(its row is the whole model), or the session was recorded by a bsmon without the breakdown "
+            "for this estimator")
 
 
 class LayersScreen(DetailScreen):
