@@ -637,9 +637,30 @@ class Chart(PlotextPlot):
             getattr(plt, f"{axis}ticks")(values, [fmt.tick_label(v) for v in values])
 
     def _store(self, data: tuple | None) -> None:
-        """Keep what ``draw`` needs, or None for the waiting message, and redraw."""
+        """Keep what ``draw`` needs, or None for the waiting message, and redraw if it changed.
+
+        Plotting is most of what a chart costs, and the app hands the charts new data whenever the
+        feed moved (a GPU sample, a logged value), often with the same points as before."""
+        if _same(data, self._data):
+            return
         self._data = data
         self.refresh()
+
+
+def _same(a: Any, b: Any) -> bool:
+    """True if two chart data (tuples and lists of arrays, numbers and strings) hold equal values."""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape
+                and a.dtype == b.dtype and bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc")))
+    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, Mapping) or isinstance(b, Mapping):
+        return (isinstance(a, Mapping) and isinstance(b, Mapping) and list(a) == list(b)
+                and all(_same(a[key], b[key]) for key in a))
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except (TypeError, ValueError):  # an object holding arrays: count it as changed
+        return False
 
 
 def _finite(*columns: np.ndarray) -> tuple[np.ndarray, ...]:
