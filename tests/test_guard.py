@@ -86,6 +86,21 @@ HOOKS = {
 }
 
 
+def assert_turned_off_once(calls, options, watched, unwatched, capsys, monitor, where):
+    """The failure was injected, training was bitwise unchanged, one warning named ``where``, and the
+    session ended normally with one error event carrying the traceback. Returns (info, that event)."""
+    assert len(calls) >= options.get("call", 3), "the failure was injected"
+    assert watched == unwatched  # bitwise: the training never saw the failure
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "turned itself off" in line]
+    assert len(warnings) == 1 and INJECTED in warnings[0] and f"internal error in {where}" in warnings[0]
+    info = store.resolve_session(monitor.session_id)
+    records, torn = store.read_records(info.records_path)
+    assert torn == 0 and records[-1]["k"] == "bye" and records[-1]["status"] == "finished"
+    (event,) = [r for r in records if r["k"] == "event" and r["level"] == "error"]
+    assert f"RuntimeError: {INJECTED}" in event["traceback"] and where in event["msg"]
+    return info, event
+
+
 @pytest.mark.parametrize("hook", list(HOOKS))
 def test_a_failing_hook_turns_bsmon_off_and_training_goes_on_unchanged(hook, monkeypatch, capsys):
     cls, name, options, accumulate, where = HOOKS[hook]
@@ -93,17 +108,8 @@ def test_a_failing_hook_turns_bsmon_off_and_training_goes_on_unchanged(hook, mon
     calls = fail_on_call(monkeypatch, cls, name, **options)
     watched, monitor = train(watch=True, accumulate=accumulate)
 
-    assert len(calls) >= options.get("call", 3), "the failure was injected"
-    assert watched == unwatched  # bitwise: the training never saw the failure
-    warnings = [line for line in capsys.readouterr().err.splitlines() if "turned itself off" in line]
-    assert len(warnings) == 1 and INJECTED in warnings[0] and f"internal error in {where}" in warnings[0]
-
-    info = store.resolve_session(monitor.session_id)
-    records, torn = store.read_records(info.records_path)
-    assert torn == 0 and records[-1]["k"] == "bye" and records[-1]["status"] == "finished"
-    (event,) = [r for r in records if r["k"] == "event" and r["level"] == "error"]
+    info, event = assert_turned_off_once(calls, options, watched, unwatched, capsys, monitor, where)
     assert "training continues unchanged" in event["msg"]
-    assert f"RuntimeError: {INJECTED}" in event["traceback"] and where in event["msg"]
     if cls is not Publisher:  # a training-thread hook failed mid-run: the steps after it went unrecorded
         assert info.steps < STEPS, "bsmon turned itself off"
 
@@ -134,15 +140,7 @@ def test_a_bsmon_bug_in_a_method_the_user_calls_turns_bsmon_off_and_training_goe
     calls = fail_on_call(monkeypatch, target, name, **options)
     watched, monitor = train(watch=True, accumulate=1, api=True)
 
-    assert len(calls) >= options.get("call", 3), "the failure was injected"
-    assert watched == unwatched
-    warnings = [line for line in capsys.readouterr().err.splitlines() if "turned itself off" in line]
-    assert len(warnings) == 1 and INJECTED in warnings[0] and f"internal error in {where}" in warnings[0]
-    info = store.resolve_session(monitor.session_id)
-    records, torn = store.read_records(info.records_path)
-    assert torn == 0 and records[-1]["k"] == "bye" and records[-1]["status"] == "finished"
-    (event,) = [r for r in records if r["k"] == "event" and r["level"] == "error"]
-    assert f"RuntimeError: {INJECTED}" in event["traceback"] and where in event["msg"]
+    info, _ = assert_turned_off_once(calls, options, watched, unwatched, capsys, monitor, where)
     assert info.steps == STEPS if call == "close" else info.steps < STEPS
 
     stats = monitor.stats()
