@@ -60,7 +60,7 @@ class Feed:
         """Load a recorded session synchronously (GPU samples included), streamed from disk in
         batches: memory stays bounded however long the session."""
         self.session_dir = info.directory
-        records = store.iter_record_batches(info.records_path, batch=INGEST_BATCH)
+        records = store.iter_record_batches(info.records_path, batch=INGEST_BATCH, blocks=True)
         gpu_records, _ = store.read_records(info.directory / store.GPU_FILE)  # about one a second
         for batch in merge_by_time(records, gpu_records):
             self._ingest(batch)
@@ -170,15 +170,16 @@ class Feed:
             return fn(self.model)
 
     # -- internals ------------------------------------------------------------
-    def _ingest(self, records: list[dict[str, Any]]) -> None:
-        """Into the model in batches, one lock hold each: views wait at most one batch."""
+    def _ingest(self, records: list[dict[str, Any] | wire.StepBlock]) -> None:
+        """Into the model in batches, one lock hold each: views wait at most one batch (a block
+        of plain steps is one item, ingested at once)."""
         for start in range(0, len(records), INGEST_BATCH):
             with self.lock:
                 self.model.ingest_all(records[start:start + INGEST_BATCH])
                 self.version += 1
 
     def _read_socket(self) -> None:
-        reader = wire.FrameReader()
+        reader = wire.FrameReader(blocks=True)
         self.state = "live"
         ingested = 0
         try:
@@ -187,9 +188,9 @@ class Feed:
                 if not data:
                     break
                 records = reader.feed(data)
-                self.received_bytes += len(data)
-                ingested += len(records)
+                ingested += wire.record_count(records)
                 self._ingest(records)
+                self.received_bytes += len(data)  # after: caught up means the screen can show it all
         except wire.ProtocolError as exc:
             self.state = "error"
             self.message = f"connection dropped: the job sent a bad frame ({exc}); the session file is intact"
@@ -260,7 +261,7 @@ def merge_by_time(batches: Iterable[list[dict]], gpu_records: list[dict]) -> Ite
             continue
         merged: list[dict] = []
         for record in records:
-            t = record.get("t")
+            t = wire.record_time(record)
             while at < len(gpu) and t is not None and gpu[at]["snapshot"].get("time", 0.0) <= t:
                 merged.append(gpu[at])
                 at += 1

@@ -1,10 +1,11 @@
 """CSV export and ``bsmon.load()``: one row per optimizer step, streamed from the session file.
 
 The records are read from disk in batches (``store.iter_record_batches``) through a
-SessionModel, the same one the views use, which hands over each step's row as it ingests
-the step: memory stays bounded however long the session (a 10M-step session exports
-like a 10k one). The columns are documented in docs/csv.md; :func:`rows` makes every row,
-for the CSV and for the DataFrame alike. Missing values (no estimate yet, a scalar not
+SessionModel, the same one the views use, which hands over the steps' rows as it ingests
+them (a table per block of plain steps, decoded in bulk): memory stays bounded however long
+the session (a 10M-step session exports like a 10k one). The columns are documented in
+docs/csv.md; :func:`blocks` makes every row, column by column, for the CSV and for the
+DataFrame alike. Missing values (no estimate yet, a scalar not
 logged at that step) are empty cells, never a made-up number.
 
 Two passes over the file: the first collects what the header and the per-step lookups need
@@ -14,13 +15,11 @@ session's gpu file, all small), the second makes the rows.
 
 from __future__ import annotations
 
-import collections
 import csv
-import datetime as dt
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, TextIO
+from typing import TYPE_CHECKING, Iterator, TextIO
 
 import numpy as np
 
@@ -29,6 +28,7 @@ from bsmon.gpu import CSV_COLUMNS
 from bsmon.model import SessionModel, nearest_sample, summarise_ranks
 from bsmon.records import STEP_COLUMNS
 from bsmon.stats.branch import BranchCheck
+from bsmon.wire import StepBlock
 
 if TYPE_CHECKING:
     import pandas
@@ -71,7 +71,6 @@ class SessionIndex:
     slowest_rank_step_time_s: list[float | None] = field(default_factory=list)
     gpu_time: np.ndarray = field(default_factory=lambda: np.empty(0))
     gpu_fields: dict[str, list[float | None]] = field(default_factory=dict)
-    steps: int = 0
 
 
 def _records_path(session: "store.SessionInfo | os.PathLike") -> Path:
@@ -82,12 +81,12 @@ def scan(session: "store.SessionInfo | os.PathLike") -> SessionIndex:
     """The first pass: read the session's records once, keeping only the small parts."""
     path = _records_path(session)
     index = SessionIndex()
-    for batch in store.iter_record_batches(path):
+    for batch in store.iter_record_batches(path, blocks=True):
         for record in batch:
+            if isinstance(record, StepBlock):
+                continue
             kind = record["k"]
-            if kind == "step":
-                index.steps += 1
-            elif kind == "scalars":
+            if kind == "scalars":
                 for name in record["values"]:
                     index.scalar_names.setdefault(name)
             elif kind == "ranks":
@@ -121,108 +120,138 @@ def _scan_gpu(path: Path, index: SessionIndex) -> None:
     index.gpu_fields = {name: [samples[t].get(name) for t in times] for name in names}
 
 
-def _cell(value: float | int | None) -> str:
-    """'' for no value (None, NaN), else the shortest exact form ('inf' for an open bound).
-
-    Row values are Python ints and floats (never numpy scalars, whose repr differs)."""
-    if value is None:
-        return ""
-    text = repr(value)
-    return "" if text == "nan" else text
-
-
 def columns(index: SessionIndex) -> list[str]:
     scalars = [name for name in index.scalar_names if name != "loss"]
     return BASE_COLUMNS + scalars + FIGURE_COLUMNS + BRANCH_COLUMNS + RANK_COLUMNS + GPU_COLUMNS
 
 
-def rows(session: "store.SessionInfo | os.PathLike", index: SessionIndex | None = None) -> Iterator[list]:
-    """One list of values per optimizer step, in the order of :func:`columns` (None or NaN: no value).
+def integer_columns(index: SessionIndex) -> set[str]:
+    """The columns whose values are whole numbers (written without a decimal point)."""
+    return {column.header for column in STEP_COLUMNS if column.type is int} | {"world_size"}
+
+
+def blocks(session: "store.SessionInfo | os.PathLike", index: SessionIndex | None = None) -> Iterator[list[np.ndarray]]:
+    """The rows, ROW_BLOCK at a time, column by column in the order of :func:`columns`: each a
+    float array (NaN: no value), ``time`` as Unix milliseconds (int64, the CSV's precision).
 
     The one place a row is made: the CSV and :func:`bsmon.load`'s DataFrame both come from here.
     ``session`` is a SessionInfo or a session directory; ``index`` its :func:`scan`, if made already.
     """
     index = index or scan(session)
     model = SessionModel(keep_history=False)
-    pending: collections.deque[tuple[dict[str, Any], tuple]] = collections.deque()  # (step record, model row)
+    pending: list[np.ndarray] = []  # tables of the model's rows (see SessionModel._step_rows)
     logged: dict[int, dict[str, float]] = {}  # step -> scalars, for steps not yet made into rows
-    model.on_step_row = lambda record, row: pending.append((record, row))
-    maker = _RowMaker(index)
-    for batch in store.iter_record_batches(_records_path(session)):
+    model.on_step_rows = pending.append
+    maker = _Columns(index)
+    at_step = _AT["step"]
+    for batch in store.iter_record_batches(_records_path(session), blocks=True):
         for record in batch:
             model.ingest(record)
-            if record["k"] == "scalars":
+            if not isinstance(record, StepBlock) and record["k"] == "scalars":
                 logged.setdefault(record["step"], {}).update((k, float(v)) for k, v in record["values"].items())
-        newest = pending[-1][0]["step"] if pending else None
-        while pending and pending[0][0]["step"] <= newest - SCALARS_WAIT_STEPS:
-            block = [pending.popleft() for _ in range(min(len(pending), ROW_BLOCK))
-                     if pending[0][0]["step"] <= newest - SCALARS_WAIT_STEPS]
-            yield from maker.rows(block, logged)
-    while pending:
-        yield from maker.rows([pending.popleft() for _ in range(min(len(pending), ROW_BLOCK))], logged)
+        if not pending:
+            continue
+        table = np.concatenate(pending) if len(pending) > 1 else pending[0]
+        # a step's row waits for the scalars logged for it until a step SCALARS_WAIT_STEPS later came
+        ready = int(np.searchsorted(table[:, at_step], table[-1, at_step] - SCALARS_WAIT_STEPS, side="right"))
+        pending[:] = [table[ready:]] if ready < len(table) else []
+        for start in range(0, ready, ROW_BLOCK):
+            yield maker.block(table[start:min(ready, start + ROW_BLOCK)], logged)
+    table = np.concatenate(pending) if pending else np.empty((0, len(STEP_COLUMNS)))
+    for start in range(0, len(table), ROW_BLOCK):
+        yield maker.block(table[start:start + ROW_BLOCK], logged)
 
 
-class _RowMaker:
-    """Turns blocks of (step record, model row) into CSV rows (see docs/csv.md)."""
+class _Columns:
+    """Turns tables of the model's step rows into the export's columns (see docs/csv.md)."""
 
     def __init__(self, index: SessionIndex) -> None:
         self.index = index
-        self.scalar_names = [name for name in index.scalar_names if name != "loss"]
+        self.scalar_names = ["loss", *(name for name in index.scalar_names if name != "loss")]
         hello = index.model.hello or {}
         self.t0 = hello.get("t0")
         self.world_size = int(hello.get("world_size") or 1)
         self.rank_time = np.array(index.rank_time, dtype=float)
+        self.rank_world_size = np.array(index.rank_world_size, dtype=float)
+        self.slowest_rank_step_time_s = _floats(index.slowest_rank_step_time_s)
+        self.gpu = {name: _floats(index.gpu_fields[name]) if name in index.gpu_fields else None for name in GPU_COLUMNS}
 
-    def rows(self, block: list[tuple[dict[str, Any], tuple]], logged: dict[int, dict[str, float]]) -> Iterator[list]:
+    def block(self, table: np.ndarray, logged: dict[int, dict[str, float]]) -> list[np.ndarray]:
         index = self.index
-        times = np.array([row[_AT["time"]] for _, row in block], dtype=float)
-        gpu_at = nearest_sample(index.gpu_time, times, GPU_MAX_GAP_S).tolist()
-        ranks_at = nearest_sample(self.rank_time, times, RANKS_MAX_GAP_S).tolist()
-        gpu = [index.gpu_fields.get(name) for name in GPU_COLUMNS]
+        times = table[:, _AT["time"]]
+        steps = table[:, _AT["step"]].astype(np.int64).tolist()
         t0 = self.t0 if self.t0 is not None else times[0]
-        no_gpu, no_check = [None] * len(GPU_COLUMNS), (None,) * len(BRANCH_COLUMNS)
-        at_step, at_time, at_batch, at_dt = _AT["step"], _AT["time"], _AT["batch_size"], _AT["step_time_s"]
-        for (record, row), g, r in zip(block, gpu_at, ranks_at):
-            step, t, batch, dt_s = row[at_step], row[at_time], row[at_batch], row[at_dt]
-            row = list(row)
-            for i in _INTEGERS:
-                row[i] = None if row[i] != row[i] else int(row[i])  # NaN: no value
-            values = logged.pop(step, {})
-            check = index.checks.get(step)
-            yield [
-                *row[:at_time],
-                dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="milliseconds"),
-                t - t0,
-                *row[at_time + 1:_SPLIT],
-                batch / dt_s if dt_s > 0 else None,
-                values.get("loss"),
-                *(values.get(name) for name in self.scalar_names),
-                *row[_SPLIT:],
-                *((check.b_crit, check.b_crit_low, check.b_crit_high, check.ratio) if check else no_check),
-                index.rank_world_size[r] if r >= 0 else self.world_size,
-                index.slowest_rank_step_time_s[r] if r >= 0 else None,
-                *([column[g] if column is not None else None for column in gpu] if g >= 0 else no_gpu),
-            ]
-        oldest = block[-1][1][at_step]
-        for step in [s for s in logged if s <= oldest]:  # logged for a step that has no row
+        values = [logged.pop(step, None) for step in steps]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            samples_per_s = np.where(table[:, _AT["step_time_s"]] > 0,
+                                     table[:, _AT["batch_size"]] / table[:, _AT["step_time_s"]], np.nan)
+        out = [table[:, i] for i in range(_AT["time"])]
+        out += [unix_ms(times), times - t0]
+        out += [table[:, i] for i in range(_AT["time"] + 1, _SPLIT)]
+        out.append(samples_per_s)
+        out += [np.array([v.get(name, np.nan) if v else np.nan for v in values]) for name in self.scalar_names]
+        out += [table[:, i] for i in range(_SPLIT, len(STEP_COLUMNS))]
+        if index.checks:
+            checks = [index.checks.get(step) for step in steps]
+            out += [np.array([np.nan if c is None or getattr(c, name) is None else getattr(c, name) for c in checks],
+                             dtype=float) for name in ("b_crit", "b_crit_low", "b_crit_high", "ratio")]
+        else:
+            out += [np.full(len(table), np.nan) for _ in BRANCH_COLUMNS]
+        ranks_at = nearest_sample(self.rank_time, times, RANKS_MAX_GAP_S)
+        has_rank = ranks_at >= 0
+        out.append(np.where(has_rank, self.rank_world_size[ranks_at] if len(self.rank_time) else 0, self.world_size))
+        out.append(np.where(has_rank, self.slowest_rank_step_time_s[ranks_at] if len(self.rank_time) else 0, np.nan))
+        gpu_at = nearest_sample(index.gpu_time, times, GPU_MAX_GAP_S)
+        has_gpu = gpu_at >= 0
+        for name in GPU_COLUMNS:
+            column = self.gpu[name]
+            out.append(np.where(has_gpu, column[gpu_at], np.nan) if column is not None else np.full(len(table), np.nan))
+        for step in [s for s in logged if s <= steps[-1]]:  # logged for a step that has no row
             del logged[step]
+        return out
+
+
+def _floats(values: list[float | None]) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], dtype=float)
+
+
+def unix_ms(times: np.ndarray) -> np.ndarray:
+    """Unix times (s) as whole milliseconds, truncated as datetime's isoformat(timespec="milliseconds")
+    truncates the microseconds it rounds the time to."""
+    seconds = np.floor(times)
+    micros = np.round((times - seconds) * 1e6)
+    return seconds.astype(np.int64) * 1000 + (micros // 1000).astype(np.int64)
+
+
+def _iso(ms: np.ndarray) -> list[str]:
+    return [text + "+00:00" for text in np.datetime_as_string(ms.astype("datetime64[ms]"), unit="ms").tolist()]
+
+
+def _cells(column: np.ndarray, integer: bool) -> list[str]:
+    """A column as CSV cells: '' for no value (NaN), else the shortest exact form ('inf' for an
+    open bound); whole numbers in an integer column without a decimal point. A column of few
+    distinct values (most are: a figure changes when the estimate does) formats each once."""
+    values, at = np.unique(column, return_inverse=True)
+    if len(values) * 4 > len(column):
+        values, at = column, None
+    text = [("" if v != v else str(int(v))) for v in values.tolist()] if integer else \
+        [("" if v != v else repr(v)) for v in values.tolist()]
+    return text if at is None else [text[i] for i in at.tolist()]
 
 
 def write_csv(session: "store.SessionInfo | os.PathLike", out: TextIO) -> int:
     """Write the session as CSV to ``out``; returns the number of step rows."""
     index = scan(session)
-    csv.writer(out, lineterminator="\n").writerow(columns(index))  # logged names may need quoting
+    names = columns(index)
+    csv.writer(out, lineterminator="\n").writerow(names)  # logged names may need quoting
+    integers = [name in integer_columns(index) for name in names]
     count = 0
-    lines = []
-    for row in rows(session, index):  # numbers and an ISO time: nothing to quote
-        lines.append(",".join([value if value.__class__ is str else _cell(value) for value in row]))
-        if len(lines) >= ROW_BLOCK:
-            out.write("\n".join(lines) + "\n")
-            count += len(lines)
-            lines.clear()
-    if lines:
-        out.write("\n".join(lines) + "\n")
-    return count + len(lines)
+    for block in blocks(session, index):  # numbers and an ISO time: nothing to quote
+        cells = [_iso(column) if name == "time" else _cells(column, integer)
+                 for name, column, integer in zip(names, block, integers)]
+        out.write("\n".join(map(",".join, zip(*cells))) + "\n")
+        count += len(block[0])
+    return count
 
 
 def export_to_file(session: "store.SessionInfo | os.PathLike", path: Path, *, format: str = "csv") -> int:
@@ -253,29 +282,22 @@ def _pandas():
 
 
 def dataframe(session: "store.SessionInfo | os.PathLike") -> "pandas.DataFrame":
-    """The session as a DataFrame: the CSV's columns and rows, its metadata in ``attrs``.
-
-    Converted ROW_BLOCK rows at a time: the rows as Python lists never exist all at once.
-    """
+    """The session as a DataFrame: the CSV's columns and rows, its metadata in ``attrs``."""
     pd = _pandas()
     index = scan(session)
     names = columns(index)
-
-    def frame_of(block: list[list]) -> "pandas.DataFrame":
-        part = pd.DataFrame(block, columns=names)
-        for name in names:
-            part[name] = (pd.to_datetime(part[name], utc=True, format="ISO8601") if name == "time"
-                          else pd.to_numeric(part[name]))
-        return part
-
-    parts, block = [], []
-    for row in rows(session, index):
-        block.append(row)
-        if len(block) >= ROW_BLOCK:
-            parts.append(frame_of(block))
-            block = []
-    parts.append(frame_of(block))
-    frame = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+    integers = integer_columns(index)
+    parts = [list(block) for block in blocks(session, index)]
+    data = {}
+    for i, name in enumerate(names):
+        column = np.concatenate([part[i] for part in parts]) if parts else np.empty(0)
+        if name == "time":
+            data[name] = pd.to_datetime(column.astype(np.int64), unit="ms", utc=True)
+        elif name in integers and not np.isnan(column).any():
+            data[name] = column.astype(np.int64)
+        else:
+            data[name] = column
+    frame = pd.DataFrame(data, columns=names)
     model, bye = index.model, index.model.bye or {}
     hello = model.hello or {}
     info = session if isinstance(session, store.SessionInfo) else None

@@ -48,24 +48,41 @@ class Binned:
         self._n = 0
         self._width = 1
         self._rows = 0
-        self._pending: list[Sequence[float]] = []
+        self._pending: list[Sequence[float]] = []  # rows
+        self._pending_tables: list[np.ndarray] = []  # tables of rows, before the rows
+        self._pending_rows = 0
 
     # -- writing ----------------------------------------------------------------------------------
     def append(self, row: Sequence[float]) -> None:
         """One row, its values in the order of ``columns`` (None or NaN: no value)."""
         self._pending.append(row)
-        if len(self._pending) >= FOLD_EVERY:
+        self._pending_rows += 1
+        if self._pending_rows >= FOLD_EVERY:
             self._fold_pending()
 
     def extend(self, rows: Iterable[Sequence[float]]) -> None:
         for row in rows:
             self.append(row)
 
+    def append_table(self, table: np.ndarray) -> None:
+        """Rows at once: a table with a column per ``columns``."""
+        if self._pending:  # the rows before it first
+            self._pending_tables.append(np.array(self._pending, dtype=float).reshape(-1, len(self.columns)))
+            self._pending.clear()
+        self._pending_tables.append(table)
+        self._pending_rows += len(table)
+        if self._pending_rows >= FOLD_EVERY:
+            self._fold_pending()
+
     def _fold_pending(self) -> None:
-        if not self._pending:
+        if not self._pending_rows:
             return
-        table = np.array(self._pending, dtype=float).reshape(-1, len(self.columns))
-        self._pending.clear()
+        if self._pending:
+            self._pending_tables.append(np.array(self._pending, dtype=float).reshape(-1, len(self.columns)))
+            self._pending.clear()
+        table = np.concatenate(self._pending_tables) if len(self._pending_tables) > 1 else self._pending_tables[0]
+        self._pending_tables.clear()
+        self._pending_rows = 0
         self._rows += len(table)
         table = np.column_stack([table, np.ones(len(table))])
         while len(table):
@@ -115,7 +132,7 @@ class Binned:
     # -- reading ----------------------------------------------------------------------------------
     def __len__(self) -> int:
         """Rows appended (not bins)."""
-        return self._rows + len(self._pending)
+        return self._rows + self._pending_rows
 
     @property
     def bins(self) -> int:
@@ -191,6 +208,10 @@ class History:
     def add_step(self, row: Sequence[float]) -> None:
         """A step's row from the model (all of records.STEP_COLUMNS)."""
         self.steps.append(_history_row(row))
+
+    def add_steps(self, table: np.ndarray) -> None:
+        """Steps' rows from the model, a table (a column per records.STEP_COLUMNS)."""
+        self.steps.append_table(table[:, _BINNED])
 
     def add_scalars(self, step: int, values: Mapping[str, float]) -> None:
         """A ``scalars`` record. A step's values may come in several records; a step counts as

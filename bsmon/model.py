@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from bsmon.history import History
+from bsmon.records import STEP_COLUMNS
 from bsmon.stats.branch import BranchCheck, calibrated_factor
 from bsmon.stats.flops import mfu, peak_flops
 from bsmon.stats.optimal import Recommendation, StableRecommendation, optimal_accumulation, optimal_batch_size
@@ -34,6 +35,7 @@ from bsmon.stats.noise import (
     step_estimate,
 )
 from bsmon.stats.units import ProfileUnits, SessionUnits
+from bsmon.wire import StepBlock
 
 #: Step-time percentiles and "now" throughput use this many recent steps.
 RECENT_STEPS = 200
@@ -46,8 +48,9 @@ LIVE_MIN_STEPS = 10
 #: Step-time splits are kept for this many (samples, micro-batches) configurations, the latest.
 MAX_PHASE_CONFIGS = 8
 #: The optimal batch size is re-evaluated every this many steps (and when the points change),
-#: when read (``stats()``); a step's exported row re-evaluates it, once there is one, at most
-#: every RECOMMEND_INTERVAL_S of the job's time, so a 1 kHz job costs as little as a 10 Hz one.
+#: when read (``stats()``); the exported rows re-evaluate it every RECOMMEND_EVERY steps until
+#: there is one, then every RECOMMEND_INTERVAL_S of the job's time, so a 1 kHz job costs as
+#: little as a 10 Hz one.
 RECOMMEND_EVERY = 10
 RECOMMEND_INTERVAL_S = 1.0
 #: A rank is stalled when its step has not advanced, and lost when it has not reported at all,
@@ -192,6 +195,14 @@ class RankSummary:
     uneven_batches: bool
 
 
+def _runs(values: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of each run of equal neighbours in ``values``."""
+    if not len(values):
+        return []
+    starts = np.flatnonzero(values[1:] != values[:-1]) + 1
+    return list(zip([0, *starts.tolist()], [*starts.tolist(), len(values)]))
+
+
 def _column(values: list) -> np.ndarray:
     return np.array([math.nan if v is None else v for v in values], dtype=float)
 
@@ -273,10 +284,13 @@ class SessionModel:
         self.profile: dict[str, Any] | None = None
         self.profile_points: list[dict[str, Any]] = []
         self.history: History | None = History() if keep_history else None
-        #: Called with each step record and its row (see _step_row) as it is ingested: the
-        #: streaming export's hook. A step's row is made only when history or this wants it.
-        self.on_step_row: Callable[[dict[str, Any], tuple], None] | None = None
-        self._figures: tuple | None = None  # the step row's figures until something they depend on changes
+        #: Called with the rows of the steps as they are ingested (a table, a row per step and a
+        #: column per bsmon.records.STEP_COLUMNS; see _step_rows): the streaming export's hook.
+        #: Rows are made only when history or this wants them.
+        self.on_step_rows: Callable[[np.ndarray], None] | None = None
+        #: The rows' figures (by column name) until something they depend on changes
+        self._figures: dict[str, float] | None = None
+        self._advice_b: float | None = None
         self._horizon_override = horizon_samples
         self._horizon = horizon_samples or DEFAULT_HORIZON_SAMPLES
         self._units = SessionUnits()
@@ -318,12 +332,16 @@ class SessionModel:
         self._flops_reason: str | None = None  # why there is no count
 
     # -- ingestion ------------------------------------------------------------
-    def ingest(self, record: dict[str, Any]) -> None:
+    def ingest(self, record: dict[str, Any] | StepBlock) -> None:
+        """One record, or a block of plain steps (``wire.FrameReader(blocks=True)``)."""
+        if isinstance(record, StepBlock):
+            self._on_steps(record)
+            return
         handler = getattr(self, f"_on_{record['k']}", None)
         if handler is not None:
             handler(record)
 
-    def ingest_all(self, records: list[dict[str, Any]]) -> None:
+    def ingest_all(self, records: list[dict[str, Any] | StepBlock]) -> None:
         for record in records:
             self.ingest(record)
 
@@ -424,12 +442,100 @@ class SessionModel:
             self._track_phases(record)
         if record["step"] % RECOMMEND_EVERY == 0 or self._points_version != self._recommended_version:
             self._recommend_due = True
-        if self.history is not None or self.on_step_row is not None:
-            row = self._step_row(record)
+        if self.history is not None or self.on_step_rows is not None:
+            if self.on_step_rows is not None and self._exported_advice_due(record["step"], record["t"]):
+                self._refresh_exported_advice(record["t"])
+            row = self._step_rows(record["step"], record["t"], record["n"], record["mb"], record["dt"])
             if self.history is not None:
                 self.history.add_step(row)
-            if self.on_step_row is not None:
-                self.on_step_row(record, row)
+            if self.on_step_rows is not None:
+                self.on_step_rows(np.array([row], dtype=float))
+
+    def _on_steps(self, block: StepBlock) -> None:
+        """A block of plain steps (no noise, FLOPs or skipped attempts): the state that
+        :meth:`_on_step` on each would leave, computed on the block's columns."""
+        if self.branch_checks:  # a calibrated B_noise decays step by step: each row its own
+            for record in block.records():
+                self._on_step(record)
+            return
+        start = 0
+        while self.on_step_rows is not None and start < len(block):
+            # the exported advice is re-evaluated every RECOMMEND_INTERVAL_S of the job's time,
+            # with the state up to that step: ingest up to it, then the rows around it
+            due = np.flatnonzero(self._exported_advice_due(block.step[start:], block.t[start:]))
+            if not len(due):
+                break
+            at = start + int(due[0])
+            self._advance(block[start:at + 1])
+            earlier = self._block_rows(block[start:at])
+            self._refresh_exported_advice(float(block.t[at]))
+            self._add_rows(np.vstack([earlier, self._block_rows(block[at:at + 1])]))
+            start = at + 1
+        if start == len(block):
+            return
+        rest = block[start:] if start else block
+        self._advance(rest)
+        if self.history is not None or self.on_step_rows is not None:
+            self._add_rows(self._block_rows(rest))
+
+    def _add_rows(self, table: np.ndarray) -> None:
+        if self.history is not None:
+            self.history.add_steps(table)
+        if self.on_step_rows is not None:
+            self.on_step_rows(table)
+
+    def _advance(self, block: StepBlock) -> None:
+        """The state _on_step keeps, after the block's plain steps."""
+        samples = self._units.global_samples(block.n)  # rank 0's share times the shards
+        self._step = int(block.step[-1])
+        self._samples += samples.sum().item()
+        self._dropped = int(block.dropped[-1])
+        self._last = block.last()
+        recent = slice(-RECENT_STEPS, None)
+        self._recent.extend(zip(block.t[recent].tolist(), block.dt[recent].tolist(), samples[recent].tolist()))
+        self._clear_run.clear()  # nothing abandoned (see _count_skipped)
+        self._clearing_micro_batches = False
+        self._track_live_throughput_of(block)
+        self._track_phases_of(block)
+        if (block.step % RECOMMEND_EVERY == 0).any() or self._points_version != self._recommended_version:
+            self._recommend_due = True
+
+    def _track_live_throughput_of(self, block: StepBlock) -> None:
+        """_track_live_throughput over a block, a run of equal sizes at a time."""
+        timed = (block.n > 0) & (block.dt > 0)
+        sizes, times = block.n[timed], block.dt[timed]
+        for start, end in _runs(sizes):
+            size = int(sizes[start])
+            if size != self._batch_size:
+                self._batch_size, self._steps_at_size = size, 0
+            first = start + max(0, LIVE_WARMUP_STEPS - self._steps_at_size)  # past the warm-up
+            self._steps_at_size += end - start
+            if first < end:
+                kept = self._live_times.setdefault(size, collections.deque(maxlen=RECENT_STEPS))
+                before = len(kept)
+                kept.extend(times[max(first, end - RECENT_STEPS):end].tolist())
+                if before < LIVE_MIN_STEPS <= before + end - first:
+                    self._points_version += 1  # a new size became a point
+
+    def _track_phases_of(self, block: StepBlock) -> None:
+        """_track_phases over a block, a run of one configuration at a time."""
+        configs = block.n * (1 << 32) + block.mb
+        for start, end in _runs(configs):
+            config = (int(block.n[start]), int(block.mb[start]))
+            if config != self._phase_config:
+                self._phase_config, self._phase_steps = config, 0
+            first = start + max(0, LIVE_WARMUP_STEPS - self._phase_steps)
+            self._phase_steps += end - start
+            timed = np.flatnonzero(block.has_ph[first:end]) + first if first < end else ()
+            if not len(timed):
+                continue
+            rows = self._phases.pop(config, None) or collections.deque(maxlen=RECENT_STEPS)
+            self._phases[config] = rows  # most recently used last
+            if len(self._phases) > MAX_PHASE_CONFIGS:
+                del self._phases[next(iter(self._phases))]
+            if len(rows) < LIVE_MIN_STEPS:
+                self._recommend_due = True  # the timing progress, then the first split, show at once
+            rows.extend((False, marks) for marks in block.ph[timed[-RECENT_STEPS:]].tolist())
 
     def _count_skipped(self, skipped: list[dict[str, Any]]) -> None:
         """Count iterations abandoned before this step (the probe's ``skipped`` list).
@@ -625,7 +731,7 @@ class SessionModel:
         """Recompute the recommendation if due: every RECOMMEND_EVERY steps, or on new throughput points.
 
         Lazily, when read (``stats()``: a view's redraw, ``Monitor.stats()``), and for the
-        exported rows at most every RECOMMEND_INTERVAL_S of the job's time (see _step_row).
+        exported rows at most every RECOMMEND_INTERVAL_S of the job's time (see _exported_advice_due).
         """
         if self._recommend_due:
             self._recommend_due = False
@@ -747,34 +853,57 @@ class SessionModel:
             return points
         return GradNormPoints(tuple(self._units.from_samples(b) for b in points.batch_sizes), points.sq_norms)
 
-    def _step_row(self, record: dict[str, Any]) -> tuple:
-        """The step's row: a value for each of bsmon.records.STEP_COLUMNS, in that order (NaN: no
-        value). The history keeps the columns it bins; the export gets them all.
+    def _exported_advice_due(self, step, t):
+        """Whether the exported rows re-evaluate the advice at these steps (numbers or columns):
+        every RECOMMEND_INTERVAL_S of the job's time; until there is advice, every RECOMMEND_EVERY
+        steps too, so the first shows as soon as the live view would show it."""
+        due = t - self._recommended_at >= RECOMMEND_INTERVAL_S
+        if self._recommend_reason is not None:
+            due = due | (step % RECOMMEND_EVERY == 0)
+        return due
 
-        The figures after ``skipped_steps`` change only when the estimate, the estimator, the
+    def _refresh_exported_advice(self, t: float) -> None:
+        self._recommended_at = t
+        self._refresh_recommendation()
+
+    def _step_rows(self, step, t, n, mb, dt) -> list:
+        """The steps' rows: a value for each of bsmon.records.STEP_COLUMNS, in that order (NaN: no
+        value), each a number (one step) or a numpy column (a block's). The history keeps the
+        columns it bins; the export gets them all.
+
+        The figures after ``step_time_s`` change only when the estimate, the estimator, the
         advice or a branch check does, so they are computed then and reused (only the
         estimate's age, and a calibrated B_noise, move every step).
         """
-        if self.on_step_row is not None and (self._recommend_reason is not None
-                                             or record["t"] - self._recommended_at >= RECOMMEND_INTERVAL_S):
-            self._recommended_at = record["t"]
-            self._refresh_recommendation()
         if self._figures is None or self.branch_checks:  # a calibration decays (and may end) step by step
             noise, pre = self.noise(), self.precond_noise()
             rec = self.recommendation if self._recommend_reason is None else None
-            self._figures = (
-                _nan(noise.b_simple), _nan(noise.b_simple_low), _nan(noise.b_simple_high), None,
-                _nan(noise.grad_sq), _nan(noise.trace_sigma), _nan((self.estimator or {}).get("covered_fraction")),
-                _nan(pre.b_simple), _nan(pre.b_simple_low), _nan(pre.b_simple_high), None,
-                _nan(rec.batch_size if rec else None), _nan(rec.speedup if rec else None))
+            self._figures = {
+                "b_simple": _nan(noise.b_simple), "b_simple_low": _nan(noise.b_simple_low),
+                "b_simple_high": _nan(noise.b_simple_high), "grad_sq": _nan(noise.grad_sq),
+                "trace_sigma": _nan(noise.trace_sigma),
+                "noise_coverage": _nan((self.estimator or {}).get("covered_fraction")),
+                "b_simple_precond": _nan(pre.b_simple), "b_simple_precond_low": _nan(pre.b_simple_low),
+                "b_simple_precond_high": _nan(pre.b_simple_high),
+                "b_opt": _nan(rec.batch_size if rec else None), "b_opt_speedup": _nan(rec.speedup if rec else None)}
             self._advice_b = self._advice_noise().b_simple
-        figures = self._figures
-        age = self.noise_age_steps() if not math.isnan(figures[0]) else None
+        history = self._shown_history()
+        measured = history.measured_step if history is not None else None
         factor = self._calibration_now() if self.branch_checks else None
         advice = self._advice_b
-        return (record["step"], record["t"], self._units.from_rank_samples(record["n"]), record["mb"],
-                self._skipped_steps, record["dt"], *figures[:3], _nan(age), *figures[4:10],
-                _nan(advice / factor if factor and advice else advice), *figures[11:])
+        values = {"step": step, "time": t, "batch_size": self._units.from_rank_samples(n), "micro_batches": mb,
+                  "skipped_steps": self._skipped_steps, "step_time_s": dt, **self._figures,
+                  "noise_age_steps": math.nan if measured is None or math.isnan(self._figures["b_simple"])
+                  else step - measured,
+                  "b_noise": _nan(advice / factor if factor and advice else advice)}
+        return [values[column.name] for column in STEP_COLUMNS]
+
+    def _block_rows(self, block: StepBlock) -> np.ndarray:
+        """The block's rows as a table (see _step_rows)."""
+        table = np.empty((len(block), len(STEP_COLUMNS)))
+        for i, column in enumerate(self._step_rows(block.step, block.t, block.n, block.mb, block.dt)):
+            table[:, i] = column
+        return table
 
     # -- reading --------------------------------------------------------------
     @property

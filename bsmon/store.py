@@ -167,8 +167,9 @@ class RecordStream:
     ``error`` the framing error that stopped the reading, if any.
     """
 
-    def __init__(self, path: Path, start: int = 0, batch: int = 4096) -> None:
+    def __init__(self, path: Path, start: int = 0, batch: int = 4096, blocks: bool = False) -> None:
         self.path = path
+        self.blocks = blocks
         self.end = start
         self.torn_bytes = 0
         self.invalid = 0
@@ -188,7 +189,7 @@ class RecordStream:
             handle = open(self.path, "rb")
         except FileNotFoundError:
             return
-        reader = wire.FrameReader()
+        reader = wire.FrameReader(blocks=self.blocks)
         read = 0
         with handle:
             handle.seek(self._start)
@@ -203,10 +204,11 @@ class RecordStream:
                     yield records[i:i + self._batch]
 
 
-def iter_record_batches(path: Path, *, start: int = 0, batch: int = 4096) -> RecordStream:
+def iter_record_batches(path: Path, *, start: int = 0, batch: int = 4096, blocks: bool = False) -> RecordStream:
     """Stream the records of ``path`` from byte ``start`` (a frame boundary) in lists of at most
-    ``batch``; the returned iterator tells ``end``, ``torn_bytes`` and ``invalid`` afterwards."""
-    return RecordStream(path, start, batch)
+    ``batch``; the returned iterator tells ``end``, ``torn_bytes`` and ``invalid`` afterwards.
+    With ``blocks``, runs of plain steps come as ``wire.StepBlock`` items (bsmon.wire.FrameReader)."""
+    return RecordStream(path, start, batch, blocks)
 
 
 def read_records(path: Path) -> tuple[list[dict[str, Any]], int]:

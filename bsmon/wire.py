@@ -125,9 +125,73 @@ def decode_payload(payload: bytes) -> dict[str, Any]:
 
 #: Frame bytes of a binary step without a tail, the layout a run of plain steps shares.
 PLAIN_STEP_FRAME = HEADER.size + STEP.size
-#: A run of plain steps shorter than this is decoded one by one (numpy's set-up would cost more).
+#: Fewer plain steps than this between other records are decoded one by one (numpy's set-up
+#: would cost more).
 BULK_MIN = 4
-BULK_MAX = 8192
+#: Records whose order against the steps around them carries no meaning (``scalars`` name
+#: their step): read while plain steps wait for bulk decoding, they follow the steps' block.
+ORDER_FREE = frozenset(("scalars",))
+
+
+class StepBlock:
+    """Plain steps (the binary layout, no tail: no noise, FLOPs or skipped attempts) decoded in
+    bulk, as numpy columns: the monitor's fast path (``FrameReader(blocks=True)``;
+    ``SessionModel`` ingests a block whole). ``ph`` is NaN where a step has no phase marks.
+    """
+
+    __slots__ = ("step", "t", "dt", "n", "mb", "dropped", "ph", "has_ph")
+
+    def __init__(self, step, t, dt, n, mb, dropped, ph, has_ph) -> None:
+        self.step, self.t, self.dt, self.n, self.mb, self.dropped = step, t, dt, n, mb, dropped
+        self.ph, self.has_ph = ph, has_ph
+
+    @classmethod
+    def from_frames(cls, frames) -> "StepBlock":
+        """From frames of the numpy layout :func:`_plain_dtype` (a copy of the buffer's bytes)."""
+        has_ph = (frames["flags"] & HAS_PH) != 0
+        ph = frames["ph"]
+        ph[~has_ph] = math.nan
+        return cls(frames["step"].astype("i8"), frames["t"], frames["dt"], frames["n"].astype("i8"),
+                   frames["mb"].astype("i8"), frames["dropped"].astype("i8"), ph, has_ph)
+
+    def __getitem__(self, rows: slice) -> "StepBlock":
+        return StepBlock(*(getattr(self, column)[rows] for column in self.__slots__))
+
+    def __len__(self) -> int:
+        return len(self.step)
+
+    def records(self) -> list[dict[str, Any]]:
+        """The same steps as records (what frame-by-frame decoding gives)."""
+        out = []
+        for step, t, dt, n, mb, dropped, ph, with_ph in zip(
+                self.step.tolist(), self.t.tolist(), self.dt.tolist(), self.n.tolist(), self.mb.tolist(),
+                self.dropped.tolist(), self.ph.tolist(), self.has_ph.tolist()):
+            record = {"k": "step", "step": step, "t": t, "dt": dt, "n": n, "mb": mb, "dropped": dropped}
+            if with_ph:
+                record["ph"] = ph
+            out.append(record)
+        return out
+
+    def last(self) -> dict[str, Any]:
+        """The block's last step as a record."""
+        record = {"k": "step", "step": int(self.step[-1]), "t": float(self.t[-1]), "dt": float(self.dt[-1]),
+                  "n": int(self.n[-1]), "mb": int(self.mb[-1]), "dropped": int(self.dropped[-1])}
+        if self.has_ph[-1]:
+            record["ph"] = self.ph[-1].tolist()
+        return record
+
+
+def record_time(record: "dict[str, Any] | StepBlock") -> float | None:
+    """A record's ``t`` (a block's last), None for a record without one."""
+    if isinstance(record, StepBlock):
+        return float(record.t[-1])
+    t = record.get("t")
+    return t if isinstance(t, float) else None
+
+
+def record_count(records: "list[dict[str, Any] | StepBlock]") -> int:
+    """Records in a list that may hold blocks, each step of a block counted."""
+    return sum(len(r) if isinstance(r, StepBlock) else 1 for r in records)
 
 
 class FrameReader:
@@ -138,10 +202,15 @@ class FrameReader:
     view shows it. ``error`` is the framing error that stopped the stream, if any; ``consumed``
     counts the bytes of whole frames taken. Steps must advance: a step record whose number is
     not above the previous one's is skipped too.
+
+    Plain binary steps are decoded in bulk with numpy. With ``blocks=True`` they come out as
+    :class:`StepBlock` items among the records (a monitor's fast path; ``scalars`` read
+    among them follow the block), else as one record each, in the stream's order.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, blocks: bool = False) -> None:
         self._buf = bytearray()
+        self._blocks = blocks
         self.invalid = 0
         self.error: ProtocolError | None = None
         self.consumed = 0
@@ -163,37 +232,33 @@ class FrameReader:
         if self.error is not None:
             return []
         self._buf += data
-        out: list[dict[str, Any]] = []
+        plain: list[int] = []  # offsets of the plain binary steps, decoded together below
+        others: list[tuple[int, dict[str, Any] | str]] = []  # (plain steps before it, the record or why it was refused)
         buf, pos, size = self._buf, 0, len(self._buf)
-        while size - pos >= HEADER.size:
-            length, crc = HEADER.unpack_from(buf, pos)
-            if length > MAX_FRAME_BYTES:
-                self.error = ProtocolError(f"frame of {length} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
-                break
-            end = pos + HEADER.size + length
-            if end > size:
-                break
-            if length == STEP.size and self._plain_step_at(end, size):
-                run_end = self._read_plain_steps(pos, size, out)
-                if run_end > pos:
-                    pos = run_end
-                    continue
-            payload = bytes(buf[pos + HEADER.size:end])
-            if zlib.crc32(payload) != crc:
-                self.error = ProtocolError("frame checksum mismatch")
-                break
-            try:
-                record = decode_payload(payload)
-                if record["k"] == "step":
-                    self._advance(record["step"])
-            except InvalidRecord as exc:
-                self._skip(str(exc), out)
-            except ProtocolError as exc:
-                self.error = exc
-                break
-            else:
-                out.append(record)
-            pos = end
+        with memoryview(buf) as view:
+            while size - pos >= HEADER.size:
+                length, crc = HEADER.unpack_from(buf, pos)
+                if length > MAX_FRAME_BYTES:
+                    self.error = ProtocolError(f"frame of {length} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
+                    break
+                end = pos + HEADER.size + length
+                if end > size:
+                    break
+                if zlib.crc32(view[pos + HEADER.size:end]) != crc:
+                    self.error = ProtocolError("frame checksum mismatch")
+                    break
+                if length == STEP.size and buf[pos + HEADER.size] == STEP_TAG and buf[pos + HEADER.size + 1] & ~HAS_PH == 0:
+                    plain.append(pos)
+                else:
+                    try:
+                        others.append((len(plain), decode_payload(bytes(view[pos + HEADER.size:end]))))
+                    except InvalidRecord as exc:
+                        others.append((len(plain), str(exc)))
+                    except ProtocolError as exc:
+                        self.error = exc
+                        break
+                pos = end
+        out = self._in_order(plain, others)
         del buf[:pos]
         self.consumed += pos
         return out
@@ -203,72 +268,87 @@ class FrameReader:
         """Bytes of an incomplete frame still waiting for the rest."""
         return len(self._buf)
 
-    def _advance(self, step: int) -> None:
-        if step <= self._last_step:
-            raise InvalidRecord(f"step {step} after step {self._last_step}: steps must advance")
-        self._last_step = step
+    def _in_order(self, plain: list[int], others: list[tuple[int, dict[str, Any] | str]]) -> list[dict[str, Any]]:
+        """The plain steps and the other records merged back in the stream's order (blocks: runs
+        of plain steps as StepBlocks, ORDER_FREE records after the run they came in)."""
+        steps = self._decode_plain(plain) if len(plain) >= BULK_MIN else None
+        out: list[dict[str, Any]] = []
+        later: list[dict[str, Any]] = []
+        done = 0
+        for before, item in others:
+            if self._blocks and not isinstance(item, str) and item["k"] in ORDER_FREE:
+                later.append(item)
+                continue
+            self._plain_steps(plain, steps, done, before, out)
+            done = before
+            out += later
+            later.clear()
+            if isinstance(item, str):
+                self._skip(item, out)
+            else:
+                self._take(item, out)
+        self._plain_steps(plain, steps, done, len(plain), out)
+        return out + later
+
+    def _plain_steps(self, plain: list[int], steps: StepBlock | None, lo: int, hi: int, out: list) -> None:
+        """The plain steps ``plain[lo:hi]`` into ``out``: a block (or its records) when decoded in
+        bulk, else frame by frame, which says what is wrong with a bad one."""
+        if hi - lo >= BULK_MIN and steps is not None and int(steps.step[lo]) > self._last_step:
+            block = steps[lo:hi]
+            self._last_step = int(block.step[-1])
+            if self._blocks:
+                out.append(block)
+            else:
+                out += block.records()
+            return
+        for at in plain[lo:hi]:
+            try:
+                record = decode_payload(bytes(self._buf[at + HEADER.size:at + PLAIN_STEP_FRAME]))
+            except InvalidRecord as exc:
+                self._skip(str(exc), out)
+            else:
+                self._take(record, out)
+
+    def _take(self, record: dict[str, Any], out: list[dict[str, Any]]) -> None:
+        if record["k"] == "step":
+            step = record["step"]
+            if step <= self._last_step:
+                self._skip(f"step {step} after step {self._last_step}: steps must advance", out)
+                return
+            self._last_step = step
+        out.append(record)
 
     def _skip(self, why: str, out: list[dict[str, Any]]) -> None:
         """Count a refused record; say so at the 1st, 10th, 100th, ... (a view shows events)."""
         self.invalid += 1
         if math.log10(self.invalid).is_integer():
-            last_t = next((r["t"] for r in reversed(out) if isinstance(r.get("t"), float)), None)
+            last_t = next((t for r in reversed(out) if (t := record_time(r)) is not None), None)
             self._last_t = last_t if last_t is not None else self._last_t or time.time()
             out.append({"k": "event", "t": self._last_t, "level": "warning",
                         "msg": f"skipped {self.invalid} invalid record{'s' if self.invalid > 1 else ''} so far "
                                f"(the latest: {why}); the session goes on without them"})
 
-    def _plain_step_at(self, second: int, size: int) -> bool:
-        """Whether the frame at ``second - PLAIN_STEP_FRAME`` and the one after it are plain binary steps."""
-        first = second - STEP.size
-        return (size - second >= PLAIN_STEP_FRAME and self._buf[first] == STEP_TAG
-                and self._buf[first + 1] & ~HAS_PH == 0
-                and self._buf[second:second + HEADER.size - 4] == _PLAIN_LENGTH
-                and self._buf[second + HEADER.size] == STEP_TAG and self._buf[second + HEADER.size + 1] & ~HAS_PH == 0)
-
-    def _read_plain_steps(self, pos: int, size: int, out: list[dict[str, Any]]) -> int:
-        """Decode the run of plain binary steps at ``pos`` with numpy; returns where it ended.
-
-        The run ends before the first frame that is not a plain step, fails its checksum, or
-        breaks the table (a time not finite, a step not advancing): the frame-by-frame path
-        deals with that one.
-        """
+    def _decode_plain(self, plain: list[int]) -> StepBlock | None:
+        """All the plain steps at these offsets as one block; None if any breaks the table (a time
+        not finite, steps not advancing): those are then read frame by frame."""
         import numpy as np  # the monitor side only: the probe encodes, it never decodes
 
-        buf, run, limit = self._buf, 0, min((size - pos) // PLAIN_STEP_FRAME, BULK_MAX)
-        with memoryview(buf) as view:
-            at = pos
-            while run < limit and buf[at:at + 4] == _PLAIN_LENGTH and buf[at + 8] == STEP_TAG \
-                    and buf[at + 9] & ~HAS_PH == 0 \
-                    and zlib.crc32(view[at + HEADER.size:at + PLAIN_STEP_FRAME]) == HEADER.unpack_from(buf, at)[1]:
-                run += 1
-                at += PLAIN_STEP_FRAME
-        if run < BULK_MIN:
-            return pos
-        frames = np.frombuffer(buf, _plain_dtype(), run, pos)
+        raw = np.frombuffer(self._buf, np.uint8)
+        try:  # every PLAIN_STEP_FRAME bytes from each offset, copied: the buffer moves on
+            rows = np.lib.stride_tricks.as_strided(raw, (len(raw) - PLAIN_STEP_FRAME + 1, PLAIN_STEP_FRAME), (1, 1))[plain]
+        finally:
+            del raw  # releases the buffer, which read() resizes next
+        frames = rows.view(_plain_dtype()).reshape(-1)
         has_ph = (frames["flags"] & HAS_PH) != 0
-        step = frames["step"]
-        ok = (np.isfinite(frames["t"]) & (frames["t"] >= 0) & np.isfinite(frames["dt"]) & (frames["dt"] >= 0)
-              & (np.isfinite(frames["ph"]).all(axis=1) | ~has_ph) & (step < (1 << 63)))
-        ok[1:] &= step[1:] > step[:-1]
-        ok[0] &= int(step[0]) > self._last_step
-        run = run if ok.all() else int(ok.argmin())
-        if run < BULK_MIN:
-            return pos
-        frames, has_ph = frames[:run], has_ph[:run].tolist()
-        columns = (frames["step"].tolist(), frames["t"].tolist(), frames["dt"].tolist(), frames["n"].tolist(),
-                   frames["mb"].tolist(), frames["dropped"].tolist(), frames["ph"].tolist())
-        del frames, step  # numpy views of the buffer, which read() resizes next
-        for step_, t, dt, n, mb, dropped, ph, with_ph in zip(*columns, has_ph):
-            record = {"k": "step", "step": step_, "t": t, "dt": dt, "n": n, "mb": mb, "dropped": dropped}
-            if with_ph:
-                record["ph"] = ph
-            out.append(record)
-        self._last_step = columns[0][-1]
-        return pos + run * PLAIN_STEP_FRAME
+        step, t, dt, ph = frames["step"], frames["t"], frames["dt"], frames["ph"]
+        ok = (np.isfinite(t) & (t >= 0) & np.isfinite(dt) & (dt >= 0) & (step < (1 << 63))
+              & (frames["n"] < (1 << 63)) & (frames["dropped"] < (1 << 63))
+              & ((np.isfinite(ph) & (ph >= 0)).all(axis=1) | ~has_ph))
+        if not ok.all() or (step[1:] <= step[:-1]).any():
+            return None
+        return StepBlock.from_frames(frames)
 
 
-_PLAIN_LENGTH = STEP.size.to_bytes(4, "big")
 _PLAIN_DTYPE = None
 
 
