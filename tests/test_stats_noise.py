@@ -567,6 +567,10 @@ def test_student_t_quantile_matches_tables():
                           (1000, 1.96233908), (1e7, 1.95996398)]:
         assert student_t_quantile(0.95, dof) == pytest.approx(expected, rel=1e-5)
     assert student_t_quantile(0.99, 4) == pytest.approx(4.60409487, rel=1e-5)
+    # either side of T_SERIES_DOF, where the grid hands over to the expansion in 1/dof
+    for confidence, dof, expected in [(0.95, 19, 2.09302405), (0.95, 20, 2.08596345), (0.99, 20, 2.84533971),
+                                      (0.95, 100, 1.98397152), (0.9, 60, 1.67064887)]:
+        assert student_t_quantile(confidence, dof) == pytest.approx(expected, rel=1e-6)
 
 
 def test_statistical_efficiency():
