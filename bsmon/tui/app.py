@@ -1,10 +1,11 @@
 """The bsmon Textual app: one session model, redrawn on a timer.
 
 A :class:`~bsmon.client.Feed` ingests records on its own thread. The app never
-waits for it: every tick it takes one snapshot of the numbers under the feed's
-lock, and (at most as often, less when plotting is expensive) copies the new
-rows of the history for the charts. Both are skipped when ``feed.version`` (and
-the GPU snapshot) did not change. Formatting and plotting happen after the lock
+waits for it: on a 4 Hz tick it takes one snapshot of the numbers under the
+feed's lock, at most once a second while only the data moves (at once when the
+state changes: the job ended, a key), and at most every 2 s (less when plotting
+is expensive) copies the binned history for the charts. Both are skipped when
+``feed.version`` did not change. Formatting and plotting happen after the lock
 is released, and panels repaint only when their text changed.
 """
 
@@ -38,12 +39,17 @@ from bsmon.tui.widgets import (
 )
 
 MODES = ("run", "attach", "replay")
-#: One redraw tick for numbers and charts, so a change costs one screen update, not two. 4 Hz reads
-#: as live; at 10 Hz compositing the screen alone took ~12% of a core while a job streamed.
+#: One redraw tick for numbers and charts, so a change costs one screen update, not two. A change
+#: of state (the job ended, a message, a key) shows at the next tick.
 REDRAW_INTERVAL_S = 0.25
-#: Charts redraw at most every tick, and less often when plotting is expensive (a big terminal):
-#: they get at most this share of a core.
-CHARTS_CPU_SHARE = 0.05
+#: While only the data moves (steps, GPU samples), the numbers redraw at most this often, like
+#: top: with a 1 kHz job every tick had new numbers, and repainting the panels 4 times a second
+#: took ~30% of a core at 200x60.
+NUMBERS_INTERVAL_S = 1.0
+#: Charts redraw at most this often, and less often when drawing them is expensive (a big
+#: terminal, a slow CPU): they get at most CHARTS_CPU_SHARE of a core.
+CHARTS_INTERVAL_S = 2.0
+CHARTS_CPU_SHARE = 0.03
 #: Charts draw at most this many points per series (the history's bins, merged).
 CHART_BINS = 160
 #: The events line shows the newest of these warning/error events (the last EVENTS_SCANNED records).
@@ -174,6 +180,7 @@ class BsmonApp(App):
         self.series: ChartData | None = None  # what the charts show now
         self._numbers_key: tuple | None = None
         self._charts_key: tuple | None = None
+        self._numbers_due = 0.0  # time.monotonic() before which new data alone does not redraw the numbers
         self._charts_due = 0.0  # time.monotonic() before which the charts are not redrawn
         self._numbers: Numbers | None = None  # the last numbers drawn
 
@@ -239,10 +246,15 @@ class BsmonApp(App):
         feed = self.feed
         returncode = self.job.returncode() if self.job is not None else None
         clock = int(time.time()) if self._live(returncode, feed.model.bye) else None  # elapsed ticks while live
-        key = (feed.version, feed.state, feed.message, returncode, clock, self.paused, feed.catching_up())
-        if key == self._numbers_key and not force:
+        backlog = feed.catching_up()
+        state = (feed.state, feed.message, returncode, self.paused, backlog is None)
+        key = (state, (feed.version, clock, backlog))
+        now = time.monotonic()
+        if not force and self._numbers_key is not None and (
+                key == self._numbers_key or (state == self._numbers_key[0] and now < self._numbers_due)):
             return False
         self._numbers_key = key
+        self._numbers_due = now + NUMBERS_INTERVAL_S
         numbers = feed.read(Numbers.capture)
         self._draw_numbers(numbers, returncode)
         return True
@@ -272,9 +284,6 @@ class BsmonApp(App):
         self.query_one(OptimalPanel).show(numbers.recommendation, numbers.stats.b_opt_reason, numbers.memory_limit,
                                           numbers.stats.input_hint, fmt.data_parallel(numbers.stats),
                                           branch_line(numbers.stats))
-        # the efficiency curve must use the B_noise the advice used (B_pre, or calibrated), not B_simple
-        rec = numbers.recommendation
-        self.query_one(BatchSizeChart).show(rec, rec.b_noise if rec is not None else None, numbers.points)
         self.query_one(GpuPanel).show(numbers.gpu, numbers.stats.gpu_hints, live=self._live(returncode, numbers.bye))
         self.query_one(ScalarsPanel).show(numbers.scalars)
         self.query_one(EventsLog).show(numbers.events, hello.get("t0", 0.0))
@@ -286,22 +295,28 @@ class BsmonApp(App):
         the time: the cost is what the visible charts took to render last time.
         """
         now = time.monotonic()
-        if (self.paused or now < self._charts_due) and not force:
-            return False
         feed = self.feed
         final = feed.state not in ("connecting", "live")
+        ended = self._charts_key is not None and final != self._charts_key[1]  # shown at once
+        if (self.paused or (now < self._charts_due and not ended)) and not force:
+            return False
         key = (feed.version, final)
         redrew = False
         if key != self._charts_key or force:
             self._charts_key = key
             self.series = series = feed.read(lambda model: ChartData.capture(model, final))
+            if self._numbers is not None:  # the advice, from the numbers drawn just before
+                rec = self._numbers.recommendation
+                # the efficiency curve must use the B_noise the advice used (B_pre, or calibrated), not B_simple
+                self.query_one(BatchSizeChart).show(rec, rec.b_noise if rec is not None else None,
+                                                    self._numbers.points)
             self.query_one(GpuChart).show(*series.gpu_series())
             self.query_one(RanksPanel).show_history(series.rank_skew)
             self._draw_run_charts(series)
             redrew = True
         if redrew:
             cost = sum(chart.render_cost_s for chart in self.query(Chart) if chart.display)
-            self._charts_due = now + cost / CHARTS_CPU_SHARE
+            self._charts_due = now + max(CHARTS_INTERVAL_S, cost / CHARTS_CPU_SHARE)
         return redrew
 
     def _draw_run_charts(self, series: ChartData) -> None:

@@ -22,7 +22,9 @@ from rich.text import Text
 from textual.app import ComposeResult, RenderResult
 from textual.containers import Horizontal, Vertical
 from textual.content import Content
+from textual.geometry import Region
 from textual.markup import escape
+from textual.strip import Strip
 from textual.widget import Widget
 from textual.widgets import Sparkline, Static
 from textual_plotext import PlotextPlot
@@ -588,7 +590,8 @@ class Chart(PlotextPlot):
 
     Plotting happens in ``render``, from the stored data, because plotext's build rescales its
     data in place (a second build of a log-scale plot would take the log twice). ``render_cost_s``
-    is how long the last render took, so the app can slow chart redraws down on a big terminal.
+    is what the last redraw cost, plotting and turning plotext's text into the screen's lines (about
+    as much again), so the app can slow chart redraws down on a big terminal.
     Axes get round 1-2-5 ticks with SI labels (:meth:`axes`), never plotext's own (106294.5).
     """
 
@@ -598,17 +601,24 @@ class Chart(PlotextPlot):
         self._waiting = waiting
         self._data: tuple | None = None
         self.render_cost_s = 0.0
+        self._timing = False  # the next render_lines draws the new data: time it
 
     def render(self) -> RenderResult:
         if self._data is None:
             return Text(self._waiting, style="dim")
+        self.plt.clear_data()
+        self.draw(*self._data)
+        return super().render()
+
+    def render_lines(self, crop: Region) -> list[Strip]:
+        if not self._timing:  # the screen's other updates read the lines Textual cached
+            return super().render_lines(crop)
         start = time.perf_counter()
         try:
-            self.plt.clear_data()
-            self.draw(*self._data)
-            return super().render()
+            return super().render_lines(crop)
         finally:
             self.render_cost_s = time.perf_counter() - start
+            self._timing = False
 
     def draw(self, *data: Any) -> None:
         """Plot ``data`` (what ``show`` stored) on the cleared ``self.plt``, and set its :meth:`axes`."""
@@ -644,6 +654,7 @@ class Chart(PlotextPlot):
         if _same(data, self._data):
             return
         self._data = data
+        self._timing = True
         self.refresh()
 
 
