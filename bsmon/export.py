@@ -46,6 +46,8 @@ FIGURE_COLUMNS = [column.header for column in STEP_COLUMNS[_SPLIT:]]
 BRANCH_COLUMNS = ["branch_b_crit", "branch_b_crit_low", "branch_b_crit_high", "branch_b_simple_ratio"]
 RANK_COLUMNS = ["world_size", "slowest_rank_step_time_s"]
 GPU_COLUMNS = list(CSV_COLUMNS)
+#: The columns whose values are whole numbers (written without a decimal point).
+INTEGER_COLUMNS = frozenset({column.header for column in STEP_COLUMNS if column.type is int} | {"world_size"})
 #: A step takes the ``ranks`` record nearest in time, if one lies this close (a big job writes
 #: one every world_size/64 seconds); else slowest_rank_step_time_s stays empty.
 RANKS_MAX_GAP_S = 30.0
@@ -124,10 +126,6 @@ def columns(index: SessionIndex) -> list[str]:
     scalars = [name for name in index.scalar_names if name != "loss"]
     return BASE_COLUMNS + scalars + FIGURE_COLUMNS + BRANCH_COLUMNS + RANK_COLUMNS + GPU_COLUMNS
 
-
-def integer_columns(index: SessionIndex) -> set[str]:
-    """The columns whose values are whole numbers (written without a decimal point)."""
-    return {column.header for column in STEP_COLUMNS if column.type is int} | {"world_size"}
 
 
 def blocks(session: "store.SessionInfo | os.PathLike", index: SessionIndex | None = None) -> Iterator[list[np.ndarray]]:
@@ -244,7 +242,7 @@ def write_csv(session: "store.SessionInfo | os.PathLike", out: TextIO) -> int:
     index = scan(session)
     names = columns(index)
     csv.writer(out, lineterminator="\n").writerow(names)  # logged names may need quoting
-    integers = [name in integer_columns(index) for name in names]
+    integers = [name in INTEGER_COLUMNS for name in names]
     count = 0
     for block in blocks(session, index):  # numbers and an ISO time: nothing to quote
         cells = [_iso(column) if name == "time" else _cells(column, integer)
@@ -286,14 +284,13 @@ def dataframe(session: "store.SessionInfo | os.PathLike") -> "pandas.DataFrame":
     pd = _pandas()
     index = scan(session)
     names = columns(index)
-    integers = integer_columns(index)
     parts = [list(block) for block in blocks(session, index)]
     data = {}
     for i, name in enumerate(names):
         column = np.concatenate([part[i] for part in parts]) if parts else np.empty(0)
         if name == "time":
             data[name] = pd.to_datetime(column.astype(np.int64), unit="ms", utc=True)
-        elif name in integers and not np.isnan(column).any():
+        elif name in INTEGER_COLUMNS and not np.isnan(column).any():
             data[name] = column.astype(np.int64)
         else:
             data[name] = column

@@ -195,12 +195,12 @@ class RankSummary:
     uneven_batches: bool
 
 
-def _runs(values: np.ndarray) -> list[tuple[int, int]]:
-    """(start, end) of each run of equal neighbours in ``values``."""
-    if not len(values):
+def _runs(*columns: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of each run of rows equal in every one of ``columns`` (of one length)."""
+    if not len(columns[0]):
         return []
-    starts = np.flatnonzero(values[1:] != values[:-1]) + 1
-    return list(zip([0, *starts.tolist()], [*starts.tolist(), len(values)]))
+    starts = np.flatnonzero(np.logical_or.reduce([c[1:] != c[:-1] for c in columns])) + 1
+    return list(zip([0, *starts.tolist()], [*starts.tolist(), len(columns[0])]))
 
 
 def _column(values: list) -> np.ndarray:
@@ -519,8 +519,7 @@ class SessionModel:
 
     def _track_phases_of(self, block: StepBlock) -> None:
         """_track_phases over a block, a run of one configuration at a time."""
-        configs = block.n * (1 << 32) + block.mb
-        for start, end in _runs(configs):
+        for start, end in _runs(block.n, block.mb):
             config = (int(block.n[start]), int(block.mb[start]))
             if config != self._phase_config:
                 self._phase_config, self._phase_steps = config, 0

@@ -174,11 +174,7 @@ class StepBlock:
 
     def last(self) -> dict[str, Any]:
         """The block's last step as a record."""
-        record = {"k": "step", "step": int(self.step[-1]), "t": float(self.t[-1]), "dt": float(self.dt[-1]),
-                  "n": int(self.n[-1]), "mb": int(self.mb[-1]), "dropped": int(self.dropped[-1])}
-        if self.has_ph[-1]:
-            record["ph"] = self.ph[-1].tolist()
-        return record
+        return self[-1:].records()[0]
 
 
 def record_time(record: "dict[str, Any] | StepBlock") -> float | None:
