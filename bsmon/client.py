@@ -22,7 +22,8 @@ from bsmon.model import SessionModel
 if TYPE_CHECKING:
     from bsmon.gpu import GpuSampler
 
-RECV_BYTES = 1 << 16
+#: A late monitor's backlog comes in reads this large, each decoded in bulk.
+RECV_BYTES = 1 << 20
 #: How often an attached monitor records the latest NVML snapshot into the session.
 GPU_RECORD_INTERVAL_S = 1.0
 #: Ingest at most this many records per lock hold, so a large backlog never starves redraws.

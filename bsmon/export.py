@@ -137,7 +137,7 @@ def blocks(session: "store.SessionInfo | os.PathLike", index: SessionIndex | Non
     """
     index = index or scan(session)
     model = SessionModel(keep_history=False)
-    pending: list[np.ndarray] = []  # tables of the model's rows (see SessionModel._step_rows)
+    pending: list[np.ndarray] = []  # tables of the model's rows (see SessionModel._rows)
     logged: dict[int, dict[str, float]] = {}  # step -> scalars, for steps not yet made into rows
     model.on_step_rows = pending.append
     maker = _Columns(index)

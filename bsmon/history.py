@@ -9,7 +9,6 @@ long session are on disk: export streams them from there (bsmon/export.py).
 from __future__ import annotations
 
 import collections
-import operator
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -165,7 +164,6 @@ class Binned:
 STEP_COLUMNS = {column.name: column.bins for column in records.STEP_COLUMNS if column.bins}
 _BINNED = [i for i, column in enumerate(records.STEP_COLUMNS) if column.bins]
 #: A model row (all of records.STEP_COLUMNS) -> the history's row.
-_history_row = operator.itemgetter(*_BINNED)
 
 
 #: The ``ranks`` records over time (multi-process jobs): the straggler, NaN where none.
@@ -204,10 +202,6 @@ class History:
             if binned is not None and name in binned.columns:
                 return binned.column(name)
         raise AttributeError(f"History has no column {name!r}")
-
-    def add_step(self, row: Sequence[float]) -> None:
-        """A step's row from the model (all of records.STEP_COLUMNS)."""
-        self.steps.append(_history_row(row))
 
     def add_steps(self, table: np.ndarray) -> None:
         """Steps' rows from the model, a table (a column per records.STEP_COLUMNS)."""

@@ -273,6 +273,12 @@ def _nan(value: float | None) -> float:
     return math.nan if value is None else float(value)
 
 
+#: Where each of bsmon.records.STEP_COLUMNS is in a row; the figures are those after step_time_s.
+_AT = {column.name: i for i, column in enumerate(STEP_COLUMNS)}
+_FIRST_FIGURE = _AT["step_time_s"] + 1
+_FIGURE_COLUMNS = STEP_COLUMNS[_FIRST_FIGURE:]
+
+
 class SessionModel:
     """Ingests records in order and keeps the derived state."""
 
@@ -285,7 +291,7 @@ class SessionModel:
         self.profile_points: list[dict[str, Any]] = []
         self.history: History | None = History() if keep_history else None
         #: Called with the rows of the steps as they are ingested (a table, a row per step and a
-        #: column per bsmon.records.STEP_COLUMNS; see _step_rows): the streaming export's hook.
+        #: column per bsmon.records.STEP_COLUMNS; see _rows): the streaming export's hook.
         #: Rows are made only when history or this wants them.
         self.on_step_rows: Callable[[np.ndarray], None] | None = None
         #: The rows' figures (by column name) until something they depend on changes
@@ -436,7 +442,7 @@ class SessionModel:
         if "noise" in record:
             # The probe measures only some steps (its cost budget). The averaging horizon is in
             # samples trained, so a measured step carries the samples since its estimator's last.
-            self._update_noise(record["noise"], record["step"])
+            self._update_noise(record["noise"], record["step"], self._samples, self._samples - samples)
         if not counted:  # nor its time or phases in the throughput and the in-run step-time fit
             self._track_live_throughput(record)
             self._track_phases(record)
@@ -445,14 +451,11 @@ class SessionModel:
         if self.history is not None or self.on_step_rows is not None:
             if self.on_step_rows is not None and self._exported_advice_due(record["step"], record["t"]):
                 self._refresh_exported_advice(record["t"])
-            row = self._step_rows(record["step"], record["t"], record["n"], record["mb"], record["dt"])
-            if self.history is not None:
-                self.history.add_step(row)
-            if self.on_step_rows is not None:
-                self.on_step_rows(np.array([row], dtype=float))
+            self._add_rows(self._rows(*(np.array([record[name]]) for name in ("step", "t", "n", "mb", "dt")),
+                                      [(0, self._row_figures())]))
 
     def _on_steps(self, block: StepBlock) -> None:
-        """A block of plain steps (no noise, FLOPs or skipped attempts): the state that
+        """A block of steps (plain, and measured ones carrying noise norms): the state that
         :meth:`_on_step` on each would leave, computed on the block's columns."""
         if self.branch_checks:  # a calibrated B_noise decays step by step: each row its own
             for record in block.records():
@@ -461,22 +464,42 @@ class SessionModel:
         start = 0
         while self.on_step_rows is not None and start < len(block):
             # the exported advice is re-evaluated every RECOMMEND_INTERVAL_S of the job's time,
-            # with the state up to that step: ingest up to it, then the rows around it
+            # with the state up to that step: ingest up to it, then its row
             due = np.flatnonzero(self._exported_advice_due(block.step[start:], block.t[start:]))
             if not len(due):
                 break
             at = start + int(due[0])
-            self._advance(block[start:at + 1])
-            earlier = self._block_rows(block[start:at])
-            self._refresh_exported_advice(float(block.t[at]))
-            self._add_rows(np.vstack([earlier, self._block_rows(block[at:at + 1])]))
+            self._ingest_run(block[start:at + 1], advice_at_end=True)
             start = at + 1
-        if start == len(block):
-            return
-        rest = block[start:] if start else block
-        self._advance(rest)
-        if self.history is not None or self.on_step_rows is not None:
-            self._add_rows(self._block_rows(rest))
+        if start < len(block):
+            self._ingest_run(block[start:] if start else block)
+
+    def _ingest_run(self, block: StepBlock, advice_at_end: bool = False) -> None:
+        """The block's state, its measured steps' noise and its rows, each row made with the
+        figures as of its step; ``advice_at_end``: the exported advice is re-evaluated before
+        the last row."""
+        samples = self._units.global_samples(block.n)
+        before = self._samples
+        self._advance(block)
+        rows = self.history is not None or self.on_step_rows is not None
+        figures = [(0, self._row_figures())] if rows else []  # (first row, figures): each holds until the next
+        if block.measured:
+            after = before + np.cumsum(samples)  # samples trained up to each step, that one included
+            for row, noise in block.measured:
+                self._update_noise(noise, int(block.step[row]), float(after[row]), float(after[row] - samples[row]))
+                if rows:
+                    self._figures_from(row, figures)
+        if advice_at_end:
+            self._refresh_exported_advice(float(block.t[-1]))
+            self._figures_from(len(block) - 1, figures)
+        if rows:
+            self._add_rows(self._rows(block.step, block.t, block.n, block.mb, block.dt, figures))
+
+    def _figures_from(self, row: int, figures: list[tuple[int, dict[str, float]]]) -> None:
+        """The figures as they stand now hold from ``row`` on."""
+        if figures[-1][0] == row:
+            figures.pop()
+        figures.append((row, self._row_figures()))
 
     def _add_rows(self, table: np.ndarray) -> None:
         if self.history is not None:
@@ -534,7 +557,9 @@ class SessionModel:
                 del self._phases[next(iter(self._phases))]
             if len(rows) < LIVE_MIN_STEPS:
                 self._recommend_due = True  # the timing progress, then the first split, show at once
-            rows.extend((False, marks) for marks in block.ph[timed[-RECENT_STEPS:]].tolist())
+            kept = timed[-RECENT_STEPS:]
+            measured = np.isin(kept, [row for row, _ in block.measured]).tolist() if block.measured else [False] * len(kept)
+            rows.extend(zip(measured, block.ph[kept].tolist()))  # (measured by the noise probe, marks)
 
     def _count_skipped(self, skipped: list[dict[str, Any]]) -> None:
         """Count iterations abandoned before this step (the probe's ``skipped`` list).
@@ -804,7 +829,8 @@ class SessionModel:
         return optimal_batch_size(points, b_noise, max_batch=limit, current_batch=current, b_noise_low=low,
                                   b_noise_high=high)
 
-    def _history_of(self, name: str) -> EstimatorHistory:
+    def _history_of(self, name: str, samples_before: float) -> EstimatorHistory:
+        """The estimator's history, begun at a measured step with ``samples_before`` trained before it."""
         history = self._histories.get(name)
         if history is None:
             groups = (self.estimator or {}).get("groups") or []
@@ -814,7 +840,7 @@ class SessionModel:
                 [NoiseScaleTracker(self._horizon) for _ in groups] if len(groups) > 1 else [],
                 NoiseScaleTracker(self._horizon),
                 [NoiseScaleTracker(self._horizon) for _ in (self.estimator or {}).get("modules") or []],
-                samples_at_update=self._samples - (self._units.global_samples(self._last["n"]) if self._last else 0))
+                samples_at_update=samples_before)
         return history
 
     def _shown_history(self) -> EstimatorHistory | None:
@@ -822,15 +848,16 @@ class SessionModel:
         name = self.estimator.get("name") if self.estimator is not None else self._last_estimator
         return self._histories.get(name) if name is not None else None
 
-    def _update_noise(self, noise: dict[str, Any], step: int) -> None:
+    def _update_noise(self, noise: dict[str, Any], step: int, samples_after: float, samples_before: float) -> None:
+        """A measured step's noise norms; ``samples_after``: trained up to it, that step included."""
         name = noise.get("est")
         if name is None:
             return
         self._figures = None
         self._last_estimator = name
-        history = self._history_of(name)
+        history = self._history_of(name, samples_before)
         per_group = noise_points(noise, groups=bool(history.groups))
-        samples = self._samples - history.samples_at_update  # the horizon is in samples, in any unit
+        samples = samples_after - history.samples_at_update  # the horizon is in samples, in any unit
         if not per_group or per_group[0] is None or samples <= 0:
             return
         total, groups = per_group[0], per_group[1:]
@@ -844,7 +871,7 @@ class SessionModel:
         for tracker, points in zip(history.groups, groups):
             if points is not None:
                 tracker.update(step_estimate(self._in_unit(points)), samples)
-        history.samples_at_update = self._samples
+        history.samples_at_update = samples_after
         history.measured_step = step
 
     def _in_unit(self, points: GradNormPoints) -> GradNormPoints:
@@ -865,14 +892,13 @@ class SessionModel:
         self._recommended_at = t
         self._refresh_recommendation()
 
-    def _step_rows(self, step, t, n, mb, dt) -> list:
-        """The steps' rows: a value for each of bsmon.records.STEP_COLUMNS, in that order (NaN: no
-        value), each a number (one step) or a numpy column (a block's). The history keeps the
-        columns it bins; the export gets them all.
+    def _row_figures(self) -> dict[str, float]:
+        """The step rows' figures (bsmon.records.STEP_COLUMNS after ``step_time_s``) as they stand,
+        NaN for no value; ``noise_age_steps`` as the step the estimate was measured at (the rows
+        subtract it from their step).
 
-        The figures after ``step_time_s`` change only when the estimate, the estimator, the
-        advice or a branch check does, so they are computed then and reused (only the
-        estimate's age, and a calibrated B_noise, move every step).
+        They change only when the estimate, the estimator, the advice or a branch check does, so
+        they are computed then and reused (only a calibrated B_noise moves every step).
         """
         if self._figures is None or self.branch_checks:  # a calibration decays (and may end) step by step
             noise, pre = self.noise(), self.precond_noise()
@@ -890,18 +916,24 @@ class SessionModel:
         measured = history.measured_step if history is not None else None
         factor = self._calibration_now() if self.branch_checks else None
         advice = self._advice_b
-        values = {"step": step, "time": t, "batch_size": self._units.from_rank_samples(n), "micro_batches": mb,
-                  "skipped_steps": self._skipped_steps, "step_time_s": dt, **self._figures,
-                  "noise_age_steps": math.nan if measured is None or math.isnan(self._figures["b_simple"])
-                  else step - measured,
-                  "b_noise": _nan(advice / factor if factor and advice else advice)}
-        return [values[column.name] for column in STEP_COLUMNS]
+        return {**self._figures,
+                "noise_age_steps": math.nan if measured is None or math.isnan(self._figures["b_simple"]) else measured,
+                "b_noise": _nan(advice / factor if factor and advice else advice)}
 
-    def _block_rows(self, block: StepBlock) -> np.ndarray:
-        """The block's rows as a table (see _step_rows)."""
-        table = np.empty((len(block), len(STEP_COLUMNS)))
-        for i, column in enumerate(self._step_rows(block.step, block.t, block.n, block.mb, block.dt)):
-            table[:, i] = column
+    def _rows(self, step, t, n, mb, dt, figures: list[tuple[int, dict[str, float]]]) -> np.ndarray:
+        """Steps' rows as a table, a row per step and a column per bsmon.records.STEP_COLUMNS (NaN:
+        no value): the steps' own columns, then ``figures`` ((first row, _row_figures()), in row
+        order, each holding until the next). The history bins the columns it keeps; the export
+        gets them all."""
+        table = np.empty((len(step), len(STEP_COLUMNS)))
+        own = {"step": step, "time": t, "batch_size": self._units.from_rank_samples(n), "micro_batches": mb,
+               "skipped_steps": self._skipped_steps, "step_time_s": dt}
+        for name, values in own.items():
+            table[:, _AT[name]] = values
+        starts = [first for first, _ in figures]
+        values = np.array([[values[column.name] for column in _FIGURE_COLUMNS] for _, values in figures])
+        table[:, _FIRST_FIGURE:] = np.repeat(values, np.diff([*starts, len(step)]), axis=0)
+        table[:, _AT["noise_age_steps"]] = table[:, _AT["step"]] - table[:, _AT["noise_age_steps"]]
         return table
 
     # -- reading --------------------------------------------------------------

@@ -458,13 +458,13 @@ def validate(record: Any) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class StepColumn:
-    """One per-step figure of the session model (``SessionModel._step_rows`` makes them, in this
+    """One per-step figure of the session model (``SessionModel._rows`` makes them, in this
     order): its name in the model's row and the history, its type and unit, its CSV header
     (docs/csv.md) and how the history bins it ("last" value or "sum"; None: not kept there).
 
-    A new per-step figure is one line here, its producer in ``_step_rows`` and its view. The
-    CSV keeps this order, with the columns the export adds from other records (docs/csv.md)
-    after ``step_time_s``.
+    A new per-step figure is one line here, its producer in ``SessionModel._rows`` or
+    ``_row_figures`` and its view. The CSV keeps this order, with the columns the export adds
+    from other records (docs/csv.md) after ``step_time_s``.
     """
 
     name: str

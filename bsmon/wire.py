@@ -134,16 +134,22 @@ ORDER_FREE = frozenset(("scalars",))
 
 
 class StepBlock:
-    """Plain steps (the binary layout, no tail: no noise, FLOPs or skipped attempts) decoded in
-    bulk, as numpy columns: the monitor's fast path (``FrameReader(blocks=True)``;
+    """Steps decoded in bulk, as numpy columns: the monitor's fast path (``FrameReader(blocks=True)``;
     ``SessionModel`` ingests a block whole). ``ph`` is NaN where a step has no phase marks.
+
+    Most rows are plain steps (the binary layout, no tail). A measured step, whose tail carries
+    only the probe's ``noise`` payload (a few in a hundred), rides in the block too: its fixed
+    fields are a row like any other, and ``measured`` lists ``(row, noise)`` in row order.
+    Steps with other extras (FLOPs, skipped attempts, a rank's busy time) end a block.
     """
 
-    __slots__ = ("step", "t", "dt", "n", "mb", "dropped", "ph", "has_ph")
+    __slots__ = ("step", "t", "dt", "n", "mb", "dropped", "ph", "has_ph", "measured")
+    _COLUMNS = __slots__[:-1]
 
-    def __init__(self, step, t, dt, n, mb, dropped, ph, has_ph) -> None:
+    def __init__(self, step, t, dt, n, mb, dropped, ph, has_ph, measured=()) -> None:
         self.step, self.t, self.dt, self.n, self.mb, self.dropped = step, t, dt, n, mb, dropped
         self.ph, self.has_ph = ph, has_ph
+        self.measured: tuple[tuple[int, dict[str, Any]], ...] = tuple(measured)
 
     @classmethod
     def from_frames(cls, frames) -> "StepBlock":
@@ -154,8 +160,34 @@ class StepBlock:
         return cls(frames["step"].astype("i8"), frames["t"], frames["dt"], frames["n"].astype("i8"),
                    frames["mb"].astype("i8"), frames["dropped"].astype("i8"), ph, has_ph)
 
+    @classmethod
+    def interleave(cls, plain: "StepBlock", measured: list[tuple[int, dict[str, Any]]]) -> "StepBlock":
+        """``plain`` with the measured step records inserted, each ``(plain rows before it, record)``."""
+        import numpy as np
+
+        rows = np.array([before + i for i, (before, _) in enumerate(measured)], dtype=np.int64)
+        records = [record for _, record in measured]
+        ph = [record.get("ph") for record in records]
+        extra = cls(*(np.array([r[name] for r in records], dtype=dtype) for name, dtype in (
+            ("step", "i8"), ("t", "f8"), ("dt", "f8"), ("n", "i8"), ("mb", "i8"), ("dropped", "i8"))),
+            np.array([_NO_PH if marks is None else marks for marks in ph], dtype="f8").reshape(-1, 4),
+            np.array([marks is not None for marks in ph]))
+        size = len(plain) + len(extra)
+        is_plain = np.ones(size, dtype=bool)
+        is_plain[rows] = False
+        columns = []
+        for name in cls._COLUMNS:
+            part = getattr(plain, name)
+            column = np.empty((size, *part.shape[1:]), dtype=part.dtype)
+            column[is_plain] = part
+            column[rows] = getattr(extra, name)
+            columns.append(column)
+        return cls(*columns, zip(rows.tolist(), (record["noise"] for record in records)))
+
     def __getitem__(self, rows: slice) -> "StepBlock":
-        return StepBlock(*(getattr(self, column)[rows] for column in self.__slots__))
+        start, stop, _ = rows.indices(len(self))
+        return StepBlock(*(getattr(self, column)[rows] for column in self._COLUMNS),
+                         ((row - start, noise) for row, noise in self.measured if start <= row < stop))
 
     def __len__(self) -> int:
         return len(self.step)
@@ -170,11 +202,18 @@ class StepBlock:
             if with_ph:
                 record["ph"] = ph
             out.append(record)
+        for row, noise in self.measured:
+            out[row]["noise"] = noise
         return out
 
     def last(self) -> dict[str, Any]:
         """The block's last step as a record."""
         return self[-1:].records()[0]
+
+
+def rides_in_block(record: dict[str, Any]) -> bool:
+    """A measured step: a step record whose only extra is the probe's noise payload."""
+    return record["k"] == "step" and "noise" in record and len(record) == (9 if "ph" in record else 8)
 
 
 def record_time(record: "dict[str, Any] | StepBlock") -> float | None:
@@ -266,44 +305,59 @@ class FrameReader:
 
     def _in_order(self, plain: list[int], others: list[tuple[int, dict[str, Any] | str]]) -> list[dict[str, Any]]:
         """The plain steps and the other records merged back in the stream's order (blocks: runs
-        of plain steps as StepBlocks, ORDER_FREE records after the run they came in)."""
+        of steps as StepBlocks, measured steps inside them, ORDER_FREE records after the run
+        they came in)."""
         steps = self._decode_plain(plain) if len(plain) >= BULK_MIN else None
         out: list[dict[str, Any]] = []
         later: list[dict[str, Any]] = []
+        measured: list[tuple[int, dict[str, Any]]] = []  # the run's measured steps: (plain steps before, record)
         done = 0
         for before, item in others:
-            if self._blocks and not isinstance(item, str) and item["k"] in ORDER_FREE:
-                later.append(item)
-                continue
-            self._plain_steps(plain, steps, done, before, out)
+            if self._blocks and not isinstance(item, str):
+                if item["k"] in ORDER_FREE:
+                    later.append(item)
+                    continue
+                if rides_in_block(item):
+                    measured.append((before, item))
+                    continue
+            self._run(plain, steps, done, before, measured, out)
             done = before
+            measured = []
             out += later
             later.clear()
             if isinstance(item, str):
                 self._skip(item, out)
             else:
                 self._take(item, out)
-        self._plain_steps(plain, steps, done, len(plain), out)
+        self._run(plain, steps, done, len(plain), measured, out)
         return out + later
 
-    def _plain_steps(self, plain: list[int], steps: StepBlock | None, lo: int, hi: int, out: list) -> None:
-        """The plain steps ``plain[lo:hi]`` into ``out``: a block (or its records) when decoded in
-        bulk, else frame by frame, which says what is wrong with a bad one."""
-        if hi - lo >= BULK_MIN and steps is not None and int(steps.step[lo]) > self._last_step:
+    def _run(self, plain: list[int], steps: StepBlock | None, lo: int, hi: int,
+             measured: list[tuple[int, dict[str, Any]]], out: list) -> None:
+        """The plain steps ``plain[lo:hi]`` and the measured steps among them into ``out``: a block
+        (or its records) when decoded in bulk, else one by one, which says what is wrong with a bad one."""
+        if steps is not None and hi - lo + len(measured) >= BULK_MIN:
             block = steps[lo:hi]
-            self._last_step = int(block.step[-1])
-            if self._blocks:
-                out.append(block)
-            else:
-                out += block.records()
-            return
-        for at in plain[lo:hi]:
-            try:
-                record = decode_payload(bytes(self._buf[at + HEADER.size:at + PLAIN_STEP_FRAME]))
-            except InvalidRecord as exc:
-                self._skip(str(exc), out)
-            else:
+            if measured:
+                block = StepBlock.interleave(block, [(before - lo, record) for before, record in measured])
+            if int(block.step[0]) > self._last_step and (not measured or (block.step[1:] > block.step[:-1]).all()):
+                self._last_step = int(block.step[-1])
+                if self._blocks:
+                    out.append(block)
+                else:
+                    out += block.records()
+                return
+        for before, record in [*measured, (hi, None)]:
+            for at in plain[lo:before]:
+                try:
+                    step = decode_payload(bytes(self._buf[at + HEADER.size:at + PLAIN_STEP_FRAME]))
+                except InvalidRecord as exc:
+                    self._skip(str(exc), out)
+                else:
+                    self._take(step, out)
+            if record is not None:
                 self._take(record, out)
+            lo = before
 
     def _take(self, record: dict[str, Any], out: list[dict[str, Any]]) -> None:
         if record["k"] == "step":

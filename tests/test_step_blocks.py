@@ -118,3 +118,32 @@ def test_a_block_that_breaks_the_table_is_read_frame_by_frame():
     assert reader.invalid == 2
     assert [r["step"] for r in out if r["k"] == "step"] == [i for i in range(1, 40) if i not in (20, 30)]
     assert [r["k"] for r in out].count("event") == 1  # the first skip is said
+
+
+def test_measured_steps_ride_inside_blocks():
+    """A step whose only extra is its noise norms stays in its block (a row, and its payload in
+    ``measured``); a step with FLOPs or a skipped attempt ends the block."""
+    records = _job()
+    blocked = _read(records, True, chunk=1 << 20)
+    blocks = [item for item in blocked if isinstance(item, StepBlock)]
+    measured = [(int(block.step[row]), noise) for block in blocks for row, noise in block.measured]
+    assert measured == [(r["step"], r["noise"]) for r in records if r["k"] == "step" and set(r) - wire.STEP_FIXED == {"noise"}]
+    loose = [item["step"] for item in blocked if not isinstance(item, StepBlock) and item["k"] == "step"]
+    assert loose == [500, 700]  # the skipped attempt and the FLOP count
+    assert len(blocks) == 3  # cut at steps 500 and 700 only: batch sizes, scalars and measured steps do not
+    halves = blocks[0][5:400]  # slicing keeps the measured rows where they are
+    assert [int(halves.step[row]) for row, _ in halves.measured] == [s for s in range(6, 405) if s % 37 == 0]
+
+
+def test_a_measured_step_out_of_order_is_refused_among_its_block():
+    records = [HELLO] + [{"k": "step", "step": i, "t": 100.0 + i, "dt": 0.01, "n": 8, "mb": 2, "dropped": 0}
+                         for i in range(1, 40)]
+    noise = {"est": "microbatch", "micro": [4, 4], "g": 1, "acc": [2.0, 3.0]}
+    records[10]["noise"] = records[25]["noise"] = noise
+    records[25]["step"] = 3  # not advancing: refused, counted; its block is read step by step
+    reader = wire.FrameReader(blocks=True)
+    out = _flat(reader.feed(b"".join(map(wire.encode, records))))
+    assert reader.invalid == 1
+    steps = [r for r in out if r["k"] == "step"]
+    assert [r["step"] for r in steps] == [i for i in range(1, 40) if i != 25]
+    assert [r["step"] for r in steps if "noise" in r] == [10]

@@ -10,6 +10,7 @@ separately and divides only the averages. See docs/noise-scale.md for the reason
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import statistics
 from collections.abc import Sequence
@@ -134,8 +135,8 @@ def _accumulated_passes(
     equal = next((j for j, size in enumerate(sizes) if size != sizes[0]), len(sizes))
     if 2 <= equal < len(sizes):
         sizes = sizes[:equal]
-    inverse_sums = np.cumsum([1.0 / size for size in sizes])
-    return (tuple(j * j / float(inverse) for j, inverse in enumerate(inverse_sums, start=1)),
+    inverse_sums = itertools.accumulate(1.0 / size for size in sizes)  # in order, as np.cumsum: a few passes
+    return (tuple(j * j / inverse for j, inverse in enumerate(inverse_sums, start=1)),
             tuple(a * (m / j) ** 2 for j, a in zip(range(1, len(sizes) + 1), accumulated_sq)))
 
 
