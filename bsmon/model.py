@@ -772,11 +772,14 @@ class SessionModel:
         noise = self._advice_noise()
         check = self.branch_checks[-1] if self.branch_checks else None
         self._calibration = factor = self._calibration_now()
+        if noise.b_simple is None or noise.b_simple <= 0:  # (the usual wait at a run's start: no step time needed)
+            self._recommend_reason = self.next_action()
+            return
         points = self.throughput_points()
         current = int(self._units.from_rank_samples(self._last["n"])) if self._last else None
         split = self.step_split()
         profiled = len({p.batch_size for p in points}) >= 2
-        if noise.b_simple is None or noise.b_simple <= 0 or not (profiled or split is not None):
+        if not (profiled or split is not None):
             self._recommend_reason = self.next_action()
             return
         b_noise, low, high = noise.b_simple, noise.b_simple_low, noise.b_simple_high

@@ -1,3 +1,4 @@
+import json
 import math
 import re
 import struct
@@ -118,3 +119,17 @@ def test_steps_must_advance_and_skips_are_reported_at_powers_of_ten():
 def test_encode_refuses_oversized_records():
     with pytest.raises(wire.ProtocolError):
         wire.encode({"k": "event", "t": 0, "level": "info", "msg": "x" * (wire.MAX_FRAME_BYTES + 10)})
+
+
+@pytest.mark.parametrize("payload", [b'{"k":"scalars","step":3,"values":{"loss":NaN,"lr":Infinity}}', b' {"a": 1} ',
+                                     b'{"a": 1}{"b": 2}', b'{"a": 1', b"[1, 2]", b"", b"1", '{"é":"ü"}'.encode(),
+                                     '{"a":1}'.encode("utf-16"), b'\xef\xbb\xbf{"a": 1}', b'{"a": "\xff"}'])
+def test_payload_json_reads_as_json_loads(payload):
+    """The fast path of reading a payload's JSON gives what json.loads gives, or its error."""
+    try:
+        expected = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        with pytest.raises(wire.InvalidRecord, match=re.escape(f"payload is not JSON: {exc}")):
+            wire._json(payload)
+    else:
+        assert repr(wire._json(payload)) == repr(expected)
