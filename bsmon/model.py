@@ -269,6 +269,11 @@ class EstimatorHistory:
     measured_step: int | None = None  # the last step it took in
 
 
+def _usable(noise: NoiseScale) -> bool:
+    """A noise scale the advice can use: measured, and positive."""
+    return noise.b_simple is not None and noise.b_simple > 0
+
+
 def _nan(value: float | None) -> float:
     return math.nan if value is None else float(value)
 
@@ -456,44 +461,60 @@ class SessionModel:
 
     def _on_steps(self, block: StepBlock) -> None:
         """A block of steps (plain, and measured ones carrying noise norms): the state that
-        :meth:`_on_step` on each would leave, computed on the block's columns."""
+        :meth:`_on_step` on each would leave, computed on the block's columns, and the block's
+        rows, each made with the figures as of its step."""
         if self.branch_checks:  # a calibrated B_noise decays step by step: each row its own
             for record in block.records():
                 self._on_step(record)
             return
-        start = 0
-        while self.on_step_rows is not None and start < len(block):
-            # the exported advice is re-evaluated every RECOMMEND_INTERVAL_S of the job's time,
-            # with the state up to that step: ingest up to it, then its row
-            due = np.flatnonzero(self._exported_advice_due(block.step[start:], block.t[start:]))
-            if not len(due):
-                break
-            at = start + int(due[0])
-            self._ingest_run(block[start:at + 1], advice_at_end=True)
-            start = at + 1
-        if start < len(block):
-            self._ingest_run(block[start:] if start else block)
-
-    def _ingest_run(self, block: StepBlock, advice_at_end: bool = False) -> None:
-        """The block's state, its measured steps' noise and its rows, each row made with the
-        figures as of its step; ``advice_at_end``: the exported advice is re-evaluated before
-        the last row."""
         samples = self._units.global_samples(block.n)
-        before = self._samples
-        self._advance(block)
+        after = self._samples + np.cumsum(samples)  # samples trained up to each step, that one included
         rows = self.history is not None or self.on_step_rows is not None
         figures = [(0, self._row_figures())] if rows else []  # (first row, figures): each holds until the next
-        if block.measured:
-            after = before + np.cumsum(samples)  # samples trained up to each step, that one included
-            for row, noise in block.measured:
+        advanced = 0  # the block's rows the state (_advance) covers
+        deferred = None  # the last row the advice was re-evaluated at with the state behind it
+        measured = collections.deque(block.measured)
+        due = self._next_advice_due(block, 0)
+        while measured or due is not None:
+            if measured and (due is None or measured[0][0] <= due):
+                row, noise = measured.popleft()
                 self._update_noise(noise, int(block.step[row]), float(after[row]), float(after[row] - samples[row]))
-                if rows:
-                    self._figures_from(row, figures)
-        if advice_at_end:
-            self._refresh_exported_advice(float(block.t[-1]))
-            self._figures_from(len(block) - 1, figures)
+                at = row
+            else:
+                # The exported advice, with the state up to that step. While there is neither a
+                # noise scale nor advice, none can come whatever the step times: the state need
+                # not catch up for a step the advice is re-evaluated at anyway (every tenth).
+                if (self._recommend_reason is not None and not _usable(self._advice_noise())
+                        and block.step[due] % RECOMMEND_EVERY == 0):
+                    self._recommend_due, deferred = True, due
+                else:
+                    self._catch_up(block, advanced, due + 1, deferred)
+                    advanced, deferred = due + 1, None
+                self._refresh_exported_advice(float(block.t[due]))
+                at, due = due, self._next_advice_due(block, due + 1)
+            if rows:
+                self._figures_from(at, figures)
+        self._catch_up(block, advanced, len(block), deferred)
         if rows:
             self._add_rows(self._rows(block.step, block.t, block.n, block.mb, block.dt, figures))
+
+    def _catch_up(self, block: StepBlock, start: int, end: int, deferred: int | None) -> None:
+        """The state over the block's rows start:end; the advice's bookkeeping as a re-evaluation
+        at row ``deferred`` (if one, with the state behind) would have left it."""
+        if deferred is not None:
+            self._advance(block[start:deferred + 1])
+            self._recommend_due, self._recommended_version = False, self._points_version
+            start = deferred + 1
+        if start < end:
+            self._advance(block[start:end] if start or end < len(block) else block)
+
+    def _next_advice_due(self, block: StepBlock, start: int) -> int | None:
+        """The block's next row from ``start`` at which the exported rows re-evaluate the advice
+        (None: none, or no export)."""
+        if self.on_step_rows is None or start >= len(block):
+            return None
+        due = np.flatnonzero(self._exported_advice_due(block.step[start:], block.t[start:]))
+        return start + int(due[0]) if len(due) else None
 
     def _figures_from(self, row: int, figures: list[tuple[int, dict[str, float]]]) -> None:
         """The figures as they stand now hold from ``row`` on."""
@@ -772,7 +793,7 @@ class SessionModel:
         noise = self._advice_noise()
         check = self.branch_checks[-1] if self.branch_checks else None
         self._calibration = factor = self._calibration_now()
-        if noise.b_simple is None or noise.b_simple <= 0:  # (the usual wait at a run's start: no step time needed)
+        if not _usable(noise):  # (the usual wait at a run's start: no step times needed)
             self._recommend_reason = self.next_action()
             return
         points = self.throughput_points()
