@@ -483,9 +483,8 @@ class SessionModel:
             else:
                 # The exported advice, with the state up to that step. While there is neither a
                 # noise scale nor advice, none can come whatever the step times: the state need
-                # not catch up for a step the advice is re-evaluated at anyway (every tenth).
-                if (self._recommend_reason is not None and not _usable(self._advice_noise())
-                        and block.step[due] % RECOMMEND_EVERY == 0):
+                # not catch up for it (only the reason given, which no row shows, is re-worded).
+                if self._recommend_reason is not None and not _usable(self._advice_noise()):
                     self._recommend_due, deferred = True, due
                 else:
                     self._catch_up(block, advanced, due + 1, deferred)

@@ -18,22 +18,24 @@ HELLO = {"k": "hello", "v": wire.PROTOCOL_VERSION, "session": "abcd1234", "name"
 ESTIMATOR = {"k": "estimator", "name": "microbatch", "reason": None, "covered_fraction": 1.0}
 
 
-def _job(steps=3000, branch_at=None):
+def _job(steps=3000, branch_at=None, unresolved=(), slow=1.0):
     """A job's records: two micro-batches a step with phase marks, the batch size changed twice
     (live throughput points), noise norms every 37th step, a loss every 10th, an abandoned
-    attempt, a step with FLOPs counted; optionally a branch check."""
+    attempt, a step with FLOPs counted; optionally a branch check, and steps whose norms leave
+    |G|^2 negative (``unresolved``: no noise scale, so no advice, for a while); ``slow`` stretches
+    the step times (a slow job: the advice's re-evaluations each second fall between every tenth step)."""
     rng = np.random.default_rng(0)
     out, t = [HELLO, ESTIMATOR], 100.0
     for step in range(1, steps + 1):
         micro = 8 if step < 1200 else 16 if step < 2400 else 12
-        dt = (0.002 + 0.0001 * micro) * (1 + 0.05 * rng.random())
+        dt = (0.002 + 0.0001 * micro) * (1 + 0.05 * rng.random()) * slow
         t += dt
         record = {"k": "step", "step": step, "t": t, "dt": dt, "n": 2 * micro, "mb": 2, "dropped": 0,
                   "ph": [dt * 0.1, dt * 0.4, dt * 0.8, dt * 0.9]}
         if step % 37 == 0:
             g = float(rng.uniform(1, 2))
-            record["noise"] = {"est": "microbatch", "micro": [micro, micro], "g": 1,
-                               "acc": [g + 8.0 / micro, 4 * g + 8.0 / micro]}
+            second = g if step in unresolved else 4 * g + 8.0 / micro
+            record["noise"] = {"est": "microbatch", "micro": [micro, micro], "g": 1, "acc": [g + 8.0 / micro, second]}
         if step == 500:
             record["skipped"] = [{"n": 2 * micro, "mb": 1, "why": "raised"}]
         if step == 700:
@@ -91,9 +93,10 @@ def _ingest(items, *, history=True):
     return model, np.concatenate(tables)
 
 
-@pytest.mark.parametrize("branch_at", [None, 1500])
-def test_a_model_fed_blocks_equals_one_fed_records(branch_at):
-    records = _job(branch_at=branch_at)
+@pytest.mark.parametrize("branch_at, unresolved, slow", [(None, (), 1), (1500, (), 1), (None, range(600, 1300), 1),
+                                                         (None, range(600, 1300), 120)])
+def test_a_model_fed_blocks_equals_one_fed_records(branch_at, unresolved, slow):
+    records = _job(branch_at=branch_at, unresolved=unresolved, slow=slow)
     one, rows_one = _ingest(_read(records, False))
     bulk, rows_bulk = _ingest(_read(records, True))
     a, b = one.stats(), bulk.stats()
