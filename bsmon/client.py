@@ -183,15 +183,16 @@ class Feed:
         reader = wire.FrameReader(blocks=True)
         self.state = "live"
         ingested = 0
+        buffer = bytearray(RECV_BYTES)  # reused: a live job's reads are small, a backlog's large
         try:
             while not self._stop.is_set():
-                data = self._sock.recv(RECV_BYTES)
-                if not data:
+                size = self._sock.recv_into(buffer)
+                if not size:
                     break
-                records = reader.feed(data)
+                records = reader.feed(buffer[:size])
                 ingested += wire.record_count(records)
                 self._ingest(records)
-                self.received_bytes += len(data)  # after: caught up means the screen can show it all
+                self.received_bytes += size  # after: caught up means the screen can show it all
         except wire.ProtocolError as exc:
             self.state = "error"
             self.message = f"connection dropped: the job sent a bad frame ({exc}); the session file is intact"
