@@ -10,25 +10,28 @@ logged at that step) are empty cells, never a made-up number.
 
 Two passes over the file: the first collects what the header and the per-step lookups need
 (the names logged, the ``ranks`` and ``branch_check`` records, the GPU samples of the
-session's gpu file, all small), the second makes the rows.
+session's gpu file, all small) and skips the steps undecoded (``wire.skim``); the second
+makes the rows. The CSV's text is made a block of rows at a time (:func:`_text`).
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, TextIO
+from typing import TYPE_CHECKING, Any, Iterator, TextIO
 
 import numpy as np
+import orjson
 
 from bsmon import store
 from bsmon.gpu import CSV_COLUMNS
 from bsmon.model import SessionModel, nearest_sample, summarise_ranks
-from bsmon.records import STEP_COLUMNS
+from bsmon.records import STEP_COLUMNS, InvalidRecord, ProtocolError
 from bsmon.stats.branch import BranchCheck
-from bsmon.wire import StepBlock
+from bsmon.wire import StepBlock, decode_payload, skim
 
 if TYPE_CHECKING:
     import pandas
@@ -64,8 +67,7 @@ ROW_BLOCK = 4096
 class SessionIndex:
     """What the first pass collects: the header's scalar names and the per-step lookups."""
 
-    #: hello, bye, estimator and events, as the views read them (no steps ingested)
-    model: SessionModel = field(default_factory=lambda: SessionModel(keep_history=False))
+    hello: dict[str, Any] | None = None  # the latest, as the model takes it
     scalar_names: dict[str, None] = field(default_factory=dict)  # insertion-ordered set
     checks: dict[int, BranchCheck] = field(default_factory=dict)  # by step; the latest check of a step wins
     rank_time: list[float] = field(default_factory=list)
@@ -80,29 +82,66 @@ def _records_path(session: "store.SessionInfo | os.PathLike") -> Path:
 
 
 def scan(session: "store.SessionInfo | os.PathLike") -> SessionIndex:
-    """The first pass: read the session's records once, keeping only the small parts."""
+    """The first pass: the session's records other than steps (skimmed past), keeping only the small parts."""
     path = _records_path(session)
     index = SessionIndex()
-    for batch in store.iter_record_batches(path, blocks=True):
-        for record in batch:
-            if isinstance(record, StepBlock):
-                continue
-            kind = record["k"]
-            if kind == "scalars":
-                for name in record["values"]:
-                    index.scalar_names.setdefault(name)
-            elif kind == "ranks":
-                summary = summarise_ranks(record)
-                index.rank_time.append(record["t"])
-                index.rank_world_size.append(summary.world_size)
-                index.slowest_rank_step_time_s.append(summary.slowest_step_time_s)
-            elif kind == "branch_check":
-                check = BranchCheck.from_record(record)
-                index.checks[check.step] = check
-            elif kind in ("hello", "bye", "estimator", "event"):
-                index.model.ingest(record)
+    for record in _skim(path, index.scalar_names):
+        kind = record["k"]
+        if kind == "scalars":
+            for name in record["values"]:
+                index.scalar_names.setdefault(name)
+        elif kind == "ranks":
+            summary = summarise_ranks(record)
+            index.rank_time.append(record["t"])
+            index.rank_world_size.append(summary.world_size)
+            index.slowest_rank_step_time_s.append(summary.slowest_step_time_s)
+        elif kind == "branch_check":
+            check = BranchCheck.from_record(record)
+            index.checks[check.step] = check
+        elif kind == "hello":
+            index.hello = record
     _scan_gpu(path.parent / store.GPU_FILE, index)
     return index
+
+
+#: How the job's encoder starts a ``scalars`` record (wire.encode).
+_SCALARS = b'{"k":"scalars",'
+
+
+def _skim(path: Path, known: dict[str, None]) -> Iterator[dict[str, Any]]:
+    """The valid records of a session file other than steps, as store.iter_record_batches reads
+    them (up to the same framing error), in bounded memory; less the ``scalars`` records that
+    log only names in ``known``, which the first pass has no use for (and need no validating)."""
+    buf = bytearray()
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        return
+    with handle:
+        while chunk := handle.read(store.READ_CHUNK):
+            buf += chunk
+            payloads, taken, error = skim(buf)
+            for payload in payloads:
+                if payload.startswith(_SCALARS) and _logs_only(payload, known):
+                    continue
+                try:
+                    yield decode_payload(payload)
+                except InvalidRecord:
+                    continue
+                except ProtocolError:
+                    return
+            if error is not None:
+                return
+            del buf[:taken]
+
+
+def _logs_only(payload: bytes, known: dict[str, None]) -> bool:
+    """Whether a scalars record's payload names only scalars in ``known``."""
+    try:
+        values = json.loads(payload).get("values")
+    except ValueError:  # not JSON: decode_payload says so
+        return False
+    return isinstance(values, dict) and values.keys() <= known.keys()
 
 
 def _scan_gpu(path: Path, index: SessionIndex) -> None:
@@ -128,15 +167,18 @@ def columns(index: SessionIndex) -> list[str]:
 
 
 
-def blocks(session: "store.SessionInfo | os.PathLike", index: SessionIndex | None = None) -> Iterator[list[np.ndarray]]:
+def blocks(session: "store.SessionInfo | os.PathLike", index: SessionIndex | None = None, *,
+           model: SessionModel | None = None) -> Iterator[list[np.ndarray]]:
     """The rows, ROW_BLOCK at a time, column by column in the order of :func:`columns`: each a
     float array (NaN: no value), ``time`` as Unix milliseconds (int64, the CSV's precision).
 
     The one place a row is made: the CSV and :func:`bsmon.load`'s DataFrame both come from here.
-    ``session`` is a SessionInfo or a session directory; ``index`` its :func:`scan`, if made already.
+    ``session`` is a SessionInfo or a session directory; ``index`` its :func:`scan`, if made
+    already; ``model``, if given, is the (new) SessionModel that takes in every record on the way
+    (for the session's metadata afterwards).
     """
     index = index or scan(session)
-    model = SessionModel(keep_history=False)
+    model = model or SessionModel(keep_history=False)
     pending: list[np.ndarray] = []  # tables of the model's rows (see SessionModel._rows)
     logged: dict[int, dict[str, float]] = {}  # step -> scalars, for steps not yet made into rows
     model.on_step_rows = pending.append
@@ -166,7 +208,7 @@ class _Columns:
     def __init__(self, index: SessionIndex) -> None:
         self.index = index
         self.scalar_names = ["loss", *(name for name in index.scalar_names if name != "loss")]
-        hello = index.model.hello or {}
+        hello = index.hello or {}
         self.t0 = hello.get("t0")
         self.world_size = int(hello.get("world_size") or 1)
         self.rank_time = np.array(index.rank_time, dtype=float)
@@ -175,11 +217,11 @@ class _Columns:
         self.gpu = {name: _floats(index.gpu_fields[name]) if name in index.gpu_fields else None for name in GPU_COLUMNS}
 
     def block(self, table: np.ndarray, logged: dict[int, dict[str, float]]) -> list[np.ndarray]:
+        """The columns of these rows; takes (and drops) the scalars ``logged`` up to their last step."""
         index = self.index
         times = table[:, _AT["time"]]
-        steps = table[:, _AT["step"]].astype(np.int64).tolist()
+        steps = table[:, _AT["step"]]
         t0 = self.t0 if self.t0 is not None else times[0]
-        values = [logged.pop(step, None) for step in steps]
         with np.errstate(divide="ignore", invalid="ignore"):
             samples_per_s = np.where(table[:, _AT["step_time_s"]] > 0,
                                      table[:, _AT["batch_size"]] / table[:, _AT["step_time_s"]], np.nan)
@@ -187,10 +229,10 @@ class _Columns:
         out += [unix_ms(times), times - t0]
         out += [table[:, i] for i in range(_AT["time"] + 1, _SPLIT)]
         out.append(samples_per_s)
-        out += [np.array([v.get(name, np.nan) if v else np.nan for v in values]) for name in self.scalar_names]
+        out += self._scalars(steps, logged)
         out += [table[:, i] for i in range(_SPLIT, len(STEP_COLUMNS))]
         if index.checks:
-            checks = [index.checks.get(step) for step in steps]
+            checks = [index.checks.get(step) for step in steps.astype(np.int64).tolist()]
             out += [np.array([np.nan if c is None or getattr(c, name) is None else getattr(c, name) for c in checks],
                              dtype=float) for name in ("b_crit", "b_crit_low", "b_crit_high", "ratio")]
         else:
@@ -204,9 +246,20 @@ class _Columns:
         for name in GPU_COLUMNS:
             column = self.gpu[name]
             out.append(np.where(has_gpu, column[gpu_at], np.nan) if column is not None else np.full(len(table), np.nan))
-        for step in [s for s in logged if s <= steps[-1]]:  # logged for a step that has no row
-            del logged[step]
         return out
+
+    def _scalars(self, steps: np.ndarray, logged: dict[int, dict[str, float]]) -> list[np.ndarray]:
+        """The logged scalars' columns for these steps (NaN where not logged). Scalars logged for a
+        step up to the last of these that has no row are dropped."""
+        columns = {name: np.full(len(steps), np.nan) for name in self.scalar_names}
+        due = [step for step in logged if step <= steps[-1]]
+        for step, at in zip(due, np.searchsorted(steps, due).tolist()):
+            values = logged.pop(step)
+            if steps[at] == step:
+                for name, value in values.items():
+                    if name in columns:  # else first logged after the first pass read the file (a running job)
+                        columns[name][at] = value
+        return list(columns.values())
 
 
 def _floats(values: list[float | None]) -> np.ndarray:
@@ -222,19 +275,108 @@ def unix_ms(times: np.ndarray) -> np.ndarray:
 
 
 def _iso(ms: np.ndarray) -> list[str]:
-    return [text + "+00:00" for text in np.datetime_as_string(ms.astype("datetime64[ms]"), unit="ms").tolist()]
+    """Unix ms as ISO 8601 in UTC, to the millisecond: numpy formats each distinct second once
+    (a step a millisecond shares its second with a thousand), the milliseconds come from a table."""
+    seconds, millis = np.divmod(ms, 1000)
+    distinct, at = np.unique(seconds, return_inverse=True)
+    whole = np.datetime_as_string((distinct * 1000).astype("datetime64[ms]"), unit="ms")
+    prefixes = np.array([text[:-3] for text in whole.tolist()], dtype=object)  # up to the seconds' "."
+    return list(map(str.__add__, prefixes[at].tolist(), _MILLIS[millis].tolist()))
 
 
-def _cells(column: np.ndarray, integer: bool) -> list[str]:
-    """A column as CSV cells: '' for no value (NaN), else the shortest exact form ('inf' for an
-    open bound); whole numbers in an integer column without a decimal point. A column of few
-    distinct values (most are: a figure changes when the estimate does) formats each once."""
-    values, at = np.unique(column, return_inverse=True)
-    if len(values) * 4 > len(column):
-        values, at = column, None
-    text = [("" if v != v else str(int(v))) for v in values.tolist()] if integer else \
-        [("" if v != v else repr(v)) for v in values.tolist()]
-    return text if at is None else [text[i] for i in at.tolist()]
+#: "000+00:00" to "999+00:00": a time's milliseconds and its zone, for :func:`_iso`.
+_MILLIS = np.array([f"{ms:03d}+00:00" for ms in range(1000)], dtype=object)
+
+
+#: How a column's values become CSV cells (see :func:`_cells`).
+_FLOAT, _INTEGER, _TIME = "float", "integer", "time"
+#: Columns whose values change at most at this share of the rows (most figures change only when
+#: the estimate does) are formatted once per run of equal rows.
+_RUNS_SHARE = 0.25
+
+
+def _text(block: list[np.ndarray], kinds: list[str]) -> str:
+    """A block of rows as CSV lines (numbers and an ISO time: nothing to quote).
+
+    Adjacent columns that change together at few rows form a group whose cells are formatted and
+    joined once per run of equal rows; the other columns are formatted cell by cell. Each row is
+    then one join of its groups' texts.
+    """
+    n = len(block[0])
+    parts: list[list[str]] = []  # a text per row for each column or group of columns, left to right
+    group: list[int] = []
+    starts = np.zeros(n, dtype=bool)  # the rows where the group's run of equal values starts
+    for j, (column, kind) in enumerate(zip(block, kinds)):
+        changed = _changes(column)
+        merged = starts | changed
+        if group and np.count_nonzero(merged) <= n * _RUNS_SHARE:
+            group.append(j)
+            starts = merged
+            continue
+        if group:
+            parts.append(_runs(block, kinds, group, starts))
+            group = []
+        if np.count_nonzero(changed) <= n * _RUNS_SHARE:
+            group, starts = [j], changed
+        else:
+            parts.append(_cells(column, kind))
+    if group:
+        parts.append(_runs(block, kinds, group, starts))
+    return "\n".join(map(",".join, zip(*parts))) + "\n"
+
+
+def _changes(column: np.ndarray) -> np.ndarray:
+    """True at the first row and where a value differs from the one above, bit for bit (NaN
+    equals NaN; 0.0 and -0.0 differ, as their cells do)."""
+    bits = column.view(np.int64)
+    changed = np.empty(len(bits), dtype=bool)
+    changed[0] = True
+    np.not_equal(bits[1:], bits[:-1], out=changed[1:])
+    return changed
+
+
+def _runs(block: list[np.ndarray], kinds: list[str], group: list[int], starts: np.ndarray) -> list[str]:
+    """The cells of the ``group``'s columns, joined, for every row: formatted once per run of equal rows."""
+    rows = np.flatnonzero(starts)
+    cells = [_cells(block[j][rows], kinds[j]) for j in group]
+    texts = cells[0] if len(cells) == 1 else list(map(",".join, zip(*cells)))
+    if len(rows) == len(starts):
+        return texts
+    return np.repeat(np.array(texts, dtype=object), np.diff(rows, append=len(starts))).tolist()
+
+
+def _cells(column: np.ndarray, kind: str) -> list[str]:
+    """A column as CSV cells: '' for no value (NaN), else the shortest exact form, as repr writes
+    it ('inf' for an open bound); whole numbers in an integer column without a decimal point;
+    times (Unix ms) in ISO 8601.
+
+    orjson writes numbers at C speed (repr's ~1 µs a float was most of an export's formatting):
+    for a float it writes the shortest digits that read back as the same float, as repr does,
+    and in the same form between 1e-4 and 1e16 (tests/test_export.py holds it to repr). Outside
+    that range, and for NaN and infinities, the cell is repr's.
+    """
+    if kind == _TIME:
+        return _iso(column)
+    missing = np.isnan(column)
+    if kind == _INTEGER:
+        whole = np.where(missing, 0, column)
+        if np.abs(whole).max() < 2.0 ** 63:
+            text = _numbers(whole.astype(np.int64))
+        else:  # beyond int64 (a count of 2**63 or more): Python's ints
+            text = [str(int(v)) for v in whole.tolist()]
+        odd = missing
+    else:
+        text = _numbers(column)
+        magnitude = np.abs(column)
+        odd = ~(((magnitude >= 1e-4) & (magnitude < 1e16)) | (column == 0))  # NaN and inf too
+    for i in np.flatnonzero(odd).tolist():
+        text[i] = "" if missing[i] else repr(column[i].item())
+    return text
+
+
+def _numbers(column: np.ndarray) -> list[str]:
+    """Each number of a float64 or int64 column as orjson writes it."""
+    return orjson.dumps(np.ascontiguousarray(column), option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].decode().split(",")
 
 
 def write_csv(session: "store.SessionInfo | os.PathLike", out: TextIO) -> int:
@@ -242,12 +384,10 @@ def write_csv(session: "store.SessionInfo | os.PathLike", out: TextIO) -> int:
     index = scan(session)
     names = columns(index)
     csv.writer(out, lineterminator="\n").writerow(names)  # logged names may need quoting
-    integers = [name in INTEGER_COLUMNS for name in names]
+    kinds = [_TIME if name == "time" else _INTEGER if name in INTEGER_COLUMNS else _FLOAT for name in names]
     count = 0
-    for block in blocks(session, index):  # numbers and an ISO time: nothing to quote
-        cells = [_iso(column) if name == "time" else _cells(column, integer)
-                 for name, column, integer in zip(names, block, integers)]
-        out.write("\n".join(map(",".join, zip(*cells))) + "\n")
+    for block in blocks(session, index):
+        out.write(_text(block, kinds))
         count += len(block[0])
     return count
 
@@ -284,7 +424,8 @@ def dataframe(session: "store.SessionInfo | os.PathLike") -> "pandas.DataFrame":
     pd = _pandas()
     index = scan(session)
     names = columns(index)
-    parts = [list(block) for block in blocks(session, index)]
+    model = SessionModel(keep_history=False)
+    parts = [list(block) for block in blocks(session, index, model=model)]
     data = {}
     for i, name in enumerate(names):
         column = np.concatenate([part[i] for part in parts]) if parts else np.empty(0)
@@ -295,7 +436,7 @@ def dataframe(session: "store.SessionInfo | os.PathLike") -> "pandas.DataFrame":
         else:
             data[name] = column
     frame = pd.DataFrame(data, columns=names)
-    model, bye = index.model, index.model.bye or {}
+    bye = model.bye or {}
     hello = model.hello or {}
     info = session if isinstance(session, store.SessionInfo) else None
     frame.attrs = {

@@ -427,3 +427,36 @@ def _plain_dtype():
                                  ("dropped", "<u8"), ("ph", "<f8", (4,))])
         assert _PLAIN_DTYPE.itemsize == PLAIN_STEP_FRAME
     return _PLAIN_DTYPE
+
+
+def skim(buf: bytes | bytearray) -> tuple[list[bytes], int, ProtocolError | None]:
+    """The payloads of the whole frames in ``buf`` other than binary steps, which are framed and
+    checksummed like every frame but not decoded: a pass that needs only the rare records (the
+    export's first, for the CSV's header) reads a session at checksum speed.
+
+    Returns the payloads, the bytes of whole frames taken and the framing error that stopped the
+    reading, if any. Decoded with :func:`decode_payload` (skipping an InvalidRecord, stopping at a
+    ProtocolError), they give the records :class:`FrameReader` gives, in the same order and up
+    to the same stop (a binary step never stops a stream), less its steps and its events about
+    refused records.
+    """
+    out: list[bytes] = []
+    error: ProtocolError | None = None
+    pos, size, unpack, crc32 = 0, len(buf), HEADER.unpack_from, zlib.crc32
+    with memoryview(buf) as view:
+        while size - pos >= HEADER.size:
+            length, crc = unpack(buf, pos)
+            if length > MAX_FRAME_BYTES:
+                error = ProtocolError(f"frame of {length} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
+                break
+            start = pos + HEADER.size
+            end = start + length
+            if end > size:
+                break
+            if crc32(view[start:end]) != crc:
+                error = ProtocolError("frame checksum mismatch")
+                break
+            if length == 0 or buf[start] != STEP_TAG:
+                out.append(bytes(view[start:end]))
+            pos = end
+    return out, pos, error
