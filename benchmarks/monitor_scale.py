@@ -16,7 +16,8 @@ process's VmHWM), against the issue's targets, with a same-run baseline where on
 
 * ``bsmon ls`` with the big session present, and with 100 sessions (100 watch()/close()
   sessions of 1,000 steps made by one process);
-* ``bsmon export`` in steps/s, against reading and decoding the file once;
+* ``bsmon export`` in steps/s, against reading and decoding the file once, and side by side
+  with ingesting it once into the session model (the part of an export that is not its own);
 * replay to the final screen (the real Textual app under Pilot at 200x60, and
   ``bsmon replay --headless``), per 100k steps;
 * attach to a running job with a big backlog: time until the first full screen shows
@@ -298,6 +299,19 @@ def read_once(args: argparse.Namespace) -> None:
     print(json.dumps({"records": len(records)}))
 
 
+def ingest_once(args: argparse.Namespace) -> None:
+    """The export's other baseline: the records ingested once into a SessionModel that makes the
+    steps' rows, as the export's second pass does, with no column or cell made from them."""
+    from bsmon import store
+    from bsmon.model import SessionModel
+
+    model, rows = SessionModel(keep_history=False), []
+    model.on_step_rows = lambda table: rows.append(len(table))
+    for batch in store.iter_record_batches(Path(args.path), blocks=True):
+        model.ingest_all(batch)
+    print(json.dumps({"rows": sum(rows)}))
+
+
 # -- the TUI's CPU in a pseudo-terminal ------------------------------------------------------------
 #: How long ``bsmon attach`` may take to draw its first screen before the benchmark gives up.
 STARTUP_CEILING_S = 120.0
@@ -360,7 +374,8 @@ def main(args: argparse.Namespace) -> None:
 
     if args.only != "tui":
         measure_sessions(args, row, big)
-    measure_live(args, row, big, window)
+    if args.only != "export":
+        measure_live(args, row, big, window)
 
     print("\n| work | measured | target | verdict |\n| --- | --- | --- | --- |")
     for work, figure, target, verdict in rows:
@@ -383,27 +398,36 @@ def measure_sessions(args: argparse.Namespace, row: Callable[..., None], big: in
     print(f"  file: {size / MiB:.1f} MiB for {big:,} steps ({size / big:.0f} bytes a step)", flush=True)
 
     # ls: the first listing writes the summary of a session recorded without one (an older probe)
-    for label, home, target in ((f"one {big:,}-step session", home_big, 0.3), ("100 sessions", home_many, 1.0)):
-        first, run = measure(bsmon_cli("ls"), home), measure(bsmon_cli("ls"), home)
-        row(f"bsmon ls, {label}", f"{run.wall_s:.2f} s, {run.rss_mib:.0f} MiB", f"<= {target:g} s",
-            run.wall_s <= target, f"(first listing {first.wall_s:.2f} s)")
-    version = measure(bsmon_cli("--help"), home_many)
-    print(f"    (baseline: `bsmon --help`, the interpreter and import, {version.wall_s:.2f} s)")
+    if args.only != "export":
+        for label, home, target in ((f"one {big:,}-step session", home_big, 0.3), ("100 sessions", home_many, 1.0)):
+            first, run = measure(bsmon_cli("ls"), home), measure(bsmon_cli("ls"), home)
+            row(f"bsmon ls, {label}", f"{run.wall_s:.2f} s, {run.rss_mib:.0f} MiB", f"<= {target:g} s",
+                run.wall_s <= target, f"(first listing {first.wall_s:.2f} s)")
+        version = measure(bsmon_cli("--help"), home_many)
+        print(f"    (baseline: `bsmon --help`, the interpreter and import, {version.wall_s:.2f} s)")
 
     # export
     csv = CACHE / "export.csv"
     for label, directory, steps in ((f"{big:,}", big_dir, big), (f"{huge:,}", huge_dir, huge))[:2 - args.skip_huge]:
         home = home_big if directory is big_dir else home_huge
         read = measure(helper("read-once", str(directory / "records.bsr")), home)
+        ingest = measure(helper("ingest-once", str(directory / "records.bsr")), home)
         run = measure(bsmon_cli("export", directory.name, "-o", str(csv)), home)
         rate = steps / run.wall_s
         row(f"bsmon export, {label} steps", f"{rate:,.0f} steps/s ({run.wall_s:.1f} s, {run.rss_mib:.0f} MiB)",
             ">= 100k steps/s" + (", <= 250 MB" if directory is huge_dir else ""),
             rate >= 100_000 and (directory is not huge_dir or run.rss_mib * MiB <= 250e6),
             f"x{run.wall_s / read.wall_s:.1f} of reading the file once ({read.wall_s:.1f} s, {read.rss_mib:.0f} MiB)")
+        # side by side: the export against the ingest it cannot do without; the difference is its own
+        # cost (CPU time: on a busy machine the steadier figure)
+        print(f"    side by side: export {run.wall_s:.1f} s ({run.cpu_s:.1f} s CPU), ingesting the file once into "
+              f"the model {ingest.wall_s:.1f} s ({ingest.cpu_s:.1f} s CPU), fresh processes: the export's own "
+              f"{(run.cpu_s - ingest.cpu_s) / (steps / 100_000):.2f} s CPU per 100k steps", flush=True)
     csv.unlink(missing_ok=True)
 
     # replay
+    if args.only == "export":
+        return
     for label, home, directory, steps in ((f"{big:,}", home_big, big_dir, big),
                                           (f"{huge:,}", home_huge, huge_dir, huge))[:2 - args.skip_huge]:
         run = measure(helper("first-screen", "replay", directory.name, str(steps)), home)
@@ -459,9 +483,11 @@ def parse() -> argparse.Namespace:
     s.add_argument("step", type=int)
     r = sub.add_parser("read-once")
     r.add_argument("path")
+    i = sub.add_parser("ingest-once")
+    i.add_argument("path")
     parser.add_argument("--quick", action="store_true", help="100k-step sessions, short CPU windows")
-    parser.add_argument("--only", choices=("all", "tui"), default="all",
-                        help="tui: only attach and the TUI's CPU (no recorded sessions needed)")
+    parser.add_argument("--only", choices=("all", "tui", "export"), default="all",
+                        help="tui: only attach and the TUI's CPU (no recorded sessions needed); export: only the export")
     parser.add_argument("--fresh", action="store_true", help="record the sessions again")
     parser.add_argument("--skip-huge", action="store_true",
                         help="leave out the 10x session (a monitor without bounded memory needs hours and GBs)")
@@ -470,4 +496,5 @@ def parse() -> argparse.Namespace:
 
 if __name__ == "__main__":
     arguments = parse()
-    {"job": job, "first-screen": first_screen, "read-once": read_once}.get(arguments.cmd, main)(arguments)
+    helpers = {"job": job, "first-screen": first_screen, "read-once": read_once, "ingest-once": ingest_once}
+    helpers.get(arguments.cmd, main)(arguments)
