@@ -487,7 +487,8 @@ def parse() -> argparse.Namespace:
     i.add_argument("path")
     parser.add_argument("--quick", action="store_true", help="100k-step sessions, short CPU windows")
     parser.add_argument("--only", choices=("all", "tui", "export"), default="all",
-                        help="tui: only attach and the TUI's CPU (no recorded sessions needed); export: only the export")
+                        help="tui: only attach and the TUI's CPU (no recorded sessions needed); "
+                             "export: only the export")
     parser.add_argument("--fresh", action="store_true", help="record the sessions again")
     parser.add_argument("--skip-huge", action="store_true",
                         help="leave out the 10x session (a monitor without bounded memory needs hours and GBs)")
