@@ -10,14 +10,13 @@ logged at that step) are empty cells, never a made-up number.
 
 Two passes over the file: the first collects what the header and the per-step lookups need
 (the names logged, the ``ranks`` and ``branch_check`` records, the GPU samples of the
-session's gpu file, all small) and skips the steps undecoded (``wire.skim``); the second
+session's gpu file, all small) and reads past the steps undecoded; the second
 makes the rows. The CSV's text is made a block of rows at a time (:func:`_text`).
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +28,9 @@ import orjson
 from bsmon import store
 from bsmon.gpu import CSV_COLUMNS
 from bsmon.model import SessionModel, nearest_sample, summarise_ranks
-from bsmon.records import STEP_COLUMNS, InvalidRecord, ProtocolError
+from bsmon.records import STEP_COLUMNS
 from bsmon.stats.branch import BranchCheck
-from bsmon.wire import StepBlock, decode_payload, skim
+from bsmon.wire import StepBlock
 
 if TYPE_CHECKING:
     import pandas
@@ -82,10 +81,10 @@ def _records_path(session: "store.SessionInfo | os.PathLike") -> Path:
 
 
 def scan(session: "store.SessionInfo | os.PathLike") -> SessionIndex:
-    """The first pass: the session's records other than steps (skimmed past), keeping only the small parts."""
+    """The first pass: the session's records other than steps (read past undecoded), keeping only the small parts."""
     path = _records_path(session)
     index = SessionIndex()
-    for record in _skim(path, index.scalar_names):
+    for record in (record for batch in store.iter_record_batches(path, steps=False) for record in batch):
         kind = record["k"]
         if kind == "scalars":
             for name in record["values"]:
@@ -102,46 +101,6 @@ def scan(session: "store.SessionInfo | os.PathLike") -> SessionIndex:
             index.hello = record
     _scan_gpu(path.parent / store.GPU_FILE, index)
     return index
-
-
-#: How the job's encoder starts a ``scalars`` record (wire.encode).
-_SCALARS = b'{"k":"scalars",'
-
-
-def _skim(path: Path, known: dict[str, None]) -> Iterator[dict[str, Any]]:
-    """The valid records of a session file other than steps, as store.iter_record_batches reads
-    them (up to the same framing error), in bounded memory; less the ``scalars`` records that
-    log only names in ``known``, which the first pass has no use for (and need no validating)."""
-    buf = bytearray()
-    try:
-        handle = open(path, "rb")
-    except FileNotFoundError:
-        return
-    with handle:
-        while chunk := handle.read(store.READ_CHUNK):
-            buf += chunk
-            payloads, taken, error = skim(buf)
-            for payload in payloads:
-                if payload.startswith(_SCALARS) and _logs_only(payload, known):
-                    continue
-                try:
-                    yield decode_payload(payload)
-                except InvalidRecord:
-                    continue
-                except ProtocolError:
-                    return
-            if error is not None:
-                return
-            del buf[:taken]
-
-
-def _logs_only(payload: bytes, known: dict[str, None]) -> bool:
-    """Whether a scalars record's payload names only scalars in ``known``."""
-    try:
-        values = json.loads(payload).get("values")
-    except ValueError:  # not JSON: decode_payload says so
-        return False
-    return isinstance(values, dict) and values.keys() <= known.keys()
 
 
 def _scan_gpu(path: Path, index: SessionIndex) -> None:

@@ -167,9 +167,10 @@ class RecordStream:
     ``error`` the framing error that stopped the reading, if any.
     """
 
-    def __init__(self, path: Path, start: int = 0, batch: int = 4096, blocks: bool = False) -> None:
+    def __init__(self, path: Path, start: int = 0, batch: int = 4096, blocks: bool = False, steps: bool = True) -> None:
         self.path = path
         self.blocks = blocks
+        self.steps = steps
         self.end = start
         self.torn_bytes = 0
         self.invalid = 0
@@ -189,7 +190,7 @@ class RecordStream:
             handle = open(self.path, "rb")
         except FileNotFoundError:
             return
-        reader = wire.FrameReader(blocks=self.blocks)
+        reader = wire.FrameReader(blocks=self.blocks, steps=self.steps)
         read = 0
         with handle:
             handle.seek(self._start)
@@ -204,11 +205,13 @@ class RecordStream:
                     yield records[i:i + self._batch]
 
 
-def iter_record_batches(path: Path, *, start: int = 0, batch: int = 4096, blocks: bool = False) -> RecordStream:
+def iter_record_batches(path: Path, *, start: int = 0, batch: int = 4096, blocks: bool = False,
+                        steps: bool = True) -> RecordStream:
     """Stream the records of ``path`` from byte ``start`` (a frame boundary) in lists of at most
     ``batch``; the returned iterator tells ``end``, ``torn_bytes`` and ``invalid`` afterwards.
-    With ``blocks``, runs of plain steps come as ``wire.StepBlock`` items (bsmon.wire.FrameReader)."""
-    return RecordStream(path, start, batch, blocks)
+    With ``blocks``, runs of plain steps come as ``wire.StepBlock`` items; ``steps=False``
+    leaves the steps out, undecoded (bsmon.wire.FrameReader)."""
+    return RecordStream(path, start, batch, blocks, steps)
 
 
 def read_records(path: Path) -> tuple[list[dict[str, Any]], int]:

@@ -255,12 +255,15 @@ class FrameReader:
 
     Plain binary steps are decoded in bulk with numpy. With ``blocks=True`` they come out as
     :class:`StepBlock` items among the records (a monitor's fast path; ``scalars`` read
-    among them follow the block), else as one record each, in the stream's order.
+    among them follow the block), else as one record each, in the stream's order. With
+    ``steps=False`` binary steps are framed and checked but not decoded, nor returned: a pass
+    that needs only the other records (the export's first) reads at checksum speed.
     """
 
-    def __init__(self, *, blocks: bool = False) -> None:
+    def __init__(self, *, blocks: bool = False, steps: bool = True) -> None:
         self._buf = bytearray()
         self._blocks = blocks
+        self._steps = steps
         self.invalid = 0
         self.error: ProtocolError | None = None
         self.consumed = 0
@@ -284,7 +287,7 @@ class FrameReader:
         self._buf += data
         plain: list[int] = []  # offsets of the plain binary steps, decoded together below
         others: list[tuple[int, dict[str, Any] | str]] = []  # (plain steps before it, the record or why it was refused)
-        buf, pos, size = self._buf, 0, len(self._buf)
+        buf, pos, size, steps = self._buf, 0, len(self._buf), self._steps
         with memoryview(buf) as view:
             while size - pos >= HEADER.size:
                 length, crc = HEADER.unpack_from(buf, pos)
@@ -297,7 +300,9 @@ class FrameReader:
                 if zlib.crc32(view[pos + HEADER.size:end]) != crc:
                     self.error = ProtocolError("frame checksum mismatch")
                     break
-                if length == STEP.size and buf[pos + HEADER.size] == STEP_TAG and buf[pos + HEADER.size + 1] & ~HAS_PH == 0:
+                if length and buf[pos + HEADER.size] == STEP_TAG and not steps:
+                    pass
+                elif length == STEP.size and buf[pos + HEADER.size] == STEP_TAG and buf[pos + HEADER.size + 1] & ~HAS_PH == 0:
                     plain.append(pos)
                 else:
                     try:
@@ -428,35 +433,3 @@ def _plain_dtype():
         assert _PLAIN_DTYPE.itemsize == PLAIN_STEP_FRAME
     return _PLAIN_DTYPE
 
-
-def skim(buf: bytes | bytearray) -> tuple[list[bytes], int, ProtocolError | None]:
-    """The payloads of the whole frames in ``buf`` other than binary steps, which are framed and
-    checksummed like every frame but not decoded: a pass that needs only the rare records (the
-    export's first, for the CSV's header) reads a session at checksum speed.
-
-    Returns the payloads, the bytes of whole frames taken and the framing error that stopped the
-    reading, if any. Decoded with :func:`decode_payload` (skipping an InvalidRecord, stopping at a
-    ProtocolError), they give the records :class:`FrameReader` gives, in the same order and up
-    to the same stop (a binary step never stops a stream), less its steps and its events about
-    refused records.
-    """
-    out: list[bytes] = []
-    error: ProtocolError | None = None
-    pos, size, unpack, crc32 = 0, len(buf), HEADER.unpack_from, zlib.crc32
-    with memoryview(buf) as view:
-        while size - pos >= HEADER.size:
-            length, crc = unpack(buf, pos)
-            if length > MAX_FRAME_BYTES:
-                error = ProtocolError(f"frame of {length} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
-                break
-            start = pos + HEADER.size
-            end = start + length
-            if end > size:
-                break
-            if crc32(view[start:end]) != crc:
-                error = ProtocolError("frame checksum mismatch")
-                break
-            if length == 0 or buf[start] != STEP_TAG:
-                out.append(bytes(view[start:end]))
-            pos = end
-    return out, pos, error

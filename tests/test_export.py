@@ -1,5 +1,5 @@
 """The export's fast paths against plain ground truth: every cell as repr / int / datetime write
-it, cell by cell; the first pass's skim of a file against the reader's records."""
+it, cell by cell; the first pass (steps left undecoded) against the reader's records."""
 
 from __future__ import annotations
 
@@ -90,16 +90,16 @@ def test_a_block_of_rows_is_its_cells_joined():
         assert export._text(short, kinds) == "".join(expected.splitlines(keepends=True)[:rows])
 
 
-def _reader_records(path) -> list[dict]:
+def _reader_records(path, **options) -> list[dict]:
     """What store.iter_record_batches reads, less steps and its own events about refused records."""
-    return [r for r in store.read_records(path)[0]
+    return [r for batch in store.iter_record_batches(path, **options) for r in batch
             if r["k"] != "step" and not (r["k"] == "event" and r["msg"].startswith("skipped "))]
 
 
 @FUZZ
 @given(streams(), st.data())
 def test_the_first_pass_reads_the_records_the_reader_reads(tmp_path_factory, stream, data):
-    """Skimming past the steps undecoded keeps every other record the reader keeps, in order, up
+    """Reading past the steps undecoded keeps every other record the reader keeps, in order, up
     to the same stop, in a torn or corrupted file; and the header's names are those of the valid
     scalars records, in first-seen order, whatever the invalid ones name."""
     sent, _ = stream
@@ -111,34 +111,27 @@ def test_the_first_pass_reads_the_records_the_reader_reads(tmp_path_factory, str
     damaged = bytearray(whole[:data.draw(st.integers(0, len(whole)))])
     if damaged and data.draw(st.booleans()):
         damaged[data.draw(st.integers(0, len(damaged) - 1))] ^= data.draw(st.integers(1, 255))
-    path = tmp_path_factory.mktemp("skim") / store.RECORDS_FILE
+    path = tmp_path_factory.mktemp("first-pass") / store.RECORDS_FILE
     path.write_bytes(bytes(damaged))
-    expected, got, names, known = [], [], {}, {}
-    for record in _reader_records(path):  # less the scalars records that name no new name
-        if record["k"] != "scalars" or not record["values"].keys() <= names.keys():
-            expected.append(record)
-        if record["k"] == "scalars":
-            names.update(dict.fromkeys(record["values"]))
-    for record in export._skim(path, known):
-        if record["k"] == "scalars":
-            known.update(dict.fromkeys(record["values"]))
-        if record["k"] != "step":
-            got.append(record)
-    assert got == expected
+    expected = _reader_records(path)
+    assert _reader_records(path, steps=False) == expected
+    names = {name: None for record in expected if record["k"] == "scalars" for name in record["values"]}
     assert list(export.scan(path.parent).scalar_names) == list(names)
 
 
-def test_skim_stops_where_the_reader_stops():
+def test_reading_past_the_steps_stops_where_the_reader_stops():
     hello = wire.encode(EXAMPLES["hello"])
     step = wire.encode({"k": "step", "step": 1, "t": 1.0, "dt": 0.1, "n": 8, "mb": 1, "dropped": 0})
     scalars = wire.encode({"k": "scalars", "step": 1, "values": {"loss": 1.0}})
-    payloads, taken, error = wire.skim(hello + step + scalars + step[:10])
-    assert [wire.decode_payload(p)["k"] for p in payloads] == ["hello", "scalars"]
-    assert taken == len(hello + step + scalars) and error is None  # a torn frame waits for its rest
     bad = bytearray(step)
     bad[-1] ^= 1
-    payloads, taken, error = wire.skim(hello + bytes(bad) + scalars)
-    assert len(payloads) == 1 and taken == len(hello) and "checksum" in str(error)
     oversize = wire.HEADER.pack(wire.MAX_FRAME_BYTES + 1, 0)
-    payloads, taken, error = wire.skim(hello + oversize + scalars)
-    assert len(payloads) == 1 and taken == len(hello) and "exceeds" in str(error)
+    for data, kinds, taken, error in ((hello + step + scalars + step[:10], ["hello", "scalars"], len(hello + step + scalars), None),
+                                      (hello + bytes(bad) + scalars, ["hello"], len(hello), "checksum"),
+                                      (hello + oversize + scalars, ["hello"], len(hello), "exceeds")):
+        for steps in (True, False):
+            reader = wire.FrameReader(steps=steps)
+            got = [r["k"] for r in reader.read(data)]
+            assert got == (kinds[:1] + ["step"] + kinds[1:] if steps and taken > len(hello) else kinds)
+            assert reader.consumed == taken  # a torn frame waits for its rest
+            assert reader.error is None if error is None else error in str(reader.error)
