@@ -96,6 +96,7 @@ class Feed:
         fd = self._open_gpu_file()
         placeholder = sampler.latest().time  # the empty snapshot from before the first reading
         last_time = None
+        shown = None  # what the last snapshot without readings showed (its banner and hint)
         try:
             while not self._stop.wait(GPU_RECORD_INTERVAL_S if last_time is not None else 0.1):
                 snapshot = sampler.latest()
@@ -103,6 +104,9 @@ class Feed:
                     continue
                 first = last_time is None
                 last_time = snapshot.time
+                if not snapshot.gpus and (snapshot.banner, snapshot.hint) == shown:
+                    continue  # no GPU (no driver): the same banner each second changes nothing shown
+                shown = None if snapshot.gpus else (snapshot.banner, snapshot.hint)
                 record = {"k": "gpu", "snapshot": snapshot.to_record()}
                 with self.lock:
                     self.model.ingest(record)

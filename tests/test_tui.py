@@ -32,8 +32,8 @@ from bsmon.tui import BsmonApp
 from bsmon.history import Binned
 from bsmon.tui.screens import HelpScreen, WhyScreen
 from bsmon.tui.widgets import (
-    BatchPanel, BatchSizeChart, GpuPanel, JobHeader, LossChart, NoiseChart, OptimalPanel, RanksPanel, ScalarsPanel,
-    OPTIMAL_GIST, ThroughputChart, ThroughputPanel, noise_source, regime,
+    BatchPanel, BatchSizeChart, GpuPanel, JobHeader, LinesView, LossChart, NoiseChart, OptimalPanel, RanksPanel,
+    ScalarsPanel, OPTIMAL_GIST, ThroughputChart, ThroughputPanel, noise_source, regime,
 )
 from conftest import WAIT_S, spawn
 from fake_nvml import FakeDriver, FakeGpu
@@ -199,7 +199,7 @@ async def test_panels_show_the_numbers_of_the_model(sessions):
         sizes, _, _, goodput, _, _, current, optimal = app.query_one(BatchSizeChart)._data
         assert (current, optimal) == (64, stats.b_opt) and all(size % 16 == 0 for size in sizes)  # whole micro-batches
         assert shown(app, ScalarsPanel, "scalars") == f"loss {feed.model.last_scalars['loss']:.4g}  lr 0.05"
-        on_screen = str(app.query_one(BatchPanel).query_one(Static).visual)
+        on_screen = app.query_one(BatchPanel).query_one(LinesView).text
         assert f"B_simple {band}" in on_screen.splitlines()
 
 
@@ -616,21 +616,21 @@ async def test_live_charts_wait_for_the_newest_steps_scalars(sessions):
 
 @pilot_test
 async def test_a_log_scale_chart_survives_being_rendered_again():
-    """plotext rescales data in place; a re-render (here after a resize) must not take the log twice."""
+    """A re-render (here after a resize) keeps the log axis over the data (plotext once took the log twice)."""
     app = BsmonApp(synthetic_feed(), mode="replay")
     async with app.run_test(size=(200, 60)) as pilot:
         chart = app.query_one(LossChart)
         chart.show(np.arange(1.0, 101.0), np.geomspace(10.0, 0.01, 100))
         await pilot.pause()
-        ticks = y_ticks(chart.render().plain)
+        ticks = y_ticks(chart.text())
         assert ticks[0] == 10.0 and ticks[-1] < 0.02  # a log axis over the data's range
         await pilot.resize_terminal(190, 60)
         await pilot.pause()
-        assert y_ticks(chart.render().plain) == ticks
+        assert y_ticks(chart.text()) == ticks
 
 
 def y_ticks(plot):
-    """The y-axis tick values of a rendered plotext chart, top to bottom ('20k' -> 20000.0)."""
+    """The y-axis tick values of a rendered chart, top to bottom ('20k' -> 20000.0)."""
     return [si_value(line.split("┤")[0].strip()) for line in plot.splitlines() if "┤" in line]
 
 
@@ -647,7 +647,7 @@ async def test_chart_axes_read_in_round_si_numbers_and_an_early_band_edge_stays_
         chart = app.query_one(ThroughputChart)
         chart.show(np.arange(1.0, 101.0), np.linspace(80_000, 106_294.5, 100), "samples")
         await pilot.pause()
-        plot = chart.render().plain
+        plot = chart.text()
         assert y_ticks(plot) == [100_000, 80_000, 60_000, 40_000, 20_000, 0]
         assert "100k┤" in plot and "106294" not in plot
         noise = app.query_one(NoiseChart)
@@ -658,7 +658,7 @@ async def test_chart_axes_read_in_round_si_numbers_and_an_early_band_edge_stays_
         low[:3] = 0.0
         noise.show(step, b_simple, low, high, np.full(200, 64.0))
         await pilot.pause()
-        plot = noise.render().plain
+        plot = noise.text()
         ticks = y_ticks(plot)
         assert max(ticks) <= 3 * 1000 and min(ticks) >= 64 / 3  # clipped to 3x the estimates and batch
         assert all(fmt.tick_label(t) in plot for t in ticks)
@@ -756,7 +756,7 @@ async def test_an_adam_job_shows_b_pre_beside_b_simple_and_says_the_advice_uses_
         # side by side where the panel has room for both, else B_pre on the line right below
         both = shown(app, BatchPanel, "b_simple") + " · " + shown(app, BatchPanel, "b_pre")
         assert both.startswith(f"B_simple {simple} · B_pre {pre}")
-        lines = str(app.query_one(BatchPanel).query_one(Static).visual).splitlines()
+        lines = app.query_one(BatchPanel).query_one(LinesView).text.splitlines()
         assert any(f"B_pre {pre}" in line for line in lines[lines.index(f"B_simple {simple}") if f"B_simple {simple}" in lines else 0:][:2])
         assert shown(app, BatchPanel, "geometry") in (  # as much of the why as the panel has room for
             f"advice uses B_pre: {stats.noise_geometry_reason}", "advice uses B_pre: the step is g/(√v̂+ε)")

@@ -240,7 +240,10 @@ class BsmonApp(App):
         return self.feed.state in ("connecting", "live") and returncode is None and bye is None
 
     def refresh_numbers(self, *, force: bool = False) -> bool:
-        """Redraw the panels if anything they show changed; True if it redrew."""
+        """Redraw the panels if anything they show changed; True if it redrew.
+
+        When only the clock moved (a job between steps, or idle), only the header's elapsed time
+        is redrawn, from the numbers drawn last: nothing is read from the model."""
         if self.paused and not force:
             return False
         feed = self.feed
@@ -248,19 +251,23 @@ class BsmonApp(App):
         clock = int(time.time()) if self._live(returncode, feed.model.bye) else None  # elapsed ticks while live
         backlog = feed.catching_up()
         state = (feed.state, feed.message, returncode, self.paused, backlog is None)
-        key = (state, (feed.version, clock, backlog))
+        data = (feed.version, backlog)
+        key = (state, data, clock)
         now = time.monotonic()
-        if not force and self._numbers_key is not None and (
-                key == self._numbers_key or (state == self._numbers_key[0] and now < self._numbers_due)):
+        last = self._numbers_key
+        if not force and last is not None and (
+                key == last or (state == last[0] and now < self._numbers_due)):
             return False
         self._numbers_key = key
+        if not force and self._numbers is not None and (state, data) == last[:2]:
+            self._draw_header(self._numbers, returncode)
+            return True
         self._numbers_due = now + NUMBERS_INTERVAL_S
         numbers = feed.read(Numbers.capture)
         self._draw_numbers(numbers, returncode)
         return True
 
-    def _draw_numbers(self, numbers: Numbers, returncode: int | None) -> None:
-        self._numbers = numbers
+    def _draw_header(self, numbers: Numbers, returncode: int | None) -> None:
         hello = numbers.hello or {}
         status, status_kind = job_status(self.mode, self.feed.state, numbers.bye, returncode)
         if not hello:
@@ -271,13 +278,16 @@ class BsmonApp(App):
             elapsed = numbers.elapsed_s
         error = (numbers.bye or {}).get("error")
         messages = [self.feed.message, f"job error: {error.rstrip(': ')}" if error else None]
-        backlog = self.feed.catching_up()
         self.query_one(JobHeader).show(
             name=hello.get("name", "waiting for the job"), status=status, status_kind=status_kind,
             pid=hello.get("pid", self.job.pid if self.job else None), elapsed_s=elapsed,
-            step=numbers.stats.step, world_size=hello.get("world_size"), paused=self.paused, catching_up=backlog,
-            command=short_command(hello.get("command", ())),
+            step=numbers.stats.step, world_size=hello.get("world_size"), paused=self.paused,
+            catching_up=self.feed.catching_up(), command=short_command(hello.get("command", ())),
             message=" | ".join(m for m in messages if m) or None)
+
+    def _draw_numbers(self, numbers: Numbers, returncode: int | None) -> None:
+        self._numbers = numbers
+        self._draw_header(numbers, returncode)
         self.query_one(ThroughputPanel).show(numbers.stats)
         self.query_one(RanksPanel).show(numbers.stats)
         self.query_one(BatchPanel).show(numbers.stats)
@@ -286,7 +296,7 @@ class BsmonApp(App):
                                           branch_line(numbers.stats))
         self.query_one(GpuPanel).show(numbers.gpu, numbers.stats.gpu_hints, live=self._live(returncode, numbers.bye))
         self.query_one(ScalarsPanel).show(numbers.scalars)
-        self.query_one(EventsLog).show(numbers.events, hello.get("t0", 0.0))
+        self.query_one(EventsLog).show(numbers.events, numbers.hello.get("t0", 0.0) if numbers.hello else 0.0)
 
     def refresh_charts(self, *, force: bool = False) -> bool:
         """Add the new history rows to the charts and redraw those whose data changed.

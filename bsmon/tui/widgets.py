@@ -25,11 +25,12 @@ from textual.content import Content
 from textual.geometry import Region
 from textual.markup import escape
 from textual.strip import Strip
+from textual.visual import Visual
 from textual.widget import Widget
 from textual.widgets import Sparkline, Static
-from textual_plotext import PlotextPlot
 
 from bsmon import fmt
+from bsmon.tui import plot
 from bsmon.gpu import GpuReading, GpuSnapshot
 from bsmon.model import Stats
 from bsmon.stats.noise import NoiseScale, statistical_efficiency
@@ -44,13 +45,86 @@ def unit_label(unit: str) -> str:
     return "tokens" if unit == "tokens" else "samples"
 
 
+class LinesView(Widget):
+    """Named lines of markup, each wrapped to the width and kept as strips.
+
+    A change repaints only the rows of the lines that changed (the whole view when a line's
+    height changed, and the screen's layout when the view's did): at 1 kHz most of a panel's
+    lines stay the same from one second to the next, and re-rendering whole panels, with the
+    screen around them, was most of what the numbers cost.
+    """
+
+    DEFAULT_CSS = "LinesView { height: auto; }"
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._markup: dict[str, str] = {}
+        self._rows: dict[str, list[Strip]] = {}  # wrapped at self._width
+        self._width = 0
+        self._strips: list[Strip] = []  # every line's rows, in order
+
+    @property
+    def text(self) -> str:
+        """The plain text of the lines, unwrapped (what a Static of them would hold)."""
+        return "\n".join(Content.from_markup(markup).plain for markup in self._markup.values())
+
+    def set_lines(self, markup: dict[str, str]) -> None:
+        old, old_rows = self._markup, self._rows
+        self._markup = dict(markup)
+        self._rows = {name: rows for name, rows in old_rows.items() if old.get(name) == markup.get(name)}
+        if not self._width:
+            self.refresh(layout=True)
+            return
+        dirty: list[Region] = []
+        y = 0
+        for name in markup:
+            rows = self._wrapped(name)
+            if name not in old_rows or old.get(name) != markup[name]:
+                dirty.append(Region(0, y, self._width, len(rows)))
+            y += len(rows)
+        same_rows = list(old) == list(markup) and all(len(old_rows[name]) == len(self._rows[name])
+                                                      for name in markup if name in old_rows)
+        self._strips = [strip for name in markup for strip in self._rows[name]]
+        if not same_rows:
+            self.refresh(layout=len(self._strips) != sum(len(rows) for rows in old_rows.values()))
+        elif dirty:
+            self.refresh(*dirty)
+
+    def _wrapped(self, name: str) -> list[Strip]:
+        rows = self._rows.get(name)
+        if rows is None:
+            rows = self._rows[name] = Visual.to_strips(self, Content.from_markup(self._markup[name]), self._width,
+                                                       None, self.visual_style, pad=True)
+        return rows
+
+    def _rewrap(self, width: int) -> None:
+        if width != self._width:
+            self._width, self._rows = width, {}
+        self._strips = [strip for name in self._markup for strip in self._wrapped(name)]
+
+    def get_content_height(self, container: Any, viewport: Any, width: int) -> int:
+        self._rewrap(width)
+        return len(self._strips)
+
+    def render_line(self, y: int) -> Strip:
+        width = self.size.width
+        if width != self._width:
+            self._rewrap(width)
+        return self._strips[y] if y < len(self._strips) else Strip.blank(width, self.rich_style)
+
+    def notify_style_update(self) -> None:
+        """Colours and text styles changed (the theme, a layout class): render the lines again."""
+        super().notify_style_update()
+        self._rows = {}
+        if self._width:
+            self._rewrap(self._width)
+
+
 class Lines(Vertical):
-    """A titled panel whose text is one Static of named lines, redrawn only when a line changes.
+    """A titled panel whose text is one :class:`LinesView` of named lines.
 
     ``show_lines`` takes every line by name; an empty one is left out, so optional lines (drops,
-    warnings) take no room until they have something to say. One Static per panel keeps the
-    screen cheap to composite, and a change that keeps the text's height repaints only this
-    panel: a layout pass of the whole screen costs far more than the text.
+    warnings) take no room until they have something to say.
     """
 
     TITLE = ""
@@ -61,24 +135,18 @@ class Lines(Vertical):
         super().__init__(**kwargs)
         self.border_title = self.TITLE
         self._lines: dict[str, str] = {}
-        self._shape: tuple[int, int] | None = None  # (width, height) of the text
 
     def compose(self) -> ComposeResult:
-        yield Static("", classes="lines")
+        yield LinesView(classes="lines")
 
     def show_lines(self, **lines: str | None) -> None:
         lines = {name: text for name, text in lines.items() if text}
         if lines == self._lines:
             return
         self._lines = lines
-        content = Content.from_markup("\n".join(
-            f"[{self.LINE_STYLES[name]}]{text}[/]" if name in self.LINE_STYLES else text
-            for name, text in lines.items()))
-        widget = self.query_one(".lines", Static)
-        width = widget.content_size.width
-        shape = (width, content.get_height(widget.styles, width)) if width else None
-        widget.update(content, layout=shape is None or shape != self._shape)
-        self._shape = shape
+        self.query_one(LinesView).set_lines({
+            name: f"[{self.LINE_STYLES[name]}]{text}[/]" if name in self.LINE_STYLES else text
+            for name, text in lines.items()})
 
     def line(self, name: str) -> str:
         """The plain text of one line ('' when it is not shown)."""
@@ -583,16 +651,23 @@ ROWS_PER_Y_TICK, COLUMNS_PER_X_TICK = 3, 10
 #: (a few steps' |G|² near 0) would otherwise stretch the axis to millions.
 BAND_CLIP_FACTOR = 3.0
 OPEN_TOP, OPEN_BOTTOM = "▲", "▼"
+#: The GPU chart's utilisation and memory lines (plotext's first two default colours, as before).
+GPU_COLORS = ((0, 130, 200), (60, 180, 75))
 
 
-class Chart(PlotextPlot):
-    """A plotext chart of the data last given to ``show``, or ``waiting`` in plain words until then.
+class Chart(Widget):
+    """A chart of the data last given to ``show``, or ``waiting`` in plain words until then.
 
-    Plotting happens in ``render``, from the stored data, because plotext's build rescales its
-    data in place (a second build of a log-scale plot would take the log twice). ``render_cost_s``
-    is what the last redraw cost, plotting and turning plotext's text into the screen's lines (about
-    as much again), so the app can slow chart redraws down on a big terminal.
-    Axes get round 1-2-5 ticks with SI labels (:meth:`axes`), never plotext's own (106294.5).
+    The chart is drawn (:mod:`bsmon.tui.plot`) when the screen first needs a line of it after new
+    data or a new size, and its lines are kept until then: a chart that is not shown costs nothing
+    but its ``show``. ``render_cost_s`` is what the last drawing of new data cost, so the app can
+    slow chart redraws down on a big terminal. Axes get round 1-2-5 ticks with SI labels
+    (:meth:`axes`).
+    """
+
+    DEFAULT_CSS = """
+    Chart { width: 1fr; height: 1fr; }
+    Chart.-plotted { background: $surface; }
     """
 
     def __init__(self, title: str, waiting: str, **kwargs: Any) -> None:
@@ -600,40 +675,55 @@ class Chart(PlotextPlot):
         self.border_title = title
         self._waiting = waiting
         self._data: tuple | None = None
+        self._lines: list[Strip] | None = None  # drawn for self._lines_size
+        self._lines_size: tuple[int, int] | None = None
+        self.figure: plot.Figure | None = None  # the figure ``draw`` fills
         self.render_cost_s = 0.0
-        self._timing = False  # the next render_lines draws the new data: time it
+        self._timing = False  # the next drawing is of new data: time it
 
-    def render(self) -> RenderResult:
-        if self._data is None:
-            return Text(self._waiting, style="dim")
-        self.plt.clear_data()
+    def render_line(self, y: int) -> Strip:
+        size = (self.size.width, self.size.height)
+        if self._lines is None or self._lines_size != size:
+            start = time.perf_counter()
+            self._lines, self._lines_size = self._draw_lines(*size), size
+            if self._timing:
+                self.render_cost_s = time.perf_counter() - start
+                self._timing = False
+        return self._lines[y] if y < len(self._lines) else Strip.blank(size[0], self.rich_style)
+
+    def _draw_lines(self, width: int, height: int) -> list[Strip]:
+        if self._data is None:  # wrapped like a Static's text
+            console, base = self.app.console, self.rich_style
+            lines = console.render_lines(Text(self._waiting, style="dim"), console.options.update_width(width))
+            return ([Strip(line, width).apply_style(base) for line in lines[:height]]
+                    + [Strip.blank(width, base)] * (height - len(lines)))
+        self.figure = plot.Figure(width, height)
         self.draw(*self._data)
-        return super().render()
+        return self.figure.strips(self.rich_style)
 
-    def render_lines(self, crop: Region) -> list[Strip]:
-        if not self._timing:  # the screen's other updates read the lines Textual cached
-            return super().render_lines(crop)
-        start = time.perf_counter()
-        try:
-            return super().render_lines(crop)
-        finally:
-            self.render_cost_s = time.perf_counter() - start
-            self._timing = False
+    def notify_style_update(self) -> None:
+        """The colours changed (the theme, or the background once there is data): draw again."""
+        super().notify_style_update()
+        self._lines = None
+
+    def text(self) -> str:
+        """The chart's characters as it is drawn now, a line each (for tests and debugging)."""
+        return "\n".join(self.render_line(y).text for y in range(self.size.height))
 
     def draw(self, *data: Any) -> None:
-        """Plot ``data`` (what ``show`` stored) on the cleared ``self.plt``, and set its :meth:`axes`."""
+        """Plot ``data`` (what ``show`` stored) on ``self.figure``, and set its :meth:`axes`."""
         raise NotImplementedError
 
-    def trace(self, xs: list, ys: list, **style: Any) -> None:
+    def trace(self, xs: Any, ys: Any, color: str | tuple[int, int, int], label: str | None = None) -> None:
         """One series: a line while it is sparse, points once there is one per braille column
-        (two per cell), where they look the same and plotext builds them in half the time."""
+        (two per cell), where a line would only join neighbours with vertical strokes."""
         dense = len(xs) >= 2 * self.size.width
-        (self.plt.scatter if dense else self.plt.plot)(xs, ys, marker="braille", **style)
+        (self.figure.dots if dense else self.figure.line)(xs, ys, color, label)
 
     def axes(self, x: tuple[float, float], y: tuple[float, float], *, log_x: bool = False,
              log_y: bool = False) -> None:
         """Scale, limits and round ticks of both axes over the ranges ``x`` and ``y``."""
-        plt = self.plt
+        figure = self.figure
         for axis, (low, high), log, count in (
                 ("x", x, log_x, self.size.width // COLUMNS_PER_X_TICK),
                 ("y", y, log_y, self.size.height // ROWS_PER_Y_TICK)):
@@ -641,20 +731,19 @@ class Chart(PlotextPlot):
             if high <= low:  # one value: a range around it, so it gets a tick
                 low, high = (low / 2, low * 2) if log else (low - abs(low) / 2 - 1, high + abs(high) / 2 + 1)
             values = (fmt.log_ticks if log else fmt.ticks)(low, high, max(2, min(count, 8)))
-            getattr(plt, f"{axis}scale")("log" if log else "linear")
-            # plotext takes the log of data and ticks, but not of the limits
-            getattr(plt, f"{axis}lim")(*((math.log10(low), math.log10(high)) if log else (low, high)))
-            getattr(plt, f"{axis}ticks")(values, [fmt.tick_label(v) for v in values])
+            setattr(figure, axis, plot.Axis(low, high, values, [fmt.tick_label(v) for v in values], log))
 
     def _store(self, data: tuple | None) -> None:
         """Keep what ``draw`` needs, or None for the waiting message, and redraw if it changed.
 
-        Plotting is most of what a chart costs, and the app hands the charts new data whenever the
+        Drawing is most of what a chart costs, and the app hands the charts new data whenever the
         feed moved (a GPU sample, a logged value), often with the same points as before."""
         if _same(data, self._data):
             return
         self._data = data
+        self._lines = None
         self._timing = True
+        self.set_class(data is not None, "-plotted")
         self.refresh()
 
 
@@ -691,20 +780,20 @@ def _range(*values: np.ndarray, log: bool = False) -> tuple[float, float]:
     return float(joined.min()), float(joined.max())
 
 
-def _points(xs: np.ndarray, ys: np.ndarray, log_y: bool, log_x: bool = False) -> tuple[list, list]:
-    """Plain lists for plotext, without the points a log axis cannot show."""
+def _points(xs: np.ndarray, ys: np.ndarray, log_y: bool, log_x: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The points without those a log axis cannot show."""
     keep = np.ones(xs.shape, dtype=bool)
     if log_y:
         keep &= ys > 0
     if log_x:
         keep &= xs > 0
-    return xs[keep].tolist(), ys[keep].tolist()
+    return xs[keep], ys[keep]
 
 
-def _time_axis(plt: Any, elapsed_s: np.ndarray) -> float:
+def _time_axis(figure: plot.Figure, elapsed_s: np.ndarray) -> float:
     """Label the x axis in seconds, or minutes past 3 minutes; returns the divisor for x values."""
     minutes = elapsed_s.size > 0 and elapsed_s.max() > 180
-    plt.xlabel("elapsed min" if minutes else "elapsed s")
+    figure.xlabel = "elapsed min" if minutes else "elapsed s"
     return 60.0 if minutes else 1.0
 
 
@@ -717,11 +806,11 @@ class ThroughputChart(Chart):
         self._store((elapsed_s, rate, unit) if elapsed_s.size > 1 else None)
 
     def draw(self, elapsed_s: np.ndarray, rate: np.ndarray, unit: str) -> None:
-        x = elapsed_s / _time_axis(self.plt, elapsed_s)
-        self.trace(x.tolist(), rate.tolist(), color="cyan")
+        x = elapsed_s / _time_axis(self.figure, elapsed_s)
+        self.trace(x, rate, "cyan")
         # From zero, so jitter does not look like a collapse.
         self.axes((float(x.min()), float(x.max())), (0.0, float(rate.max()) * 1.1))
-        self.plt.ylabel(f"{unit_label(unit)}/s")
+        self.figure.ylabel = f"{unit_label(unit)}/s"
 
 
 def band_range(b_simple: np.ndarray, batch: np.ndarray) -> tuple[float, float]:
@@ -750,30 +839,32 @@ class NoiseChart(Chart):
 
     def draw(self, step: np.ndarray, b_simple: np.ndarray, low: np.ndarray, high: np.ndarray,
              batch: np.ndarray) -> None:
-        plt = self.plt
+        figure = self.figure
         bottom, top = band_range(b_simple, batch)
         log = top > 20 * bottom
         band_x, band_y, open_top, open_bottom = [], [], [], []
         for edge in (low, high):
             inside, above, below = clip_band(edge, bottom, top)
-            band_x += step[inside].tolist()
-            band_y += edge[inside].tolist()
-            open_top += step[above].tolist()
-            open_bottom += step[below].tolist()
-        if band_x:
-            plt.scatter(band_x, band_y, marker="braille", color="gray", label="95% band")
+            band_x.append(step[inside])
+            band_y.append(edge[inside])
+            open_top.append(step[above])
+            open_bottom.append(step[below])
+        band_x, band_y = np.concatenate(band_x), np.concatenate(band_y)
+        if band_x.size:
+            figure.dots(band_x, band_y, "gray", label="95% band")
         label = "band open beyond"
         for steps, edge_y, marker in ((open_top, top, OPEN_TOP), (open_bottom, bottom, OPEN_BOTTOM)):
-            if steps:
-                plt.scatter(steps, [edge_y] * len(steps), marker=marker, color="gray", label=label)
+            steps = np.concatenate(steps)
+            if steps.size:
+                figure.marks(steps, np.full(steps.size, edge_y), marker, "gray", label=label)
                 label = None
         shown = np.isfinite(b_simple) & (b_simple > 0)
-        self.trace(step[shown].tolist(), b_simple[shown].tolist(), color="magenta", label="B_simple")
+        self.trace(step[shown], b_simple[shown], "magenta", label="B_simple")
         batch_shown = np.isfinite(batch) & (batch > 0)
         if batch_shown.any():
-            self.trace(step[batch_shown].tolist(), batch[batch_shown].tolist(), color="green", label="batch")
+            self.trace(step[batch_shown], batch[batch_shown], "green", label="batch")
         self.axes((float(step.min()), float(step.max())), (bottom, top), log_y=log)
-        plt.xlabel("step")
+        figure.xlabel = "step"
 
 
 class NoiseLossChart(Chart):
@@ -787,9 +878,9 @@ class NoiseLossChart(Chart):
     def draw(self, loss: np.ndarray, b_simple: np.ndarray) -> None:
         log_y, log_x = _spread(b_simple), _spread(loss)
         xs, ys = _points(loss, b_simple, log_y, log_x)
-        self.plt.scatter(xs, ys, marker="braille", color="magenta")
-        self.axes((min(xs), max(xs)), (min(ys), max(ys)), log_x=log_x, log_y=log_y)
-        self.plt.xlabel("loss (training moves left)")
+        self.figure.dots(xs, ys, "magenta")
+        self.axes((float(xs.min()), float(xs.max())), (float(ys.min()), float(ys.max())), log_x=log_x, log_y=log_y)
+        self.figure.xlabel = "loss (training moves left)"
 
 
 class LossChart(Chart):
@@ -803,9 +894,9 @@ class LossChart(Chart):
     def draw(self, step: np.ndarray, loss: np.ndarray) -> None:
         log = _spread(loss)
         xs, ys = _points(step, loss, log)
-        self.trace(xs, ys, color="yellow")
-        self.axes((min(xs), max(xs)), (min(ys), max(ys)), log_y=log)
-        self.plt.xlabel("step")
+        self.trace(xs, ys, "yellow")
+        self.axes((float(xs.min()), float(xs.max())), (float(ys.min()), float(ys.max())), log_y=log)
+        self.figure.xlabel = "step"
 
 
 class GpuChart(Chart):
@@ -820,9 +911,9 @@ class GpuChart(Chart):
 
     def draw(self, lines: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
         elapsed = np.concatenate([elapsed for elapsed, _ in lines.values()])
-        scale = _time_axis(self.plt, elapsed)
-        for label, (times, values) in lines.items():
-            self.trace((times / scale).tolist(), values.tolist(), label=label)
+        scale = _time_axis(self.figure, elapsed)
+        for (label, (times, values)), color in zip(lines.items(), GPU_COLORS):
+            self.trace(times / scale, values, color, label=label)
         self.axes((float(elapsed.min()) / scale, float(elapsed.max()) / scale), (0.0, 100.0))
 
 
@@ -856,14 +947,14 @@ class BatchSizeChart(Chart):
                      measured, rates / throughput.max(), recommendation.current_batch, recommendation.batch_size))
 
     def draw(self, sizes, throughput, efficiency, goodput, measured, measured_rates, current, optimal) -> None:
-        plt = self.plt
-        plt.plot(sizes.tolist(), throughput.tolist(), marker="braille", color="cyan", label="throughput")
-        plt.plot(sizes.tolist(), efficiency.tolist(), marker="braille", color="yellow", label="efficiency")
-        plt.plot(sizes.tolist(), goodput.tolist(), marker="braille", color="green", label="goodput")
-        plt.scatter(measured.tolist(), measured_rates.tolist(), marker="dot", color="cyan")
+        figure = self.figure
+        figure.line(sizes, throughput, "cyan", label="throughput")
+        figure.line(sizes, efficiency, "yellow", label="efficiency")
+        figure.line(sizes, goodput, "green", label="goodput")
+        figure.marks(measured, measured_rates, "•", "cyan")
         if current:
-            plt.vline(current, "gray")
-        plt.vline(optimal, "green")
+            figure.vline(current, "gray")
+        figure.vline(optimal, "green")
         self.axes((float(sizes.min()), float(sizes.max())), (0.0, 1.05), log_x=True)
-        plt.xlabel(f"batch size (log); grey: now {current:,}, green: B* {optimal:,}" if current
-                   else f"batch size (log); green: B* {optimal:,}")
+        figure.xlabel = (f"batch size (log); grey: now {current:,}, green: B* {optimal:,}" if current
+                         else f"batch size (log); green: B* {optimal:,}")
