@@ -5,8 +5,9 @@ waits for it: on a 4 Hz tick it takes one snapshot of the numbers under the
 feed's lock, at most once a second while only the data moves (at once when the
 state changes: the job ended, a key), and at most every 2 s (less when plotting
 is expensive) copies the binned history for the charts. Both are skipped when
-``feed.version`` did not change. Formatting and plotting happen after the lock
-is released, and panels repaint only when their text changed.
+``feed.version`` did not change; when only the clock moved, only the header's
+elapsed time is redrawn. Formatting and plotting happen after the lock is
+released, and only the rows of text and charts that changed are repainted.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from bsmon.stats.optimal import Recommendation
 from bsmon.stats.throughput import ThroughputPoint
 from bsmon.tui.screens import BranchScreen, HelpScreen, LayersScreen, WhyScreen, why_text
 from bsmon.tui.widgets import (
-    BatchPanel, BatchSizeChart, Chart, EventsLog, GpuChart, GpuPanel, JobHeader, LossChart, NoiseChart,
+    BatchPanel, BatchSizeChart, EventsLog, GpuChart, GpuPanel, JobHeader, LossChart, NoiseChart,
     NoiseLossChart, OptimalPanel, RanksPanel, ScalarsPanel, ThroughputChart, ThroughputPanel, Trend, branch_line,
     exit_text, job_status, short_command, unit_label,
 )
@@ -47,9 +48,10 @@ REDRAW_INTERVAL_S = 0.25
 #: took ~30% of a core at 200x60.
 NUMBERS_INTERVAL_S = 1.0
 #: Charts redraw at most this often, and less often when drawing them is expensive (a big
-#: terminal, a slow CPU): they get at most CHARTS_CPU_SHARE of a core.
+#: terminal, a slow or busy CPU): they get at most CHARTS_CPU_SHARE of a core, measured over the
+#: whole redraw, screen update included (at 200x60 a redraw of all six takes 40-50 ms here).
 CHARTS_INTERVAL_S = 2.0
-CHARTS_CPU_SHARE = 0.03
+CHARTS_CPU_SHARE = 0.01
 #: Charts draw at most this many points per series (the history's bins, merged).
 CHART_BINS = 160
 #: The events line shows the newest of these warning/error events (the last EVENTS_SCANNED records).
@@ -301,8 +303,9 @@ class BsmonApp(App):
     def refresh_charts(self, *, force: bool = False) -> bool:
         """Add the new history rows to the charts and redraw those whose data changed.
 
-        After a redraw the next one waits until plotting has cost at most CHARTS_CPU_SHARE of
-        the time: the cost is what the visible charts took to render last time.
+        After a redraw the next one waits until the charts have cost at most CHARTS_CPU_SHARE of
+        the time. The cost is measured over the whole redraw: this thread's CPU from here until the
+        screen has been updated (which includes a numbers redraw of the same tick: it errs high).
         """
         now = time.monotonic()
         feed = self.feed
@@ -311,23 +314,28 @@ class BsmonApp(App):
         if (self.paused or (now < self._charts_due and not ended)) and not force:
             return False
         key = (feed.version, final)
-        redrew = False
-        if key != self._charts_key or force:
-            self._charts_key = key
-            self.series = series = feed.read(lambda model: ChartData.capture(model, final))
-            if self._numbers is not None:  # the advice, from the numbers drawn just before
-                rec = self._numbers.recommendation
-                # the efficiency curve must use the B_noise the advice used (B_pre, or calibrated), not B_simple
-                self.query_one(BatchSizeChart).show(rec, rec.b_noise if rec is not None else None,
-                                                    self._numbers.points)
-            self.query_one(GpuChart).show(*series.gpu_series())
-            self.query_one(RanksPanel).show_history(series.rank_skew)
-            self._draw_run_charts(series)
-            redrew = True
-        if redrew:
-            cost = sum(chart.render_cost_s for chart in self.query(Chart) if chart.display)
-            self._charts_due = now + max(CHARTS_INTERVAL_S, cost / CHARTS_CPU_SHARE)
-        return redrew
+        if key == self._charts_key and not force:
+            return False
+        started = time.thread_time()
+        self._charts_key = key
+        self.series = series = feed.read(lambda model: ChartData.capture(model, final))
+        if self._numbers is not None:  # the advice, from the numbers drawn just before
+            rec = self._numbers.recommendation
+            # the efficiency curve must use the B_noise the advice used (B_pre, or calibrated), not B_simple
+            self.query_one(BatchSizeChart).show(rec, rec.b_noise if rec is not None else None,
+                                                self._numbers.points)
+        self.query_one(GpuChart).show(*series.gpu_series())
+        self.query_one(RanksPanel).show_history(series.rank_skew)
+        self._draw_run_charts(series)
+        self._charts_due = now + CHARTS_INTERVAL_S
+        self.call_after_refresh(self._charts_drawn, now, started)
+        return True
+
+    def _charts_drawn(self, now: float, started: float) -> None:
+        """The screen shows the charts drawn at ``now``: wait for the next redraw in proportion
+        to what this one cost."""
+        cost = time.thread_time() - started
+        self._charts_due = max(self._charts_due, now + cost / CHARTS_CPU_SHARE)
 
     def _draw_run_charts(self, series: ChartData) -> None:
         steps, loss = series.steps, series.loss

@@ -9,11 +9,9 @@ tick marks, x tick labels, the y label at the left of the x label's row, and a l
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from operator import itemgetter
 
 import numpy as np
 from rich.color import Color
@@ -106,14 +104,15 @@ class Figure:
                                    Style(color=color(color_name)), kind, label))
 
     # -- drawing ----------------------------------------------------------------------------------
-    def strips(self, base: Style) -> list[Strip]:
+    def draw(self, base: Style, previous: Drawing | None = None) -> Drawing:
         """``height`` strips of ``width`` cells: the frame, the data, ticks, labels and legend, over
-        ``base`` (the widget's colours)."""
+        ``base`` (the widget's colours). Rows the same as in ``previous`` keep its strips."""
         width, height = self.width, self.height
         margin = max((len(label) for label in self.y.labels), default=0)
         plot_w, plot_h = width - margin - 2, height - 4  # inside the frame; 2 rows of x labels below it
         if plot_w < 2 or plot_h < 1:
-            return [Strip.blank(width, base)] * height
+            return Drawing(np.full((height, width), " ", dtype="<U1"), np.zeros((height, width), dtype=np.int16),
+                           [base], [Strip.blank(width, base)] * height)
         chars = np.full((height, width), " ", dtype="<U1")
         # index into palette. 0: blank cells; 1: frame, ticks and labels, the same colours but a style
         # of their own, so that an SVG screenshot does not join them and the blanks into one text
@@ -175,7 +174,9 @@ class Figure:
             text = self.xlabel[:max(0, width - start)]
             chars[bottom + 2, start:start + len(text)] = list(text)
         styles[chars == " "] = 0
-        return [_strip(row_chars, row_styles, palette, width) for row_chars, row_styles in zip(chars, styles)]
+        same = previous.same_rows(chars, styles, palette) if previous is not None else np.zeros(height, dtype=bool)
+        return Drawing(chars, styles, palette, [
+            previous.strips[y] if same[y] else _strip(chars[y], styles[y], palette, width) for y in range(height)])
 
     def _braille(self, series: _Series, plot_w: int, plot_h: int) -> np.ndarray:
         """The series' braille codes per cell of the plot area (0: no dot)."""
@@ -206,6 +207,22 @@ class Figure:
             area_styles[row, 1:3] = style_index(series.style)
 
 
+@dataclass
+class Drawing:
+    """A drawn chart: the character and palette index of every cell, and a strip a row."""
+
+    chars: np.ndarray
+    styles: np.ndarray
+    palette: list[Style]
+    strips: list[Strip]
+
+    def same_rows(self, chars: np.ndarray, styles: np.ndarray, palette: list[Style]) -> np.ndarray:
+        """Per row: True where this drawing's row shows the same cells."""
+        if chars.shape != self.chars.shape or palette != self.palette:
+            return np.zeros(chars.shape[0], dtype=bool)
+        return (chars == self.chars).all(axis=1) & (styles == self.styles).all(axis=1)
+
+
 def _join(dot_x: np.ndarray, dot_y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The dots of straight segments between consecutive points (about one per dot of length)."""
     dx, dy = np.diff(dot_x), np.diff(dot_y)
@@ -218,6 +235,6 @@ def _join(dot_x: np.ndarray, dot_y: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 def _strip(chars: np.ndarray, styles: np.ndarray, palette: list[Style], width: int) -> Strip:
     """One row: a segment per run of one style."""
-    cells = zip(chars.tolist(), styles.tolist())
-    return Strip([Segment("".join(char for char, _ in run), palette[index])
-                  for index, run in itertools.groupby(cells, key=itemgetter(1))], width)
+    text = "".join(chars.tolist())
+    bounds = [0, *(np.flatnonzero(styles[1:] != styles[:-1]) + 1).tolist(), len(text)]
+    return Strip([Segment(text[start:end], palette[styles[start]]) for start, end in zip(bounds, bounds[1:])], width)

@@ -8,6 +8,7 @@ means (the batch regime, the status) lives next to the panel that shows it.
 
 from __future__ import annotations
 
+import itertools
 import math
 import shlex
 import signal
@@ -658,11 +659,9 @@ GPU_COLORS = ((0, 130, 200), (60, 180, 75))
 class Chart(Widget):
     """A chart of the data last given to ``show``, or ``waiting`` in plain words until then.
 
-    The chart is drawn (:mod:`bsmon.tui.plot`) when the screen first needs a line of it after new
-    data or a new size, and its lines are kept until then: a chart that is not shown costs nothing
-    but its ``show``. ``render_cost_s`` is what the last drawing of new data cost, so the app can
-    slow chart redraws down on a big terminal. Axes get round 1-2-5 ticks with SI labels
-    (:meth:`axes`).
+    New data is drawn at once (:mod:`bsmon.tui.plot`) while the chart is on the screen, and only
+    the rows that changed are repainted; a chart that is not shown is drawn when it next is. Axes
+    get round 1-2-5 ticks with SI labels (:meth:`axes`).
     """
 
     DEFAULT_CSS = """
@@ -675,36 +674,39 @@ class Chart(Widget):
         self.border_title = title
         self._waiting = waiting
         self._data: tuple | None = None
-        self._lines: list[Strip] | None = None  # drawn for self._lines_size
+        self._lines: list[Strip] | None = None  # drawn at self._lines_size; None: draw when shown
         self._lines_size: tuple[int, int] | None = None
+        self._drawing: plot.Drawing | None = None  # the last chart drawn (not the waiting message)
         self.figure: plot.Figure | None = None  # the figure ``draw`` fills
-        self.render_cost_s = 0.0
-        self._timing = False  # the next drawing is of new data: time it
 
     def render_line(self, y: int) -> Strip:
         size = (self.size.width, self.size.height)
         if self._lines is None or self._lines_size != size:
-            start = time.perf_counter()
-            self._lines, self._lines_size = self._draw_lines(*size), size
-            if self._timing:
-                self.render_cost_s = time.perf_counter() - start
-                self._timing = False
+            self._draw_lines(size)
         return self._lines[y] if y < len(self._lines) else Strip.blank(size[0], self.rich_style)
 
-    def _draw_lines(self, width: int, height: int) -> list[Strip]:
+    def _draw_lines(self, size: tuple[int, int]) -> list[int]:
+        """Draw the chart at ``size``; returns the rows that differ from the lines drawn before."""
+        width, height = size
+        old = self._lines if self._lines_size == size else None
         if self._data is None:  # wrapped like a Static's text
             console, base = self.app.console, self.rich_style
             lines = console.render_lines(Text(self._waiting, style="dim"), console.options.update_width(width))
-            return ([Strip(line, width).apply_style(base) for line in lines[:height]]
-                    + [Strip.blank(width, base)] * (height - len(lines)))
-        self.figure = plot.Figure(width, height)
-        self.draw(*self._data)
-        return self.figure.strips(self.rich_style)
+            self._drawing = None
+            self._lines = ([Strip(line, width).apply_style(base) for line in lines[:height]]
+                           + [Strip.blank(width, base)] * (height - len(lines)))
+        else:
+            self.figure = plot.Figure(width, height)
+            self.draw(*self._data)
+            self._drawing = self.figure.draw(self.rich_style, self._drawing)
+            self._lines = self._drawing.strips
+        self._lines_size = size
+        return [y for y in range(height) if old is None or self._lines[y] is not old[y]]
 
     def notify_style_update(self) -> None:
         """The colours changed (the theme, or the background once there is data): draw again."""
         super().notify_style_update()
-        self._lines = None
+        self._lines = self._drawing = None
 
     def text(self) -> str:
         """The chart's characters as it is drawn now, a line each (for tests and debugging)."""
@@ -741,10 +743,16 @@ class Chart(Widget):
         if _same(data, self._data):
             return
         self._data = data
-        self._lines = None
-        self._timing = True
         self.set_class(data is not None, "-plotted")
-        self.refresh()
+        size = (self.size.width, self.size.height)
+        if self._lines is None or self._lines_size != size or not self.region:  # not shown now
+            self._lines = None
+            self.refresh()
+            return
+        changed = self._draw_lines(size)
+        for _, run in itertools.groupby(enumerate(changed), key=lambda item: item[1] - item[0]):  # runs of rows
+            rows = [y for _, y in run]
+            self.refresh(Region(0, rows[0], size[0], len(rows)))
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -924,9 +932,14 @@ class BatchSizeChart(Chart):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("Throughput, efficiency and goodput vs batch size",
                          "vs batch size: needs a throughput profile and a noise estimate", **kwargs)
+        self._shown: tuple | None = None  # what show() drew its curves from
 
     def show(self, recommendation: Recommendation | None, b_noise: float | None,
              points: Sequence[ThroughputPoint]) -> None:
+        shown = (recommendation, b_noise, tuple(points))
+        if self._shown is not None and recommendation is self._shown[0] and shown[1:] == self._shown[1:]:
+            return  # the same advice object: the same curves (64 goodput evaluations)
+        self._shown = shown
         in_run = recommendation is not None and recommendation.split is not None
         if recommendation is None or not b_noise or not (points or in_run):
             self._store(None)
