@@ -43,6 +43,10 @@ MODES = ("run", "attach", "replay")
 #: One redraw tick for numbers and charts, so a change costs one screen update, not two. A change
 #: of state (the job ended, a message, a key) shows at the next tick.
 REDRAW_INTERVAL_S = 0.25
+#: When nothing has moved (no record, no change of state) for QUIET_AFTER_S, the tick slows to
+#: QUIET_INTERVAL_S (the header's clock still ticks each second), and speeds up at the next change.
+QUIET_AFTER_S = 5.0
+QUIET_INTERVAL_S = 1.0
 #: While only the data moves (steps, GPU samples), the numbers redraw at most this often, like
 #: top: with a 1 kHz job every tick had new numbers, and repainting the panels 4 times a second
 #: took ~30% of a core at 200x60.
@@ -185,6 +189,8 @@ class BsmonApp(App):
         self._numbers_due = 0.0  # time.monotonic() before which new data alone does not redraw the numbers
         self._charts_due = 0.0  # time.monotonic() before which the charts are not redrawn
         self._numbers: Numbers | None = None  # the last numbers drawn
+        self._moved: tuple | None = None  # what _pace saw last, and when it last changed
+        self._moved_at = 0.0
 
     def compose(self) -> ComposeResult:
         yield JobHeader(id="header")
@@ -212,8 +218,8 @@ class BsmonApp(App):
         yield Footer(compact=True)  # every key fits 80 columns
 
     def on_mount(self) -> None:
+        self._ticker, self._tick_interval = self.set_interval(REDRAW_INTERVAL_S, self._redraw), REDRAW_INTERVAL_S
         self._redraw()
-        self.set_interval(REDRAW_INTERVAL_S, self._redraw)
 
     def on_resize(self) -> None:
         """The layout class (-short/-tall) decides what a panel shows: draw again at the new size."""
@@ -227,6 +233,20 @@ class BsmonApp(App):
         with self.batch_update():
             self.refresh_numbers()
             self.refresh_charts()
+        self._pace()
+
+    def _pace(self) -> None:
+        """Tick at REDRAW_INTERVAL_S while anything moves, at QUIET_INTERVAL_S once it has not
+        for QUIET_AFTER_S (an idle job, a finished replay: the screen then costs nearly nothing)."""
+        now = time.monotonic()
+        feed = self.feed
+        moved = (feed.version, feed.state, feed.message, self.paused)
+        if moved != self._moved:
+            self._moved, self._moved_at = moved, now
+        interval = REDRAW_INTERVAL_S if now - self._moved_at < QUIET_AFTER_S else QUIET_INTERVAL_S
+        if interval != self._tick_interval:
+            self._ticker.stop()
+            self._ticker, self._tick_interval = self.set_interval(interval, self._redraw), interval
 
     def _terminal_lost(self) -> bool:
         """SIGHUP reached ``bsmon run``, or the terminal hung up under any view (then output is
