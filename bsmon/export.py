@@ -28,7 +28,7 @@ import orjson
 from bsmon import store
 from bsmon.gpu import CSV_COLUMNS
 from bsmon.model import SessionModel, nearest_sample, summarise_ranks
-from bsmon.records import STEP_COLUMNS
+from bsmon.records import STEP_COLUMN_AT, STEP_COLUMNS
 from bsmon.stats.branch import BranchCheck
 from bsmon.wire import StepBlock
 
@@ -37,9 +37,7 @@ if TYPE_CHECKING:
 
 #: The model's per-step columns (bsmon.records.STEP_COLUMNS) up to step_time_s, with elapsed_s
 #: after time; then samples_per_s and the logged scalars, loss first; then the rest of the table.
-_SPLIT = next(i for i, column in enumerate(STEP_COLUMNS) if column.name == "step_time_s") + 1
-_INTEGERS = [i for i, column in enumerate(STEP_COLUMNS) if column.type is int]
-_AT = {column.name: i for i, column in enumerate(STEP_COLUMNS)}
+_SPLIT = STEP_COLUMN_AT["step_time_s"] + 1
 BASE_COLUMNS = [header for column in STEP_COLUMNS[:_SPLIT]
                 for header in ((column.header, "elapsed_s") if column.name == "time" else (column.header,))]
 BASE_COLUMNS += ["samples_per_s", "loss"]
@@ -142,7 +140,7 @@ def blocks(session: "store.SessionInfo | os.PathLike", index: SessionIndex | Non
     logged: dict[int, dict[str, float]] = {}  # step -> scalars, for steps not yet made into rows
     model.on_step_rows = pending.append
     maker = _Columns(index)
-    at_step = _AT["step"]
+    at_step = STEP_COLUMN_AT["step"]
     for batch in store.iter_record_batches(_records_path(session), blocks=True):
         for record in batch:
             model.ingest(record)
@@ -178,15 +176,15 @@ class _Columns:
     def block(self, table: np.ndarray, logged: dict[int, dict[str, float]]) -> list[np.ndarray]:
         """The columns of these rows; takes (and drops) the scalars ``logged`` up to their last step."""
         index = self.index
-        times = table[:, _AT["time"]]
-        steps = table[:, _AT["step"]]
+        times = table[:, STEP_COLUMN_AT["time"]]
+        steps = table[:, STEP_COLUMN_AT["step"]]
         t0 = self.t0 if self.t0 is not None else times[0]
         with np.errstate(divide="ignore", invalid="ignore"):
-            samples_per_s = np.where(table[:, _AT["step_time_s"]] > 0,
-                                     table[:, _AT["batch_size"]] / table[:, _AT["step_time_s"]], np.nan)
-        out = [table[:, i] for i in range(_AT["time"])]
+            step_time = table[:, STEP_COLUMN_AT["step_time_s"]]
+            samples_per_s = np.where(step_time > 0, table[:, STEP_COLUMN_AT["batch_size"]] / step_time, np.nan)
+        out = [table[:, i] for i in range(STEP_COLUMN_AT["time"])]
         out += [unix_ms(times), times - t0]
-        out += [table[:, i] for i in range(_AT["time"] + 1, _SPLIT)]
+        out += [table[:, i] for i in range(STEP_COLUMN_AT["time"] + 1, _SPLIT)]
         out.append(samples_per_s)
         out += self._scalars(steps, logged)
         out += [table[:, i] for i in range(_SPLIT, len(STEP_COLUMNS))]

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from bsmon.history import History
-from bsmon.records import STEP_COLUMNS
+from bsmon.records import STEP_COLUMN_AT, STEP_COLUMNS
 from bsmon.stats.branch import BranchCheck, calibrated_factor
 from bsmon.stats.flops import mfu, peak_flops
 from bsmon.stats.optimal import Recommendation, StableRecommendation, optimal_accumulation, optimal_batch_size
@@ -278,9 +278,8 @@ def _nan(value: float | None) -> float:
     return math.nan if value is None else float(value)
 
 
-#: Where each of bsmon.records.STEP_COLUMNS is in a row; the figures are those after step_time_s.
-_AT = {column.name: i for i, column in enumerate(STEP_COLUMNS)}
-_FIRST_FIGURE = _AT["step_time_s"] + 1
+#: The figures of a step row (bsmon.records.STEP_COLUMNS) are those after step_time_s.
+_FIRST_FIGURE = STEP_COLUMN_AT["step_time_s"] + 1
 _FIGURE_COLUMNS = STEP_COLUMNS[_FIRST_FIGURE:]
 
 
@@ -578,8 +577,8 @@ class SessionModel:
             if len(rows) < LIVE_MIN_STEPS:
                 self._recommend_due = True  # the timing progress, then the first split, show at once
             kept = timed[-RECENT_STEPS:]
-            measured = np.isin(kept, [row for row, _ in block.measured]).tolist() if block.measured else [False] * len(kept)
-            rows.extend(zip(measured, block.ph[kept].tolist()))  # (measured by the noise probe, marks)
+            measured = np.isin(kept, [row for row, _ in block.measured]) if block.measured else np.zeros(len(kept), bool)
+            rows.extend(zip(measured.tolist(), block.ph[kept].tolist()))  # (measured by the noise probe, marks)
 
     def _count_skipped(self, skipped: list[dict[str, Any]]) -> None:
         """Count iterations abandoned before this step (the probe's ``skipped`` list).
@@ -952,11 +951,12 @@ class SessionModel:
         own = {"step": step, "time": t, "batch_size": self._units.from_rank_samples(n), "micro_batches": mb,
                "skipped_steps": self._skipped_steps, "step_time_s": dt}
         for name, values in own.items():
-            table[:, _AT[name]] = values
+            table[:, STEP_COLUMN_AT[name]] = values
         starts = [first for first, _ in figures]
         values = np.array([[values[column.name] for column in _FIGURE_COLUMNS] for _, values in figures])
         table[:, _FIRST_FIGURE:] = np.repeat(values, np.diff([*starts, len(step)]), axis=0)
-        table[:, _AT["noise_age_steps"]] = table[:, _AT["step"]] - table[:, _AT["noise_age_steps"]]
+        age = STEP_COLUMN_AT["noise_age_steps"]  # the estimate's step, until here
+        table[:, age] = table[:, STEP_COLUMN_AT["step"]] - table[:, age]
         return table
 
     # -- reading --------------------------------------------------------------

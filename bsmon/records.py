@@ -499,6 +499,8 @@ STEP_COLUMNS = (
     StepColumn("b_opt", int, "samples", bins=None),  # re-evaluated on a cadence: the views read it from stats()
     StepColumn("b_opt_speedup", float, "ratio", bins=None),
 )
+#: Where each column is in a step row: its index in STEP_COLUMNS.
+STEP_COLUMN_AT = {column.name: i for i, column in enumerate(STEP_COLUMNS)}
 
 
 def markdown_table() -> str:
