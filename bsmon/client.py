@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-from bsmon import store, wire
+from bsmon import checkpoint, store, wire
 from bsmon.model import SessionModel
 
 if TYPE_CHECKING:
@@ -50,6 +50,10 @@ class Feed:
         #: job sends first), and the bytes received so far; see :meth:`catching_up`.
         self.backlog_bytes = 0
         self.received_bytes = 0
+        #: Where the stream began: 0, or the records' bytes the job's checkpoint covered (bsmon/checkpoint.py),
+        #: and why no checkpoint was used (None when one was, or none was looked for).
+        self.resumed_from = 0
+        self.checkpoint_note: str | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
@@ -72,11 +76,29 @@ class Feed:
         return self
 
     def attach(self, socket_path: str, session_dir: Path | None = None) -> "Feed":
-        """Connect to a live job and stream on a background thread; raises SessionError."""
+        """Connect to a live job and stream on a background thread; raises SessionError.
+
+        A fresh model starts from the job's checkpoint when it has a usable one: the job then
+        sends only the records after it, so the first full screen does not wait for the whole
+        backlog (``resumed_from``; ``checkpoint_note`` says why not otherwise).
+        """
         self.session_dir = session_dir
-        self._sock = connect(socket_path)
+        resumed = None
+        if session_dir is not None and self.model.hello is None:
+            loaded = checkpoint.read(session_dir, session_dir.name)
+            if isinstance(loaded, str):
+                self.checkpoint_note = loaded
+            else:
+                resumed = loaded
+        self._sock = connect(socket_path, start=resumed[1] if resumed else 0)
+        if resumed is not None:
+            model, self.resumed_from = resumed
+            if self.model.history is None:
+                model.history = None  # the caller asked for a model without one
+            self.model = model
         try:
-            self.backlog_bytes = os.path.getsize(session_dir / store.RECORDS_FILE) if session_dir else 0
+            size = os.path.getsize(session_dir / store.RECORDS_FILE) if session_dir else 0
+            self.backlog_bytes = max(0, size - self.resumed_from)
         except OSError:
             self.backlog_bytes = 0
         self._thread = threading.Thread(target=self._read_socket, name="bsmon-feed", daemon=True)
@@ -184,7 +206,10 @@ class Feed:
                 self.version += 1
 
     def _read_socket(self) -> None:
-        reader = wire.FrameReader(blocks=True)
+        # Resumed from a checkpoint: the stream's hello is the one the model has, and its steps
+        # follow the checkpoint's last.
+        reader = wire.FrameReader(blocks=True, after_step=self.model.steps_done if self.resumed_from else -1)
+        hello_due = bool(self.resumed_from)
         self.state = "live"
         ingested = 0
         buffer = bytearray(RECV_BYTES)  # reused: a live job's reads are small, a backlog's large
@@ -194,6 +219,10 @@ class Feed:
                 if not size:
                     break
                 records = reader.feed(buffer[:size])
+                if hello_due and records:
+                    hello_due = False
+                    if records[0].get("k") == "hello":
+                        records = records[1:]
                 ingested += wire.record_count(records)
                 self._ingest(records)
                 self.received_bytes += size  # after: caught up means the screen can show it all
@@ -231,7 +260,8 @@ class Feed:
         if self.session_dir is None:
             return
         seen = 0
-        for batch in store.iter_record_batches(self.session_dir / store.RECORDS_FILE, batch=INGEST_BATCH):
+        path = self.session_dir / store.RECORDS_FILE
+        for batch in store.iter_record_batches(path, start=self.resumed_from, batch=INGEST_BATCH):
             seen += len(batch)
             if seen > ingested:
                 self._ingest(batch[max(0, len(batch) - (seen - ingested)):])
@@ -239,12 +269,14 @@ class Feed:
             self.message = None
 
 
-def connect(socket_path: str, client: str = "bsmon") -> socket.socket:
-    """Open a job's socket and send the attach frame; SessionError with advice on failure."""
+def connect(socket_path: str, client: str = "bsmon", start: int = 0) -> socket.socket:
+    """Open a job's socket and send the attach frame (``start``: the records' bytes the monitor
+    has from the job's checkpoint); SessionError with advice on failure."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    attach = {"k": "attach", "v": wire.PROTOCOL_VERSION, "client": client, **({"from": start} if start else {})}
     try:
         sock.connect(socket_path)
-        sock.sendall(wire.encode({"k": "attach", "v": wire.PROTOCOL_VERSION, "client": client}))
+        sock.sendall(wire.encode(attach))
     except FileNotFoundError:
         sock.close()
         raise store.SessionError(f"the job's socket {socket_path} is gone: the job has ended") from None

@@ -342,6 +342,11 @@ class SessionModel:
         self._flops_reason: str | None = None  # why there is no count
 
     # -- ingestion ------------------------------------------------------------
+    @property
+    def steps_done(self) -> int:
+        """The last step ingested (0 before the first)."""
+        return self._step
+
     def ingest(self, record: dict[str, Any] | StepBlock) -> None:
         """One record, or a block of plain steps (``wire.FrameReader(blocks=True)``)."""
         if isinstance(record, StepBlock):

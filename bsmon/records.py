@@ -374,6 +374,8 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in (
     )),
     Kind("attach", "A monitor's first and only frame to the job.", (
         Field("v", Int(min=1)), Field("client", Str()),
+        _opt("from", Int(min=0), "send the records from this byte of the session file: the end the "
+             "job's checkpoint covers (bsmon/checkpoint.py)"),
     )),
     Kind("step", "One optimizer step.", (
         Field("step", Int(), doc="optimizer steps so far"), Field("t", TIME, doc="unix time at its end"),

@@ -176,17 +176,25 @@ class StepBlock:
                    frames["mb"].astype("i8"), frames["dropped"].astype("i8"), ph, has_ph)
 
     @classmethod
+    def from_records(cls, steps: list[dict[str, Any]]) -> "StepBlock":
+        """Step records, each plain or measured (:func:`rides_in_block`), as one block: a job's own
+        model ingests its steps this way (``bsmon.probe.monitor``), as a monitor does decoded frames."""
+        import numpy as np
+
+        ph = [record.get("ph") for record in steps]
+        return cls(*(np.array([record[name] for record in steps], dtype=dtype) for name, dtype in (
+            ("step", "i8"), ("t", "f8"), ("dt", "f8"), ("n", "i8"), ("mb", "i8"), ("dropped", "i8"))),
+            np.array([_NO_PH if marks is None else marks for marks in ph], dtype="f8").reshape(-1, 4),
+            np.array([marks is not None for marks in ph], dtype=bool),
+            [(row, record["noise"]) for row, record in enumerate(steps) if "noise" in record])
+
+    @classmethod
     def interleave(cls, plain: "StepBlock", measured: list[tuple[int, dict[str, Any]]]) -> "StepBlock":
         """``plain`` with the measured step records inserted, each ``(plain rows before it, record)``."""
         import numpy as np
 
         rows = np.array([before + i for i, (before, _) in enumerate(measured)], dtype=np.int64)
-        records = [record for _, record in measured]
-        ph = [record.get("ph") for record in records]
-        extra = cls(*(np.array([r[name] for r in records], dtype=dtype) for name, dtype in (
-            ("step", "i8"), ("t", "f8"), ("dt", "f8"), ("n", "i8"), ("mb", "i8"), ("dropped", "i8"))),
-            np.array([_NO_PH if marks is None else marks for marks in ph], dtype="f8").reshape(-1, 4),
-            np.array([marks is not None for marks in ph]))
+        extra = cls.from_records([record for _, record in measured])
         size = len(plain) + len(extra)
         is_plain = np.ones(size, dtype=bool)
         is_plain[rows] = False
@@ -197,7 +205,7 @@ class StepBlock:
             column[is_plain] = part
             column[rows] = getattr(extra, name)
             columns.append(column)
-        return cls(*columns, zip(rows.tolist(), (record["noise"] for record in records)))
+        return cls(*columns, zip(rows.tolist(), (noise for _, noise in extra.measured)))
 
     def __getitem__(self, rows: slice) -> "StepBlock":
         start, stop, _ = rows.indices(len(self))
@@ -231,6 +239,36 @@ def rides_in_block(record: dict[str, Any]) -> bool:
     return record["k"] == "step" and "noise" in record and len(record) == (9 if "ph" in record else 8)
 
 
+def in_blocks(records: list[dict[str, Any]]) -> list[dict[str, Any] | StepBlock]:
+    """Records as a monitor's reader hands them on (``FrameReader(blocks=True)``): each run of at
+    least BULK_MIN plain or measured steps as one StepBlock, ORDER_FREE records read among them
+    after it, every other record in place. For records that never were frames: the job's own."""
+    out: list[dict[str, Any] | StepBlock] = []
+    run: list[dict[str, Any]] = []
+    later: list[dict[str, Any]] = []
+
+    def end_run() -> None:
+        if len(run) >= BULK_MIN:
+            out.append(StepBlock.from_records(run))
+        else:
+            out.extend(run)
+        run.clear()
+        out.extend(later)
+        later.clear()
+
+    for record in records:
+        kind = record["k"]
+        if kind == "step" and (len(record) == (8 if "ph" in record else 7) or rides_in_block(record)):
+            run.append(record)
+        elif kind in ORDER_FREE:
+            later.append(record)
+        else:
+            end_run()
+            out.append(record)
+    end_run()
+    return out
+
+
 def record_time(record: "dict[str, Any] | StepBlock") -> float | None:
     """A record's ``t`` (a block's last), None for a record without one."""
     if isinstance(record, StepBlock):
@@ -258,16 +296,17 @@ class FrameReader:
     among them follow the block), else as one record each, in the stream's order. With
     ``steps=False`` binary steps are framed and checked but not decoded, nor returned: a pass
     that needs only the other records (the export's first) reads at checksum speed.
+    ``after_step``: the last step already known (a monitor resuming from a checkpoint).
     """
 
-    def __init__(self, *, blocks: bool = False, steps: bool = True) -> None:
+    def __init__(self, *, blocks: bool = False, steps: bool = True, after_step: int = -1) -> None:
         self._buf = bytearray()
         self._blocks = blocks
         self._steps = steps
         self.invalid = 0
         self.error: ProtocolError | None = None
         self.consumed = 0
-        self._last_step = -1
+        self._last_step = after_step
         self._last_t = 0.0
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:

@@ -26,15 +26,18 @@ class SlowDeviceValue(Deferred):
 
 
 class Recorder:
-    """``on_records`` for a Publisher: the records it got, and on which threads."""
+    """``on_records`` for a Publisher: the records it got, on which threads, and the stream's bytes
+    up to each batch's end."""
 
     def __init__(self):
         self.records = []
         self.threads = set()
+        self.ends = []
 
-    def __call__(self, records):
+    def __call__(self, records, end):
         self.records.extend(records)
         self.threads.add(threading.get_ident())
+        self.ends.append(end)
 
     def steps(self):
         return [r["step"] for r in self.records if r["k"] == "step"]
@@ -73,6 +76,23 @@ def test_poll_encodes_on_the_calling_thread_and_the_background_thread_writes(tmp
     assert _wait_for(lambda: _written_steps(writer) == [1, 2, 3])
     publisher.close({"k": "bye", "t": 0.0, "status": "finished", "code": 0})
     assert store.read_records(writer.path)[0][-1]["k"] == "bye"
+
+
+def test_each_batch_comes_with_the_file_offset_of_its_end(tmp_path):
+    """The offset a job's checkpoint covers (bsmon/checkpoint.py): where a late monitor's stream resumes."""
+    publisher, writer, recorder = _publisher(tmp_path)
+    for batch in ((1, 2), (3,), (4, 5, 6)):
+        for n in batch:
+            publisher.submit(_step(n, **({"noise": {"est": "microbatch", "micro": [4, 4], "g": 1, "acc": [1.0, 2.0]}}
+                                          if n == 5 else {})))
+        publisher.poll(now=True)
+    assert _wait_for(lambda: _written_steps(writer) == [1, 2, 3, 4, 5, 6])
+    data = writer.path.read_bytes()
+    for end, last in zip(recorder.ends, (2, 3, 6)):
+        reader = wire.FrameReader()
+        assert [r["step"] for r in reader.feed(data[:end]) if r["k"] == "step"][-1] == last and reader.pending == 0
+    assert recorder.ends[-1] == len(data)
+    publisher.close({"k": "bye", "t": 0.0, "status": "finished", "code": 0})
 
 
 def test_poll_is_rate_limited_unless_asked_now(tmp_path, monkeypatch):

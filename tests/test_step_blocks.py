@@ -98,16 +98,35 @@ def _ingest(items, *, history=True):
 def test_a_model_fed_blocks_equals_one_fed_records(branch_at, unresolved, slow):
     records = _job(branch_at=branch_at, unresolved=unresolved, slow=slow)
     one, rows_one = _ingest(_read(records, False))
-    bulk, rows_bulk = _ingest(_read(records, True))
-    a, b = one.stats(), bulk.stats()
+    a = one.stats()
     assert a.b_opt is not None and a.step_split is not None and a.skipped_steps == 1  # the paths were exercised
-    assert dataclasses.asdict(a) == dataclasses.asdict(b)
-    assert one.throughput_points() == bulk.throughput_points()
-    np.testing.assert_array_equal(rows_one, rows_bulk)  # the exported rows, the advice's cadence included
     assert len(rows_one) == 3000
-    for name, column in one.history.steps.arrays().items():
-        np.testing.assert_allclose(column, bulk.history.steps.arrays()[name], rtol=1e-12, equal_nan=True)
-    assert one.history.loss_at(2995) == bulk.history.loss_at(2995) == 1 / 2990
+    # a monitor's reader, and the job's own model (its records grouped as published, 1024 at a time)
+    job = [item for i in range(0, len(records), 1024) for item in wire.in_blocks(records[i:i + 1024])]
+    for items in (_read(records, True), job):
+        bulk, rows_bulk = _ingest(items)
+        assert dataclasses.asdict(a) == dataclasses.asdict(bulk.stats())
+        assert one.throughput_points() == bulk.throughput_points()
+        np.testing.assert_array_equal(rows_one, rows_bulk)  # the exported rows, the advice's cadence included
+        for name, column in one.history.steps.arrays().items():
+            np.testing.assert_allclose(column, bulk.history.steps.arrays()[name], rtol=1e-12, equal_nan=True)
+        assert one.history.loss_at(2995) == bulk.history.loss_at(2995) == 1 / 2990
+
+
+def test_a_job_groups_its_records_as_a_reader_does():
+    """wire.in_blocks, for the job's own model: the same blocks, measured rows and order as the frames read."""
+    records = _job()
+    read, grouped = _read(records, True, chunk=1 << 30), wire.in_blocks(records)
+    assert [len(item) if isinstance(item, StepBlock) else item["k"] for item in read] == \
+        [len(item) if isinstance(item, StepBlock) else item["k"] for item in grouped]
+    assert _flat(read) == _flat(grouped)
+    for ours, theirs in zip(grouped, read):
+        if isinstance(ours, StepBlock):
+            for column in StepBlock._COLUMNS:
+                np.testing.assert_array_equal(getattr(ours, column), getattr(theirs, column))
+            assert ours.measured == theirs.measured
+    short = [HELLO, *records[2:5], {"k": "scalars", "step": 3, "values": {"x": 1.0}}, ESTIMATOR]
+    assert wire.in_blocks(short) == short  # under BULK_MIN steps in a row: records
 
 
 def test_a_block_that_breaks_the_table_is_read_frame_by_frame():

@@ -39,6 +39,7 @@ import getpass
 import json
 import numbers
 import os
+import pickle
 import socket
 import sys
 import threading
@@ -231,10 +232,11 @@ class Monitor:
         self._paused = False
         self._step_depth = 0  # optimizer.step() calls under way (nested: a subclass calling super().step())
         self._phases = StepPhases(_model_device(model))
-        self._model_state = SessionModel(keep_history=False, horizon_samples=horizon_samples)
         self._state_lock = threading.Lock()
         self._latest = Stats(unit=unit)
         self._unread: list[dict] = []  # published, not yet ingested into _model_state
+        self._unread_end = 0  # the stream's bytes up to the end of the last record published
+        self._ingested_end = 0  # ... and of the last one ingested into _model_state
         self._stale = False  # ingested records newer than _latest
         self._latest_at = -STATS_REFRESH_S  # monotonic time _latest was last brought up to date
         self._guard = Guard(self._on_internal_error)  # wraps every hook and thread below
@@ -252,7 +254,7 @@ class Monitor:
         hello = {
             "k": "hello", "v": wire.PROTOCOL_VERSION, "session": self.session_id, "name": self.name,
             "pid": os.getpid(), "t0": time.time(), "command": command, "host": socket.gethostname(),
-            "user": getpass.getuser(), "python": sys.version.split()[0], "torch": torch.__version__,
+            "user": getpass.getuser(), "python": sys.version.split()[0], "torch": str(torch.__version__),
             "devices": _device_info(model), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "cuda_device_order": os.environ.get("CUDA_DEVICE_ORDER"), "pid_namespace": _pid_namespace(),
             "world_size": identity.world_size, "rank": identity.rank,
@@ -263,9 +265,12 @@ class Monitor:
             "socket": socket_path, "frameworks": [name for name in FRAMEWORKS if name in sys.modules],
             **(self._flops.hello_fields if self._flops else {}),
         }
+        # The job's own model: stats(), the summary's figures, and (with the charts' history) the
+        # checkpoint a late monitor starts from (bsmon/checkpoint.py).
+        self._model_state = SessionModel(keep_history=writer is not None, horizon_samples=horizon_samples)
         self._model_state.ingest(hello)
         self._publisher = Publisher(hello, writer, socket_path, self._on_published, guard=self._guard,
-                                    summary_figures=self._summary_figures)
+                                    summary_figures=self._summary_figures, checkpoint=self._checkpoint)
         if writer is not None and writer.error is not None:
             self._warn(f"cannot record the session in {writer.path.parent}: {writer.error}. "
                        "Training continues; attach a monitor to watch it live.")
@@ -573,11 +578,12 @@ class Monitor:
         self.record_event("warning", ENTRY_FOUND.format(step=self._step, name=name, kind=type(module).__name__))
 
     # -- flushes (usually the training thread, between steps) -----------------
-    def _on_published(self, records: list[dict]) -> None:
+    def _on_published(self, records: list[dict], end: int) -> None:
         if self._ranks is not None:
             self._ranks.observe(records)
         with self._state_lock:
             self._unread.extend(records)
+            self._unread_end = end
             if len(self._unread) >= INGEST_BATCH:
                 self._ingest_unread()
 
@@ -598,11 +604,25 @@ class Monitor:
         return {"b_opt": None if stats.b_opt is None else int(stats.b_opt),
                 "b_simple": None if stats.b_simple is None else float(stats.b_simple), "unit": stats.unit}
 
+    def _checkpoint(self) -> tuple[bytes, int] | None:
+        """The model pickled, and the stream's bytes it covers, for late monitors (bsmon/checkpoint.py);
+        asked by the publisher's background thread every few seconds, None while the training
+        thread holds the model (asked again later)."""
+        if not self._state_lock.acquire(blocking=False):
+            return None
+        try:
+            self._ingest_unread()
+            return pickle.dumps(self._model_state, protocol=pickle.HIGHEST_PROTOCOL), self._ingested_end
+        finally:
+            self._state_lock.release()
+
     def _ingest_unread(self) -> None:
-        """Feed the waiting records to the model (the caller holds ``_state_lock``)."""
+        """Feed the waiting records to the model (the caller holds ``_state_lock``): steps in
+        blocks, as a monitor reads them, so the charts' history costs the job little."""
         if self._unread:
-            self._model_state.ingest_all(self._unread)
+            self._model_state.ingest_all(wire.in_blocks(self._unread))
             self._unread = []
+            self._ingested_end = self._unread_end
             self._stale = True
 
     # -- public API -----------------------------------------------------------

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from bsmon import wire
+from bsmon import checkpoint, wire
 from bsmon.probe.deferred import resolve
 from bsmon.store import SUMMARY_INTERVAL_S, RecordWriter, write_summary
 
@@ -48,17 +48,21 @@ CLIENT_BACKLOG_LIMIT = 64 << 20
 #: When the disk fails, frames are kept in memory up to this size for monitors that attach later.
 SPILL_LIMIT = 128 << 20
 HANDSHAKE_TIMEOUT_S = 5.0
-#: The summary's headline figures (B*, B_simple) are recomputed at most this often while the job
-#: runs: about a millisecond of the background thread's time (the job's own SessionModel).
-SUMMARY_FIGURES_S = 5.0
+#: The job's own SessionModel is asked for the summary's headline figures (B*, B_simple) and
+#: written as the late monitors' checkpoint (bsmon/checkpoint.py) at most this often while the job
+#: runs: about a millisecond each of the background thread's time.
+MODEL_STATE_S = 5.0
 
 
 class Publisher:
     def __init__(self, hello: dict[str, Any], writer: RecordWriter | None, socket_path: str | None,
-                 on_records: Callable[[list[dict]], None], guard: Callable[[Callable], Callable] = lambda f: f,
-                 summary_figures: Callable[[], dict[str, Any] | None] = lambda: None) -> None:
-        """``guard`` wraps the background thread and every monitor's sender thread (bsmon/probe/guard.py).
-        ``summary_figures`` gives the headline figures for the summary sidecar (None: keep the last)."""
+                 on_records: Callable[[list[dict], int], None], guard: Callable[[Callable], Callable] = lambda f: f,
+                 summary_figures: Callable[[], dict[str, Any] | None] = lambda: None,
+                 checkpoint: Callable[[], tuple[bytes, int] | None] = lambda: None) -> None:
+        """``on_records`` gets the records encoded, in order, and the stream's bytes up to their end.
+        ``guard`` wraps the background thread and every monitor's sender thread (bsmon/probe/guard.py).
+        ``summary_figures`` gives the headline figures for the summary sidecar (None: keep the last);
+        ``checkpoint`` the job's model pickled and the stream's bytes it covers (None: not now)."""
         self.dropped = 0
         self.dropped_monitors = 0  # disconnected for falling CLIENT_BACKLOG_LIMIT behind
         self._guard = guard
@@ -66,6 +70,7 @@ class Publisher:
         self._on_records = on_records
         self._writer = writer
         self._hello_frame = wire.encode(hello)
+        self._encoded_bytes = len(self._hello_frame)  # the stream's bytes, up to the last record encoded
         self._flush_lock = threading.Lock()  # one flusher at a time, so frames stay in order
         self._last_flush = time.monotonic()
         self._last_wake = -FLUSH_INTERVAL_S  # the first flush wakes the background thread
@@ -81,6 +86,7 @@ class Publisher:
         self._summary_at = -SUMMARY_INTERVAL_S
         self._summary_figures = summary_figures
         self._figures_at = time.monotonic()
+        self._checkpoint = checkpoint
         self._stopping = False
         self._closing = False
         if writer is not None:
@@ -155,6 +161,7 @@ class Publisher:
         if self._writer is not None:
             self._write_summary(final=True)
             self._writer.close()
+            checkpoint.remove(self._writer.path.parent)  # for late monitors of a running job only
 
     @property
     def recording_error(self) -> OSError | None:
@@ -176,11 +183,13 @@ class Publisher:
         if not records:
             return
         if self._writer is not None or self._server is not None:  # ranks > 0 record nothing
-            self._outbox.append((b"".join(map(_frame, records)), records))
+            frames = b"".join(map(_frame, records))
+            self._encoded_bytes += len(frames)
+            self._outbox.append((frames, records))
             if now - self._last_wake >= FLUSH_INTERVAL_S:
                 self._last_wake = now
                 self._wake()
-        self._on_records(records)
+        self._on_records(records, self._encoded_bytes)
 
     def _wake(self) -> None:
         """Wake the background thread (a full pipe means it is awake already)."""
@@ -230,16 +239,26 @@ class Publisher:
         if self._writer.error is not None:
             return
         self._summary_at = time.monotonic()
-        figures = self._summary_figures() if final or self._summary_figures_due() else None
+        due = self._figures_due()
+        figures = self._summary_figures() if final or due else None
         if figures is not None:
             self._summary.update(figures)
         write_summary(self._writer.path.parent, self._summary)
+        if due and not final:
+            self._write_checkpoint()
 
-    def _summary_figures_due(self) -> bool:
-        due = time.monotonic() - self._figures_at >= SUMMARY_FIGURES_S
+    def _figures_due(self) -> bool:
+        due = time.monotonic() - self._figures_at >= MODEL_STATE_S
         if due:
             self._figures_at = time.monotonic()
         return due
+
+    def _write_checkpoint(self) -> None:
+        """The job's model for late monitors (bsmon/checkpoint.py), when it covers only records already
+        in the file: a monitor asks for those after it, and the job sends them from the file."""
+        state = self._checkpoint()
+        if state is not None and state[1] <= self._writer.durable_bytes:
+            checkpoint.write(self._writer.path.parent, checkpoint.encode(state[0], self._summary["session"], state[1]))
 
     def _recording_failed(self, data: bytes) -> bytes:
         """Keep the frames for monitors, and report the failure once (to the job and the stream)."""
@@ -251,7 +270,7 @@ class Publisher:
             print(f"bsmon: {message}", file=sys.stderr)
             event = _event("error", message)
             data += wire.encode(event)
-            self._on_records([event])
+            self._on_records([event], self._encoded_bytes)
         if self._spill_bytes + len(data) <= SPILL_LIMIT:
             self._spill.append(data)
             self._spill_bytes += len(data)
@@ -386,7 +405,7 @@ class _Client(threading.Thread):
                 # with a message naming both releases (docs/protocol.md, "Versions").
                 self._conn.sendall(self._publisher._hello_frame)
             elif attach is not None:
-                self._stream()
+                self._stream(attach.get("from", 0))
         except OSError:
             pass  # the monitor went away; that costs the job nothing
         finally:
@@ -410,12 +429,17 @@ class _Client(threading.Thread):
                 return records[0] if records[0]["k"] == "attach" else None
         return None
 
-    def _stream(self) -> None:
+    def _stream(self, start: int) -> None:
+        """The hello, the file's records from ``start`` (the end of the job's checkpoint that the
+        monitor loaded; else the first after the hello), then the live records."""
         self._conn.settimeout(None)
-        self._conn.sendall(self._publisher._hello_frame)
+        hello = self._publisher._hello_frame
+        self._conn.sendall(hello)
         writer = self._publisher._writer
-        if writer is not None and self._backlog_end > len(self._publisher._hello_frame):
-            self._send_file(writer.path, len(self._publisher._hello_frame), self._backlog_end)
+        if not len(hello) <= start <= self._backlog_end:
+            start = len(hello)
+        if writer is not None and self._backlog_end > start:
+            self._send_file(writer.path, start, self._backlog_end)
         for chunk in self._spill:
             self._conn.sendall(chunk)
         self._spill = []
