@@ -261,8 +261,15 @@ def process_cpu_s(pid: int) -> float:
 
 
 # -- the TUI under Pilot (run as a helper subprocess, so its memory is its own) ------------------
+def process_age_s() -> float:
+    """Seconds since this process started (the kernel's clock ticks): start-up and imports included."""
+    started = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+    return float(Path("/proc/uptime").read_text().split()[0]) - started
+
+
 def first_screen(args: argparse.Namespace) -> None:
-    """Open the real app (replay or attach) at 200x60; print the seconds until it shows ``--step``."""
+    """Open the real app (replay or attach) at 200x60; print the seconds from this process's start
+    (Python's, the imports' and Textual's start-up included) until it shows ``--step``."""
     from bsmon import checkpoint, store
     from bsmon.client import Feed
     from bsmon.tui.app import BsmonApp
@@ -292,7 +299,7 @@ def first_screen(args: argparse.Namespace) -> None:
                     raise TimeoutError(f"no screen with step {args.step:,} in 600 s: {header.line('title')}")
                 await pilot.pause(0.02)
             await pilot.pause()  # the frame with it is composited
-            return time.perf_counter() - start
+            return process_age_s()
 
     seconds = asyncio.run(run())
     feed.stop()

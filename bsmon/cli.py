@@ -356,18 +356,20 @@ def session_figures(info: store.SessionInfo) -> store.Figures:
     from bsmon.model import SessionModel
     model = SessionModel(keep_history=False)
     stream = store.iter_record_batches(info.records_path)
-    samples, last_t = 0, None
+    samples, last_t, names, lookups = 0, None, {}, 0
     for batch in stream:
         model.ingest_all(batch)
         samples += sum(r["n"] for r in batch if r["k"] == "step")
         last_t = next((r["t"] for r in reversed(batch) if "t" in r), last_t)
+        lookups += store.logged_names_and_lookups(batch, names)
     stats = model.stats()
     figures = store.Figures(stats.b_opt, stats.b_simple, stats.unit)
     if info.status != "running":
         store.write_summary(info.directory, {
             "session": info.id, "steps": info.steps, "samples": samples,
             "status": info.status if info.status in ("finished", "failed") else "running",
-            "t": last_t, "bytes": stream.end, "code": info.exit_code, **dataclasses.asdict(figures)})
+            "t": last_t, "bytes": stream.end, "code": info.exit_code, **dataclasses.asdict(figures),
+            "scalars": list(names), "lookups": lookups})
     return figures
 
 

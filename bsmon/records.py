@@ -437,6 +437,8 @@ SUMMARY = Obj((
     Field("bytes", Int(), doc="bytes of records.bsr this summary covers"), Field("code", Int(min=None, null=True)),
     _opt("b_opt", Int(min=1, null=True)), _opt("b_simple", Num(finite=False, null=True)),
     _opt("unit", Str(("samples", "tokens"))),
+    _opt("scalars", ListOf(Str()), "the names logged (Monitor.log), in the order first logged"),
+    _opt("lookups", Int(), "records a step's exported row looks up later in the file (ranks, branch_check)"),
 ))
 
 

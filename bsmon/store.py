@@ -276,6 +276,23 @@ class SessionInfo:
                 "path": str(self.directory)}
 
 
+#: Records that a step's exported row looks up later in the file (bsmon/export.py, scan).
+LOOKUPS = frozenset(("ranks", "branch_check"))
+
+
+def logged_names_and_lookups(records: list[dict[str, Any]], names: dict[str, None]) -> int:
+    """Add the names ``records`` log to ``names`` (an ordered set), and count their LOOKUPS: the
+    summary's ``scalars`` and ``lookups``, from which an export of the whole file skips its first pass."""
+    lookups = 0
+    for record in records:
+        kind = record["k"]
+        if kind == "scalars":
+            names.update(dict.fromkeys(record["values"]))
+        elif kind in LOOKUPS:
+            lookups += 1
+    return lookups
+
+
 def write_summary(directory: Path, summary: dict[str, Any]) -> bool:
     """Replace the session's summary sidecar atomically (a temporary file, then a rename).
 

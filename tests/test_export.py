@@ -135,3 +135,32 @@ def test_reading_past_the_steps_stops_where_the_reader_stops():
             assert got == (kinds[:1] + ["step"] + kinds[1:] if steps and taken > len(hello) else kinds)
             assert reader.consumed == taken  # a torn frame waits for its rest
             assert reader.error is None if error is None else error in str(reader.error)
+
+
+def test_the_summary_stands_in_for_the_first_pass_only_when_it_covers_the_file_and_no_lookups(tmp_path):
+    """A finished job's summary names what it logged, in order: the export then skips the first pass."""
+    import torch
+
+    import bsmon
+
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with bsmon.watch(model, optimizer) as monitor:
+        for step in range(40):
+            model(torch.randn(4, 3)).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            monitor.log(loss=1.0 / (step + 1), **({"lr": 0.1} if step >= 20 else {}), **({"acc": 0.5} if step == 30 else {}))
+    info = store.resolve_session(monitor.session_id)
+    summary = store.read_summary(info.directory)
+    assert summary["scalars"] == ["loss", "lr", "acc"] and summary["lookups"] == 0
+    from_summary = export.scan(info)
+    summary_file = info.directory / store.SUMMARY_FILE
+    summary_file.unlink()
+    scanned = export.scan(info)
+    assert list(from_summary.scalar_names) == list(scanned.scalar_names) == ["loss", "lr", "acc"]
+    assert from_summary.hello == scanned.hello
+    # a summary that says a row looks something up later, or covers less than the file, is not used
+    for bytes_, lookups, used in ((summary["bytes"], 0, True), (summary["bytes"], 1, False), (summary["bytes"] - 1, 0, False)):
+        store.write_summary(info.directory, {**summary, "scalars": ["other"], "lookups": lookups, "bytes": bytes_})
+        assert list(export.scan(info).scalar_names) == (["other"] if used else ["loss", "lr", "acc"])

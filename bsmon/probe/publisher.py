@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 from bsmon import checkpoint, wire
 from bsmon.probe.deferred import resolve
-from bsmon.store import SUMMARY_INTERVAL_S, RecordWriter, write_summary
+from bsmon.store import SUMMARY_INTERVAL_S, RecordWriter, logged_names_and_lookups, write_summary
 
 FLUSH_INTERVAL_S = 0.25
 IDLE_FLUSH_S = 0.5
@@ -82,7 +82,8 @@ class Publisher:
         self._reported_failure = False
         # summary.json, the session's sidecar for `bsmon ls`: updated from what is delivered.
         self._summary = {"session": hello["session"], "steps": 0, "samples": 0, "status": "running",
-                         "t": hello["t0"], "bytes": 0, "code": None}
+                         "t": hello["t0"], "bytes": 0, "code": None, "scalars": [], "lookups": 0}
+        self._scalar_names: dict[str, None] = {}  # the summary's "scalars", as an ordered set
         self._summary_at = -SUMMARY_INTERVAL_S
         self._summary_figures = summary_figures
         self._figures_at = time.monotonic()
@@ -232,6 +233,8 @@ class Publisher:
                     summary["code"] = record.get("code")
             if records and isinstance(records[-1].get("t"), float):
                 summary["t"] = records[-1]["t"]
+            summary["lookups"] += logged_names_and_lookups(records, self._scalar_names)
+        summary["scalars"] = list(self._scalar_names)
         summary["bytes"] = self._writer.durable_bytes
 
     def _write_summary(self, *, final: bool) -> None:
