@@ -42,6 +42,7 @@ STEP = struct.Struct("<BBHIQddQQdddd")
 #: Flags of a binary step: which optional parts it carries.
 HAS_PH = 0x01
 HAS_TAIL = 0x02
+_NOT_PH = ~HAS_PH & 0xFF  # any flag but HAS_PH: not a plain step
 #: The fields a binary step packs; all others go to its JSON tail.
 STEP_FIXED = frozenset(("k", "step", "t", "dt", "n", "mb", "dropped", "ph"))
 _NO_PH = (math.nan,) * 4
@@ -327,30 +328,36 @@ class FrameReader:
         plain: list[int] = []  # offsets of the plain binary steps, decoded together below
         others: list[tuple[int, dict[str, Any] | str]] = []  # (plain steps before it, the record or why it was refused)
         buf, pos, size, steps = self._buf, 0, len(self._buf), self._steps
+        # The loop runs once a frame (a million times for a 1M-step session): its names are locals.
+        unpack, crc32, add_plain, header, plain_size = HEADER.unpack_from, zlib.crc32, plain.append, HEADER.size, STEP.size
         with memoryview(buf) as view:
-            while size - pos >= HEADER.size:
-                length, crc = HEADER.unpack_from(buf, pos)
+            while size - pos >= header:
+                length, crc = unpack(buf, pos)
                 if length > MAX_FRAME_BYTES:
                     self.error = ProtocolError(f"frame of {length} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
                     break
-                end = pos + HEADER.size + length
+                start = pos + header
+                end = start + length
                 if end > size:
                     break
-                if zlib.crc32(view[pos + HEADER.size:end]) != crc:
+                if crc32(view[start:end]) != crc:
                     self.error = ProtocolError("frame checksum mismatch")
                     break
-                if length and buf[pos + HEADER.size] == STEP_TAG and not steps:
-                    pass
-                elif length == STEP.size and buf[pos + HEADER.size] == STEP_TAG and buf[pos + HEADER.size + 1] & ~HAS_PH == 0:
-                    plain.append(pos)
-                else:
-                    try:
-                        others.append((len(plain), decode_payload(bytes(view[pos + HEADER.size:end]))))
-                    except InvalidRecord as exc:
-                        others.append((len(plain), str(exc)))
-                    except ProtocolError as exc:
-                        self.error = exc
-                        break
+                if length and buf[start] == STEP_TAG:
+                    if not steps:  # read past
+                        pos = end
+                        continue
+                    if length == plain_size and not buf[start + 1] & _NOT_PH:
+                        add_plain(pos)
+                        pos = end
+                        continue
+                try:
+                    others.append((len(plain), decode_payload(bytes(view[start:end]))))
+                except InvalidRecord as exc:
+                    others.append((len(plain), str(exc)))
+                except ProtocolError as exc:
+                    self.error = exc
+                    break
                 pos = end
         out = self._in_order(plain, others)
         del buf[:pos]
