@@ -45,7 +45,9 @@ _fingerprint: str | None = None
 
 
 def fingerprint() -> str:
-    """A hash of bsmon's own source files: a checkpoint is read only by the code that wrote it."""
+    """A hash of bsmon's own source files: a checkpoint is read only by the code that wrote it.
+    The job hashes them when it starts (``Publisher``), so a bsmon upgraded in place under a
+    running job does not pass for the code that job runs."""
     global _fingerprint
     if _fingerprint is None:
         digest = hashlib.sha256()

@@ -270,7 +270,7 @@ class Monitor:
         self._model_state = SessionModel(keep_history=writer is not None, horizon_samples=horizon_samples)
         self._model_state.ingest(hello)
         self._publisher = Publisher(hello, writer, socket_path, self._on_published, guard=self._guard,
-                                    summary_figures=self._summary_figures, checkpoint=self._checkpoint)
+                                    summary_figures=self._summary_figures, pickled_model=self._pickled_model)
         if writer is not None and writer.error is not None:
             self._warn(f"cannot record the session in {writer.path.parent}: {writer.error}. "
                        "Training continues; attach a monitor to watch it live.")
@@ -604,7 +604,7 @@ class Monitor:
         return {"b_opt": None if stats.b_opt is None else int(stats.b_opt),
                 "b_simple": None if stats.b_simple is None else float(stats.b_simple), "unit": stats.unit}
 
-    def _checkpoint(self) -> tuple[bytes, int] | None:
+    def _pickled_model(self) -> tuple[bytes, int] | None:
         """The model pickled, and the stream's bytes it covers, for late monitors (bsmon/checkpoint.py);
         asked by the publisher's background thread every few seconds, None while the training
         thread holds the model (asked again later)."""

@@ -58,11 +58,11 @@ class Publisher:
     def __init__(self, hello: dict[str, Any], writer: RecordWriter | None, socket_path: str | None,
                  on_records: Callable[[list[dict], int], None], guard: Callable[[Callable], Callable] = lambda f: f,
                  summary_figures: Callable[[], dict[str, Any] | None] = lambda: None,
-                 checkpoint: Callable[[], tuple[bytes, int] | None] = lambda: None) -> None:
+                 pickled_model: Callable[[], tuple[bytes, int] | None] = lambda: None) -> None:
         """``on_records`` gets the records encoded, in order, and the stream's bytes up to their end.
         ``guard`` wraps the background thread and every monitor's sender thread (bsmon/probe/guard.py).
         ``summary_figures`` gives the headline figures for the summary sidecar (None: keep the last);
-        ``checkpoint`` the job's model pickled and the stream's bytes it covers (None: not now)."""
+        ``pickled_model`` the job's model pickled and the stream's bytes it covers (None: not now), for the checkpoint."""
         self.dropped = 0
         self.dropped_monitors = 0  # disconnected for falling CLIENT_BACKLOG_LIMIT behind
         self._guard = guard
@@ -87,7 +87,9 @@ class Publisher:
         self._summary_at = -SUMMARY_INTERVAL_S
         self._summary_figures = summary_figures
         self._figures_at = time.monotonic()
-        self._checkpoint = checkpoint
+        self._pickled_model = pickled_model
+        if writer is not None:
+            checkpoint.fingerprint()  # the code this job runs: hashed now, not after an upgrade in place
         self._stopping = False
         self._closing = False
         if writer is not None:
@@ -259,7 +261,7 @@ class Publisher:
     def _write_checkpoint(self) -> None:
         """The job's model for late monitors (bsmon/checkpoint.py), when it covers only records already
         in the file: a monitor asks for those after it, and the job sends them from the file."""
-        state = self._checkpoint()
+        state = self._pickled_model()
         if state is not None and state[1] <= self._writer.durable_bytes:
             checkpoint.write(self._writer.path.parent, checkpoint.encode(state[0], self._summary["session"], state[1]))
 
