@@ -364,22 +364,33 @@ def write_csv(session: "store.SessionInfo | os.PathLike", out: TextIO) -> int:
 
 
 def export_to_file(session: "store.SessionInfo | os.PathLike", path: Path, *, format: str = "csv") -> int:
-    """Write the session as CSV (or Parquet: ``format="parquet"``) atomically: a failure (full
-    disk) leaves no half-written file behind. Returns the step rows."""
+    """Write the session as CSV (or Parquet: ``format="parquet"``); returns the step rows.
+
+    A new or regular file (through a symlink, the file it names) is written atomically: a
+    temporary file beside it, then a rename, so a failure (full disk) leaves no half-written
+    file behind. Anything else that exists (``/dev/null``, ``/dev/stdout``, a FIFO) is written
+    into, never replaced.
+    """
+    path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file():
+        return _export(session, path, format)
     tmp = path.with_name(f".{path.name}.partial")
     try:
-        if format == "parquet":
-            frame = dataframe(session)
-            frame.to_parquet(tmp, index=False)
-            count = len(frame)
-        else:
-            with open(tmp, "w", newline="") as handle:
-                count = write_csv(session, handle)
+        count = _export(session, tmp, format)
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return count
+
+
+def _export(session: "store.SessionInfo | os.PathLike", path: Path, format: str) -> int:
+    if format == "parquet":
+        frame = dataframe(session)
+        frame.to_parquet(path, index=False)
+        return len(frame)
+    with open(path, "w", newline="") as handle:
+        return write_csv(session, handle)
 
 
 def _pandas():

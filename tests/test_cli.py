@@ -6,6 +6,7 @@ import json
 import os
 import resource
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -233,3 +234,24 @@ def test_export_into_a_closed_pipe_exits_quietly():
     export.stdout.close()  # far more than a pipe buffer is still to come
     assert export.wait(timeout=WAIT_S) == 141
     assert "Traceback" not in export.stderr.read()
+
+
+def test_export_writes_into_a_device_or_fifo_and_through_a_symlink_never_replacing_them(tmp_path):
+    """`-o /dev/null` once replaced /dev/null with a regular file (the atomic rename): a path that
+    exists and is not a regular file is written into; a symlink's file is replaced, the link kept."""
+    assert bsmon_cli("run", "--headless", "--", *train_command("--steps", "20")).returncode == 0
+    expected = bsmon_cli("export").stdout
+    null = bsmon_cli("export", "-o", os.devnull)
+    assert null.returncode == 0, null.stderr
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode) and not Path(os.devnull).with_name(".null.partial").exists()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    export = spawn([sys.executable, "-m", "bsmon.cli", "export", "-o", str(fifo)])
+    with open(fifo) as reader:
+        assert reader.read() == expected
+    assert export.wait(timeout=WAIT_S) == 0 and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    target, link = tmp_path / "session.csv", tmp_path / "latest.csv"
+    target.write_text("old\n")
+    link.symlink_to(target)
+    assert bsmon_cli("export", "-o", str(link)).returncode == 0
+    assert link.is_symlink() and target.read_text() == expected
