@@ -769,3 +769,26 @@ async def test_an_adam_job_shows_b_pre_beside_b_simple_and_says_the_advice_uses_
         assert isinstance(app.screen, HelpScreen)
         text = str(app.screen.query_one("#help-numbers", Static).visual)
         assert "B_pre" in text and "plain SGD's raw gradient" in text
+
+
+@pilot_test
+async def test_a_line_a_digit_shorter_keeps_its_rows_and_a_reworded_one_shrinks():
+    """Numbers of varying width at a line's wrap point must not lay the screen out again each redraw."""
+    from textual.app import App
+
+    class One(App):
+        def compose(self):
+            yield LinesView()
+
+    app = One()
+    async with app.run_test(size=(40, 10)) as pilot:
+        view = app.query_one(LinesView)
+        view.set_lines({"warning": "x" * 33 + " 0.487 ms", "other": "y"})
+        await pilot.pause()
+        assert len(view._strips) == 3  # the warning wraps to two rows at 40 columns
+        view.set_lines({"warning": "x" * 33 + " 0.5 ms", "other": "y"})  # fits one row now
+        await pilot.pause()
+        assert len(view._strips) == 3 and view.render_line(1).text.strip() == ""
+        view.set_lines({"warning": "short", "other": "y"})
+        await pilot.pause()
+        assert len(view._strips) == 2 and view.render_line(1).text.startswith("y")

@@ -48,9 +48,10 @@ REDRAW_INTERVAL_S = 0.25
 QUIET_AFTER_S = 5.0
 QUIET_INTERVAL_S = 1.0
 #: While only the data moves (steps, GPU samples), the numbers redraw at most this often, like
-#: top: with a 1 kHz job every tick had new numbers, and repainting the panels 4 times a second
-#: took ~30% of a core at 200x60.
-NUMBERS_INTERVAL_S = 1.0
+#: nvitop's default: with a 1 kHz job every tick had new numbers, and repainting the panels 4 times
+#: a second took ~30% of a core at 200x60; once a second, half of the TUI's 5% at 1 kHz. The
+#: header's clock still ticks each second.
+NUMBERS_INTERVAL_S = 2.0
 #: Charts redraw at most this often, and less often when drawing them is expensive (a big
 #: terminal, a slow or busy CPU): they get at most CHARTS_CPU_SHARE of a core, measured over the
 #: whole redraw, screen update included (at 200x60 a redraw of all six takes 40-50 ms here).
@@ -277,11 +278,14 @@ class BsmonApp(App):
         key = (state, data, clock)
         now = time.monotonic()
         last = self._numbers_key
-        if not force and last is not None and (
-                key == last or (state == last[0] and now < self._numbers_due)):
+        if not force and last is not None and key == last:
             return False
+        if not force and last is not None and state == last[0] and now < self._numbers_due:
+            if clock == last[2]:
+                return False
+            key = (state, last[1], clock)  # the clock only, the data as last drawn
         self._numbers_key = key
-        if not force and self._numbers is not None and (state, data) == last[:2]:
+        if not force and self._numbers is not None and key[:2] == last[:2]:
             self._draw_header(self._numbers, returncode)
             return True
         self._numbers_due = now + NUMBERS_INTERVAL_S

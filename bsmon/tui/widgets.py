@@ -52,8 +52,13 @@ class LinesView(Widget):
     A change repaints only the rows of the lines that changed (the whole view when a line's
     height changed, and the screen's layout when the view's did): at 1 kHz most of a panel's
     lines stay the same from one second to the next, and re-rendering whole panels, with the
-    screen around them, was most of what the numbers cost.
+    screen around them, was most of what the numbers cost. A line whose text became at most
+    JITTER_CHARS shorter and now wraps to fewer rows, among the same lines, keeps its rows (blank
+    at its end): numbers a digit shorter must not lay the whole screen out again (a long warning
+    at 1 kHz did, every few seconds). A line reworded shorter (a narrow terminal's short form) shrinks.
     """
+
+    JITTER_CHARS = 4
 
     DEFAULT_CSS = "LinesView { height: auto; }"
 
@@ -78,13 +83,17 @@ class LinesView(Widget):
             return
         dirty: list[Region] = []
         y = 0
+        same_names = list(old) == list(markup)
         for name in markup:
             rows = self._wrapped(name)
             if name not in old_rows or old.get(name) != markup[name]:
+                if (same_names and name in old_rows and len(rows) < len(old_rows[name])
+                        and len(markup[name]) >= len(old[name]) - self.JITTER_CHARS):
+                    rows += [Strip.blank(self._width, self.rich_style)] * (len(old_rows[name]) - len(rows))
                 dirty.append(Region(0, y, self._width, len(rows)))
             y += len(rows)
-        same_rows = list(old) == list(markup) and all(len(old_rows[name]) == len(self._rows[name])
-                                                      for name in markup if name in old_rows)
+        same_rows = same_names and all(len(old_rows[name]) == len(self._rows[name])
+                                       for name in markup if name in old_rows)
         self._strips = [strip for name in markup for strip in self._rows[name]]
         if not same_rows:
             self.refresh(layout=len(self._strips) != sum(len(rows) for rows in old_rows.values()))
