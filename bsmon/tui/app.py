@@ -54,9 +54,10 @@ QUIET_INTERVAL_S = 1.0
 NUMBERS_INTERVAL_S = 2.0
 #: Charts redraw at most this often, and less often when drawing them is expensive (a big
 #: terminal, a slow or busy CPU): they get at most CHARTS_CPU_SHARE of a core, measured over the
-#: whole redraw, screen update included (at 200x60 a redraw of all six takes 40-50 ms here).
+#: whole redraw, screen update included (at 200x60 a redraw of all six takes 40-50 ms here, so
+#: with a 1 kHz job they redraw about every 8 s there, and every 2 s in smaller terminals).
 CHARTS_INTERVAL_S = 2.0
-CHARTS_CPU_SHARE = 0.01
+CHARTS_CPU_SHARE = 0.005
 #: Charts draw at most this many points per series (the history's bins, merged).
 CHART_BINS = 160
 #: The events line shows the newest of these warning/error events (the last EVENTS_SCANNED records).
