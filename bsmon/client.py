@@ -30,7 +30,7 @@ GPU_RECORD_INTERVAL_S = 1.0
 INGEST_BATCH = 2000
 #: A live job whose read brings at least this much (about 80 steps) is fast: its records are then
 #: left to gather for BUSY_READ_S before the next read, so they are ingested in blocks of a second
-#: (the numbers on screen move once a second anyway), not of the job's 0.25 s flushes: each block
+#: (the numbers on screen move every 2 s), not of the job's 0.25 s flushes: each block
 #: has a fixed cost, a quarter of the feed's CPU at 1 kHz.
 BUSY_READ_BYTES = 8 << 10
 BUSY_READ_S = 1.0
