@@ -31,6 +31,8 @@ import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bsmon.store import replace_file
+
 if TYPE_CHECKING:
     from bsmon.model import SessionModel
 
@@ -66,20 +68,8 @@ def encode(model_bytes: bytes, session: str, covers: int) -> bytes:
 
 
 def write(directory: Path, data: bytes) -> bool:
-    """Replace the checkpoint atomically (a temporary file, then a rename); False when it cannot be."""
-    temporary = directory / f".{CHECKPOINT_FILE}.{os.getpid()}.tmp"
-    try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(temporary, directory / CHECKPOINT_FILE)
-        return True
-    except OSError:
-        try:
-            temporary.unlink()
-        except OSError:
-            pass
-        return False
+    """Replace the checkpoint atomically; False when it cannot be."""
+    return replace_file(directory / CHECKPOINT_FILE, data)
 
 
 def remove(directory: Path) -> None:

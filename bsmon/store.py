@@ -293,18 +293,16 @@ def logged_names_and_lookups(records: list[dict[str, Any]], names: dict[str, Non
     return lookups
 
 
-def write_summary(directory: Path, summary: dict[str, Any]) -> bool:
-    """Replace the session's summary sidecar atomically (a temporary file, then a rename).
-
-    A reader sees the old summary or the new one, never half of one. False (and no
-    exception) when it cannot be written: listing then falls back to the records' tail.
-    """
-    temporary = directory / f".{SUMMARY_FILE}.{os.getpid()}.tmp"
+def replace_file(path: Path, data: bytes) -> bool:
+    """Replace ``path`` atomically with ``data`` (a private temporary file beside it, then a
+    rename): a reader sees the old file or the new one, never half of one. False (and no
+    exception) when it cannot be written."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(json.dumps(summary))
-        os.replace(temporary, directory / SUMMARY_FILE)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(temporary, path)
         return True
     except OSError:
         try:
@@ -312,6 +310,12 @@ def write_summary(directory: Path, summary: dict[str, Any]) -> bool:
         except OSError:
             pass
         return False
+
+
+def write_summary(directory: Path, summary: dict[str, Any]) -> bool:
+    """Replace the session's summary sidecar atomically; False when it cannot be written:
+    listing then falls back to the records' tail."""
+    return replace_file(directory / SUMMARY_FILE, json.dumps(summary).encode())
 
 
 def read_summary(directory: Path) -> dict[str, Any] | None:
